@@ -1,0 +1,263 @@
+"""A butterfly all-reduce whose result is bit-identical on every peer, built on hivemind 1.1.12's averager.
+
+hivemind's AllReduceRunner returns "average minus the sender's part" and each peer adds that to its own
+tensor, so peers end up with slightly different floats. Here each shard's reducer sums the contributions
+in a canonical order (`outer.average_contributions`), encodes the averaged shard once, and every peer,
+the reducer included, decodes and copies those same bytes (DESIGN section 3, invariant I1). The reducer
+also rejects non-finite contributions (I6). Matchmaking, RPC plumbing and state streaming stay hivemind's.
+
+Pinned to hivemind==1.1.12: the overridden methods mirror that version's internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import multiprocessing as mp
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.compression import CompressionBase, CompressionInfo, deserialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import MPFuture, get_logger
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
+from hivemind.utils.streaming import combine_from_streaming
+
+from peer.outer import average_contributions
+
+logger = get_logger(__name__)
+
+EncodedPart = tuple[object, torch.Tensor]  # (serialized runtime_pb2.Tensor, its decoded value)
+
+
+class OrderedPartReducer(TensorPartReducer):
+    """Collects every sender's copy of a part, then averages them in canonical order and encodes the result once."""
+
+    def __init__(
+        self,
+        part_shapes: Sequence[torch.Size],
+        num_senders: int,
+        *,
+        order_keys: Sequence[bytes],
+        encode: Callable[[torch.Tensor], EncodedPart],
+    ):
+        self.order_keys, self.encode = order_keys, encode
+        self.pending: dict[int, tuple[torch.Tensor, float]] = {}
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        super().reset_accumulators()
+        self.pending = {}
+        self.accumulator = None  # parts are kept in `pending` instead of a running sum
+
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> EncodedPart:
+        assert 0 <= sender_index < self.num_senders and 0 <= part_index < self.num_parts
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            finished = asyncio.create_task(self.finished.wait())
+            await asyncio.wait({self.current_part_future, finished}, return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            if not (weight > 0 and weight < float("inf") and bool(torch.isfinite(tensor_part).all())):
+                self.num_parts_received[sender_index] -= 1  # so that banning excludes this very part
+                raise AllreduceException(f"sender {sender_index} sent a non-finite part or weight {weight}")
+            self.pending[sender_index] = (tensor_part, weight)
+            self.current_part_accumulated_from += 1
+            self.denominator += weight
+            self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self) -> None:
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from != self.num_current_senders:
+            return
+        if not self.pending:
+            self.current_part_future.set_exception(AllreduceException("every sender of this part failed"))
+        else:
+            senders = sorted(self.pending)
+            averaged = average_contributions(
+                [self.pending[s][0] for s in senders],
+                [self.pending[s][1] for s in senders],
+                [self.order_keys[s] for s in senders],
+            )
+            self.current_part_future.set_result(self.encode(averaged))
+        self.reset_accumulators()
+
+
+class ExactAllReduceRunner(AllReduceRunner):
+    """AllReduceRunner whose reducers return the averaged part itself, encoded once, instead of per-sender deltas."""
+
+    def __init__(self, *, order_keys_by_peer: dict[PeerID, bytes], compression: CompressionBase, **kwargs):
+        super().__init__(compression=compression, **kwargs)
+        self.compression = compression
+        self.bytes_sent = self.bytes_received = 0
+        self.tensor_part_container.return_deltas = False
+        self.tensor_part_reducer.num_senders = 0  # retire hivemind's reducer quietly (no "received 0%" warning)
+        self.tensor_part_reducer.finalize()
+        self.tensor_part_reducer = OrderedPartReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging),
+            len(self.sender_peer_ids),
+            order_keys=[order_keys_by_peer[peer] for peer in self.sender_peer_ids],
+            encode=self._encode_once,
+        )
+
+    def _encode_once(self, averaged: torch.Tensor) -> EncodedPart:
+        serialized = self.compression.compress(averaged, CompressionInfo.from_tensor(averaged), allow_inplace=True)
+        return serialized, deserialize_torch_tensor(serialized)
+
+    async def _communicate_with_peer(self, peer_id: PeerID) -> None:
+        """Send our part to one reducer and register the averaged part it returns (ours: decode our own encoding)."""
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        if peer_id == self.peer_id:
+            sender_index = self.sender_peer_ids.index(peer_id)
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                _, decoded = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight
+                )
+                self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
+            return
+        try:
+            done_sending = asyncio.Event()
+            inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+
+            def _deserialize(msg: averaging_pb2.AveragingData) -> torch.Tensor:
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+                self.bytes_received += msg.ByteSize()
+                return deserialize_torch_tensor(msg.tensor_part)
+
+            part_index = 0
+            async for averaged_part in amap_in_executor(
+                _deserialize, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=1
+            ):
+                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
+                part_index += 1
+            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected more")
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.debug(f"Caught {e!r} when communicating to {peer_id}", exc_info=True)
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            self.bytes_sent += message.ByteSize()
+            yield message
+
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+        part_index = 0
+
+        def _deserialize(msg: averaging_pb2.AveragingData) -> tuple[torch.Tensor, float]:
+            self.bytes_received += msg.ByteSize()
+            return deserialize_torch_tensor(msg.tensor_part), msg.weight
+
+        try:
+            async for tensor_part, weight in amap_in_executor(_deserialize, stream, max_prefetch=1):
+                try:
+                    serialized, _ = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight
+                    )
+                    part_index += 1
+                except BannedException:
+                    break
+                message = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+                self.bytes_sent += message.ByteSize()
+                yield message
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class ExactAverager(DecentralizedAverager):
+    """DecentralizedAverager that runs ExactAllReduceRunner and serves state from a host-process callback.
+
+    `state_provider()` runs in the training process and returns (metadata dict, list of tensors).
+    """
+
+    def __init__(self, *args, state_provider: Callable[[], tuple[dict, list[torch.Tensor]]], **kwargs):
+        self._state_provider = state_provider
+        # [bytes_sent, bytes_received, allreduce_s] of the last all-reduce, written by the averager process
+        self._transport_stats = mp.Array(ctypes.c_double, 3)
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self):
+        metadata, tensors = self._state_provider()
+        return metadata, tensors, None
+
+    def last_transport_stats(self) -> dict:
+        sent, received, seconds = self._transport_stats[:]
+        return {"bytes_sent": int(sent), "bytes_received": int(received), "transfer_s": seconds}
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        """Replaces hivemind's in-place `tensor += delta` with `tensor = decoded average`, all or nothing."""
+        group_id = group_info.group_id if group_id is None else group_id
+        order_keys = {}
+        for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered, strict=True):
+            user_metadata = self.serializer.loads(self.serializer.loads(gathered)[2])
+            order_keys[peer_id] = bytes.fromhex(user_metadata["order_key"])
+        started = time.perf_counter()
+        runner = ExactAllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            order_keys_by_peer=order_keys,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            raise AllreduceException("auxiliary averagers are not supported")
+        averaged = [tensor async for tensor in runner]
+        if runner.tensor_part_container.failed_size:
+            raise AllreduceException(
+                f"{runner.tensor_part_container.failed_size} values were not reduced (a reducer failed)"
+            )
+        for tensor, result in zip(tensors, averaged, strict=True):
+            tensor.copy_(result)
+        self._transport_stats[:] = [runner.bytes_sent, runner.bytes_received, time.perf_counter() - started]
+
+    def load_state_from(self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float):
+        """Download (metadata, tensors) from one given peer; None if it refused or failed."""
+        future = MPFuture()
+        self._outer_pipe.send(("_load_state_from", [], dict(donor=donor, timeout=chunk_timeout_s, future=future)))
+        return future.result(timeout=total_timeout_s)
+
+    async def _load_state_from(self, donor: PeerID, timeout: float, future: MPFuture) -> None:
+        try:
+            stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
+            stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
+            metadata, parts, tensors = None, [], []
+            async for message in aiter_with_timeout(stream, timeout=timeout):
+                if message.metadata:
+                    metadata = self.serializer.loads(message.metadata)
+                if message.tensor_part.dtype and parts:  # a dtype marks the first chunk of the next tensor
+                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    parts = []
+                parts.append(message.tensor_part)
+            if parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            future.set_result((metadata, tensors) if metadata else None)
+        except Exception as e:
+            logger.debug(f"state download from {donor} failed: {e!r}", exc_info=True)
+            if not future.done():
+                future.set_result(None)

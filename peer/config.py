@@ -1,0 +1,248 @@
+"""Every setting of a peer as frozen dataclasses, validated on construction, and the run fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+COMPRESSIONS = ("none", "fp16", "int8")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which causal language model the swarm trains."""
+
+    name: str = "tiny"
+    """A preset name (see peer.model.PRESETS) or a path to a Hugging Face config.json."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("--model must be a preset name or a path to a Hugging Face config.json")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where tokens come from and how they are cut into batches."""
+
+    dataset: str = "embedded"
+    """'embedded' (the corpus shipped with the package), a local text/jsonl file, or a Hugging Face dataset name."""
+    tokenizer: str = "embedded"
+    """'embedded' (the BPE tokenizer shipped with the package), a tokenizer.json path, or a Hugging Face name."""
+    batch_size: int = 8
+    """Sequences per inner step on this peer."""
+    seq_len: int = 256
+    """Tokens per sequence."""
+    data_shard: str | None = None
+    """'i/n': train only on the i-th of n disjoint slices (experiments). Default: the whole corpus,
+    sampled in an order derived from the peer id."""
+    eval_tokens: int = 65536
+    """Size of the held-out slice (taken from the end of the corpus, never trained on)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.seq_len < 2:
+            raise ValueError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.eval_tokens < 0:
+            raise ValueError(f"--eval-tokens must be non-negative, got {self.eval_tokens}")
+        if self.data_shard is not None:
+            parse_shard(self.data_shard)
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        return None if self.data_shard is None else parse_shard(self.data_shard)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        index_text, count_text = text.split("/")
+        index, count = int(index_text), int(count_text)
+    except ValueError:
+        raise ValueError(f"--data-shard must look like i/n (for example 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--data-shard {text!r}: need 0 <= i < n")
+    return index, count
+
+
+@dataclass(frozen=True, kw_only=True)
+class InnerConfig:
+    """The local optimizer each peer runs for H steps per round (paper defaults)."""
+
+    steps: int = 500
+    """H: inner steps per round."""
+    lr: float = 4e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    warmup_steps: int = 1000
+    """Linear warmup length in global steps (round x H + inner step)."""
+    total_steps: int = 0
+    """Cosine decay horizon in global steps; 0 means max_rounds x H (constant after warmup if that is 0 too)."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to this fraction of the peak learning rate."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value (0 disables)."""
+    optimizer: str = "adamw"
+    """'adamw' (torch) or 'adamw8bit' (bitsandbytes, CUDA only)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"--inner-steps must be at least 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"--inner-lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be non-negative, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be non-negative, got {self.warmup_steps}")
+        if self.total_steps < 0:
+            raise ValueError(f"--total-steps must be non-negative, got {self.total_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ValueError(f"--grad-clip must be non-negative, got {self.grad_clip}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(f"--inner-optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OuterConfig:
+    """How peers combine their work at the end of a round."""
+
+    lr: float = 0.7
+    """Outer learning rate applied to the averaged pseudo-gradient."""
+    momentum: float = 0.9
+    """Nesterov momentum; 0 turns the outer step into plain averaging (with lr 1)."""
+    compression: str = "none"
+    """Encoding of pseudo-gradients on the wire: none, fp16 or int8."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"--outer-lr must be positive, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"--outer-momentum must be in [0, 1), got {self.momentum}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwarmConfig:
+    """How this peer finds and talks to the others."""
+
+    initial_peers: tuple[str, ...] = ()
+    """Multiaddrs of any live swarm member (bootstrap node or peer); empty starts a new swarm."""
+    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    """Addresses to listen on."""
+    announce_maddrs: tuple[str, ...] = ()
+    """Public addresses to advertise (needed behind port forwarding / on cloud machines)."""
+    identity_path: str | None = None
+    """Private key file; keeps this peer's id and multiaddrs stable across restarts."""
+    maddrs_file: str | None = None
+    """Write this peer's multiaddrs here once it is ready (others may join through them)."""
+    client_mode: bool = False
+    """Do not accept incoming connections (behind NAT); still contributes to averaging."""
+    run_id: str = "diloco"
+    """Name of the training run; peers only average with peers of the same run and fingerprint."""
+    matchmaking_s: float = 5.0
+    """Minimum time to gather a group for a round's all-reduce."""
+    straggler_wait_s: float = 60.0
+    """Longest wait for slower peers of the same round before averaging without them."""
+    allreduce_timeout_s: float = 120.0
+    """Give up on an all-reduce that has not finished after this long."""
+    chunk_timeout_s: float = 10.0
+    """A peer that sends no data for this long during all-reduce or state download is dropped."""
+    state_timeout_s: float = 300.0
+    """Longest time to download the swarm's state when joining or resyncing."""
+    progress_period_s: float = 2.0
+    """How often this peer publishes its progress record to the DHT."""
+
+    def __post_init__(self) -> None:
+        if not self.run_id or any(ch in self.run_id for ch in ". \t\n"):
+            raise ValueError(f"--run-id must be non-empty without dots or spaces, got {self.run_id!r}")
+        for name in ("matchmaking_s", "straggler_wait_s", "allreduce_timeout_s", "chunk_timeout_s",
+                     "state_timeout_s", "progress_period_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.client_mode and not self.initial_peers:
+            raise ValueError("--client-mode needs --initial-peers: a client cannot start a swarm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything a peer needs to train; saved with every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)
+    seed: int = 0
+    """Seed of the initial model (must match across peers) and base of the data order."""
+    max_rounds: int = 0
+    """Stop after this many rounds (0: run until stopped)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda."""
+    metrics_file: str | None = None
+    """Append one JSON record per round here."""
+    eval_every: int = 5
+    """Evaluate held-out loss every this many rounds (0 disables)."""
+    eval_batches: int = 8
+    """Batches of the held-out slice per evaluation."""
+    checkpoint_dir: str | None = None
+    """Save checkpoints here."""
+    checkpoint_every: int = 10
+    """Checkpoint every this many rounds (and on shutdown)."""
+    keep_checkpoints: int = 3
+    """Keep only the newest few checkpoints."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --checkpoint-dir."""
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 0:
+            raise ValueError(f"--max-rounds must be non-negative, got {self.max_rounds}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.eval_every < 0 or self.eval_batches < 1:
+            raise ValueError("--eval-every must be >= 0 and --eval-batches >= 1")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("--checkpoint-every and --keep-checkpoints must be at least 1")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("--resume needs --checkpoint-dir")
+
+    @property
+    def total_inner_steps(self) -> int:
+        """Horizon of the cosine schedule."""
+        return self.inner.total_steps or self.max_rounds * self.inner.steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def fingerprint_settings(config: RunConfig, *, model_arch: dict, tokenizer_id: str) -> dict:
+    """The settings that must match for peers to average together (I5)."""
+    return {
+        "run_id": config.swarm.run_id,
+        "model": model_arch,
+        "tokenizer": tokenizer_id,
+        "seed": config.seed,
+        "inner_steps": config.inner.steps,
+        "outer_lr": config.outer.lr,
+        "outer_momentum": config.outer.momentum,
+        "compression": config.outer.compression,
+    }
+
+
+def fingerprint(settings: dict) -> str:
+    """Short stable hash of fingerprint_settings()."""
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def differing_settings(ours: dict, theirs: dict) -> list[str]:
+    """Names of the fingerprint settings where two peers differ, for a clear error message."""
+    keys = sorted(set(ours) | set(theirs))
+    return [f"{key} (ours {ours.get(key)!r}, theirs {theirs.get(key)!r})" for key in keys
+            if ours.get(key) != theirs.get(key)]

@@ -1,0 +1,63 @@
+"""The inner optimizer: AdamW (or bitsandbytes 8-bit AdamW), its schedule on the swarm's global step, one step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from peer.config import InnerConfig
+
+
+def build_inner_optimizer(model: torch.nn.Module, config: InnerConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norms and biases are not decayed)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.optimizer == "adamw8bit":
+        import bitsandbytes as bnb  # lazy: only GPU peers that ask for it need bitsandbytes
+
+        return bnb.optim.AdamW8bit(groups, lr=config.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+def inner_lr(global_step: int, *, config: InnerConfig, total_steps: int) -> float:
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio x peak at total_steps (constant if 0)."""
+    if global_step < config.warmup_steps:
+        return config.lr * (global_step + 1) / config.warmup_steps
+    if total_steps <= config.warmup_steps:
+        return config.lr
+    progress = min(1.0, (global_step - config.warmup_steps) / (total_steps - config.warmup_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def set_lr_(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def inner_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, *, lr: float, grad_clip: float
+) -> float:
+    """One AdamW step on a (batch, seq) token tensor; returns the training loss."""
+    set_lr_(optimizer, lr)
+    model.train()
+    loss = model(input_ids=batch, labels=batch).loss  # causal LM: labels are shifted inside the model
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Mean held-out loss over fixed batches."""
+    model.eval()
+    losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.item() for b in batches]
+    return sum(losses) / max(1, len(losses))

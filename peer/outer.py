@@ -1,0 +1,119 @@
+"""Global parameters, pseudo-gradients, the exact weighted average and the replicated Nesterov outer step.
+
+Knows nothing about networking: the swarm reaches it through the `Averager` protocol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from peer.config import OuterConfig
+
+
+def tensors_sha256(tensors: Sequence[torch.Tensor]) -> str:
+    """sha256 over the fp32 bytes of the tensors, in order."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def average_contributions(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], order_keys: Sequence[bytes]
+) -> torch.Tensor:
+    """Weighted mean of same-shape fp32 tensors, summed in a canonical order.
+
+    Floating-point sums depend on order; sorting by a key derived from each contribution (not from
+    arrival time or peer identity) makes the result the same wherever it is computed: on a reducer
+    of a networked all-reduce (one shard at a time) or in the in-process simulation (whole tensors).
+    """
+    assert len(parts) == len(weights) == len(order_keys) > 0
+    total_weight = float(sum(weights))
+    order = sorted(range(len(parts)), key=lambda i: (order_keys[i], i))
+    result = parts[order[0]].float() * (weights[order[0]] / total_weight)
+    for i in order[1:]:
+        result += parts[i].float() * (weights[i] / total_weight)  # multiply then add: no fused rounding
+    return result
+
+
+def contribution_key(pseudo_grads: Sequence[torch.Tensor]) -> bytes:
+    """The order key of one peer's pseudo-gradient in average_contributions."""
+    return bytes.fromhex(tensors_sha256(pseudo_grads))
+
+
+@dataclass
+class AveragingResult:
+    """What one round's all-reduce gave this peer."""
+
+    averaged: list[torch.Tensor]
+    """The token-weighted mean pseudo-gradient, identical on every peer of the group."""
+    group_size: int
+    """Peers whose contributions were averaged, this one included."""
+    tokens: int = 0
+    """Tokens processed by the whole group in this round."""
+    info: dict = field(default_factory=dict)
+    """Transport details (bytes sent and received, timings) for the metrics."""
+
+
+class Averager(Protocol):
+    """Averages pseudo-gradients across the peers of a round."""
+
+    def average(self, pseudo_grads: list[torch.Tensor], *, round_index: int, tokens: int) -> AveragingResult | None:
+        """Return the group's weighted average, or None if this round's all-reduce failed for this peer."""
+        ...
+
+
+class OuterOptimizer:
+    """The fp32 global parameters and the SGD-with-Nesterov-momentum state that every peer replicates."""
+
+    def __init__(self, params: Sequence[torch.Tensor], config: OuterConfig):
+        self.config = config
+        self.global_params = [p.detach().to("cpu", torch.float32).clone() for p in params]
+        self.momentum = [torch.zeros_like(p) for p in self.global_params]
+
+    @torch.no_grad()
+    def pseudo_gradient(self, local_params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Delta = global - local: points downhill like a gradient."""
+        return [g - p.detach().to("cpu", torch.float32) for g, p in zip(self.global_params, local_params, strict=True)]
+
+    @torch.no_grad()
+    def step_(self, averaged_pseudo_grads: Sequence[torch.Tensor]) -> None:
+        """SGD with Nesterov momentum, written out so every peer does exactly the same float operations:
+        buf = m * buf + g;  theta -= lr * (g + m * buf)."""
+        lr, momentum = self.config.lr, self.config.momentum
+        for theta, buf, grad in zip(self.global_params, self.momentum, averaged_pseudo_grads, strict=True):
+            buf.mul_(momentum).add_(grad)
+            update = grad + buf * momentum
+            theta.sub_(update * lr)
+
+    @torch.no_grad()
+    def copy_to_(self, local_params: Sequence[torch.Tensor]) -> None:
+        """Start the next round from the global parameters."""
+        for p, g in zip(local_params, self.global_params, strict=True):
+            p.copy_(g.to(p.device, p.dtype))
+
+    def params_hash(self) -> str:
+        return tensors_sha256(self.global_params)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Everything needed for bit-identical continuation: global params, then momentum buffers."""
+        return [*self.global_params, *self.momentum]
+
+    @torch.no_grad()
+    def load_state_tensors_(self, tensors: Sequence[torch.Tensor]) -> None:
+        num = len(self.global_params)
+        if len(tensors) != 2 * num:
+            raise ValueError(f"state has {len(tensors)} tensors, expected {2 * num}")
+        for dst, src in zip(self.global_params + self.momentum, tensors, strict=True):
+            if dst.shape != src.shape:
+                raise ValueError(f"state tensor shape {tuple(src.shape)} does not match {tuple(dst.shape)}")
+            dst.copy_(src.to(torch.float32))
