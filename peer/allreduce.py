@@ -65,7 +65,9 @@ class OrderedPartReducer(TensorPartReducer):
             await asyncio.wait({self.current_part_future, finished}, return_when=asyncio.FIRST_COMPLETED)
             finished.cancel()
             if self.finished.is_set():
-                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+                raise AllreduceException(
+                    f"attempted to aggregate part in a finalized {self.__class__.__name__}"
+                )
         if self.sender_failed_after[sender_index] != float("inf"):
             raise BannedException(f"sender {sender_index} was banned in background")
         assert part_index == self.current_part_index
@@ -105,7 +107,9 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.compression = compression
         self.bytes_sent = self.bytes_received = 0
         self.tensor_part_container.return_deltas = False
-        self.tensor_part_reducer.num_senders = 0  # retire hivemind's reducer quietly (no "received 0%" warning)
+        self.tensor_part_reducer.num_senders = (
+            0  # retire hivemind's reducer quietly (no "received 0%" warning)
+        )
         self.tensor_part_reducer.finalize()
         self.tensor_part_reducer = OrderedPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging),
@@ -115,7 +119,9 @@ class ExactAllReduceRunner(AllReduceRunner):
         )
 
     def _encode_once(self, averaged: torch.Tensor) -> EncodedPart:
-        serialized = self.compression.compress(averaged, CompressionInfo.from_tensor(averaged), allow_inplace=True)
+        serialized = self.compression.compress(
+            averaged, CompressionInfo.from_tensor(averaged), allow_inplace=True
+        )
         return serialized, deserialize_torch_tensor(serialized)
 
     async def _communicate_with_peer(self, peer_id: PeerID) -> None:
@@ -161,7 +167,9 @@ class ExactAllReduceRunner(AllReduceRunner):
             self.bytes_sent += message.ByteSize()
             yield message
 
-    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+    async def _accumulate_parts_streaming(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
+    ):
         part_index = 0
 
         def _deserialize(msg: averaging_pb2.AveragingData) -> tuple[torch.Tensor, float]:
@@ -177,7 +185,9 @@ class ExactAllReduceRunner(AllReduceRunner):
                     part_index += 1
                 except BannedException:
                     break
-                message = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+                message = averaging_pb2.AveragingData(
+                    code=averaging_pb2.AVERAGED_PART, tensor_part=serialized
+                )
                 self.bytes_sent += message.ByteSize()
                 yield message
         finally:
@@ -239,7 +249,9 @@ class ExactAverager(DecentralizedAverager):
     def load_state_from(self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float):
         """Download (metadata, tensors) from one given peer; None if it refused or failed."""
         future = MPFuture()
-        self._outer_pipe.send(("_load_state_from", [], dict(donor=donor, timeout=chunk_timeout_s, future=future)))
+        self._outer_pipe.send(
+            ("_load_state_from", [], dict(donor=donor, timeout=chunk_timeout_s, future=future))
+        )
         return future.result(timeout=total_timeout_s)
 
     async def _load_state_from(self, donor: PeerID, timeout: float, future: MPFuture) -> None:

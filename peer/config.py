@@ -125,7 +125,9 @@ class OuterConfig:
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"--outer-momentum must be in [0, 1), got {self.momentum}")
         if self.compression not in COMPRESSIONS:
-            raise ValueError(f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
+            raise ValueError(
+                f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,14 +160,24 @@ class SwarmConfig:
     """Longest time to download the swarm's state when joining or resyncing."""
     progress_period_s: float = 2.0
     """How often this peer publishes its progress record to the DHT."""
+    wait_for_peers: int = 1
+    """A peer that starts a fresh run waits (up to state_timeout_s) until this many peers are live."""
 
     def __post_init__(self) -> None:
         if not self.run_id or any(ch in self.run_id for ch in ". \t\n"):
             raise ValueError(f"--run-id must be non-empty without dots or spaces, got {self.run_id!r}")
-        for name in ("matchmaking_s", "straggler_wait_s", "allreduce_timeout_s", "chunk_timeout_s",
-                     "state_timeout_s", "progress_period_s"):
+        for name in (
+            "matchmaking_s",
+            "straggler_wait_s",
+            "allreduce_timeout_s",
+            "chunk_timeout_s",
+            "state_timeout_s",
+            "progress_period_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.wait_for_peers < 1:
+            raise ValueError(f"--wait-for-peers must be at least 1, got {self.wait_for_peers}")
         if self.client_mode and not self.initial_peers:
             raise ValueError("--client-mode needs --initial-peers: a client cannot start a swarm")
 
@@ -244,5 +256,8 @@ def fingerprint(settings: dict) -> str:
 def differing_settings(ours: dict, theirs: dict) -> list[str]:
     """Names of the fingerprint settings where two peers differ, for a clear error message."""
     keys = sorted(set(ours) | set(theirs))
-    return [f"{key} (ours {ours.get(key)!r}, theirs {theirs.get(key)!r})" for key in keys
-            if ours.get(key) != theirs.get(key)]
+    return [
+        f"{key} (ours {ours.get(key)!r}, theirs {theirs.get(key)!r})"
+        for key in keys
+        if ours.get(key) != theirs.get(key)
+    ]

@@ -107,9 +107,41 @@ def _stream_hub_documents(name: str) -> Iterator[str]:
             return
 
 
+def _cache_path(dataset: str, tokenizer: Tokenizer) -> Path | None:
+    """Where the tokens of a local corpus are cached (tokenizing the embedded corpus takes seconds)."""
+    source = EMBEDDED_CORPUS if dataset == "embedded" else Path(dataset)
+    if not source.is_file():
+        return None
+    stat = source.stat()
+    key = hashlib.sha256(
+        f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{tokenizer.id}".encode()
+    ).hexdigest()
+    cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diloco-swarm"
+    return cache_root / f"tokens-{key[:24]}.pt"
+
+
+def _tokenize_cached(dataset: str, tokenizer: Tokenizer) -> torch.Tensor:
+    cache = _cache_path(dataset, tokenizer)
+    if cache is not None and cache.exists():
+        try:
+            return torch.load(cache)
+        except Exception:
+            pass  # a damaged cache is rebuilt below
+    tokens = tokenizer.encode_documents(_read_documents(dataset))
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            torch.save(tokens, tmp)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home only costs the next start a few seconds
+    return tokens
+
+
 def load_corpus(config: DataConfig, tokenizer: Tokenizer) -> TokenCorpus:
-    """Tokenize the whole corpus and cut off the evaluation tail."""
-    tokens = tokenizer.encode_documents(_read_documents(config.dataset))
+    """Tokenize the whole corpus (cached for local files) and cut off the evaluation tail."""
+    tokens = _tokenize_cached(config.dataset, tokenizer)
     num_eval = min(config.eval_tokens, len(tokens) // 10)
     train = tokens[: len(tokens) - num_eval]
     if len(train) < 4 * (config.seq_len + 1):
@@ -144,7 +176,11 @@ def train_batches(
         yield tokens[starts[:, None] + offsets].long()  # (batch, seq_len)
 
 
-def eval_batches(tokens: torch.Tensor, *, batch_size: int, seq_len: int, num_batches: int) -> list[torch.Tensor]:
+def eval_batches(
+    tokens: torch.Tensor, *, batch_size: int, seq_len: int, num_batches: int
+) -> list[torch.Tensor]:
     """Fixed, non-overlapping windows of the held-out tail, the same on every peer."""
     windows = tokens[: (len(tokens) // seq_len) * seq_len].view(-1, seq_len).long()
-    return [windows[i : i + batch_size] for i in range(0, min(len(windows), batch_size * num_batches), batch_size)]
+    return [
+        windows[i : i + batch_size] for i in range(0, min(len(windows), batch_size * num_batches), batch_size)
+    ]

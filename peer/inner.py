@@ -41,7 +41,12 @@ def set_lr_(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def inner_step(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor, *, lr: float, grad_clip: float
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    *,
+    lr: float,
+    grad_clip: float,
 ) -> float:
     """One AdamW step on a (batch, seq) token tensor; returns the training loss."""
     set_lr_(optimizer, lr)

@@ -67,8 +67,13 @@ class AveragingResult:
 class Averager(Protocol):
     """Averages pseudo-gradients across the peers of a round."""
 
-    def average(self, pseudo_grads: list[torch.Tensor], *, round_index: int, tokens: int) -> AveragingResult | None:
-        """Return the group's weighted average, or None if this round's all-reduce failed for this peer."""
+    def average(
+        self, pseudo_grads: list[torch.Tensor], *, round_index: int, tokens: int, order_key: bytes
+    ) -> AveragingResult | None:
+        """Return the group's token-weighted average, or None if this round's all-reduce failed for this peer.
+
+        `order_key` places this peer's contribution in the canonical summation order.
+        """
         ...
 
 
@@ -83,7 +88,10 @@ class OuterOptimizer:
     @torch.no_grad()
     def pseudo_gradient(self, local_params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Delta = global - local: points downhill like a gradient."""
-        return [g - p.detach().to("cpu", torch.float32) for g, p in zip(self.global_params, local_params, strict=True)]
+        return [
+            g - p.detach().to("cpu", torch.float32)
+            for g, p in zip(self.global_params, local_params, strict=True)
+        ]
 
     @torch.no_grad()
     def step_(self, averaged_pseudo_grads: Sequence[torch.Tensor]) -> None:

@@ -1,0 +1,429 @@
+"""Everything hivemind: the DHT, signed progress and hash records, one all-reduce group per round, state sharing.
+
+`Swarm` implements the `outer.Averager` protocol for the training loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import hivemind
+import torch
+from hivemind.compression import BlockwiseQuantization, CompressionBase, Float16Compression, NoCompression
+from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.utils.timed_storage import get_dht_time
+from pydantic.v1 import (  # hivemind's schemas are pydantic v1
+    BaseModel,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
+
+from peer.config import RunConfig, differing_settings
+from peer.outer import AveragingResult
+
+logger = logging.getLogger(__name__)
+
+RECORD_TTL_S = 15.0  # a peer that stops publishing disappears from the swarm's view after this long
+HASH_TTL_S = 600.0
+
+
+class SwarmError(RuntimeError):
+    """A condition the user must fix (unreachable peers, mismatched run settings)."""
+
+
+class ProgressRecord(BaseModel):
+    peer_id: bytes
+    round: StrictInt
+    inner_step: StrictInt
+    tokens_per_s: StrictFloat
+    eta: StrictFloat
+    """DHT time at which this peer expects to finish its inner phase."""
+    client_mode: StrictBool
+
+
+class HashRecord(BaseModel):
+    peer_id: bytes
+    round: StrictInt
+    params_sha256: StrictStr
+
+
+class SettingsRecord(BaseModel):
+    peer_id: bytes
+    fingerprint: StrictStr
+    settings_json: StrictStr
+
+
+class RoundSchema(BaseModel):
+    progress: dict[BytesWithPublicKey, Optional[ProgressRecord]]  # noqa: UP045 (pydantic needs Optional here)
+    hashes: dict[BytesWithPublicKey, Optional[HashRecord]]  # noqa: UP045
+
+
+class RunSchema(BaseModel):
+    settings: dict[BytesWithPublicKey, Optional[SettingsRecord]]  # noqa: UP045
+
+
+COMPRESSION: dict[str, CompressionBase] = {
+    "none": NoCompression(),
+    "fp16": Float16Compression(),
+    "int8": BlockwiseQuantization(),
+}
+
+
+@dataclass
+class SwarmView:
+    """What the swarm agrees on for a round, from the published hash records."""
+
+    round_index: int
+    majority_hash: str | None
+    donors: list[bytes]
+    num_records: int
+
+
+class Swarm:
+    """This peer's membership in the swarm."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        settings: dict,
+        fingerprint: str,
+        averaged_tensors: list[torch.Tensor],
+        state_provider,
+    ):
+        self.config, self.settings, self.fingerprint = config, settings, fingerprint
+        swarm = config.swarm
+        try:
+            self.dht = hivemind.DHT(
+                initial_peers=list(swarm.initial_peers),
+                host_maddrs=list(swarm.host_maddrs),
+                announce_maddrs=list(swarm.announce_maddrs) or None,
+                identity_path=swarm.identity_path,
+                client_mode=swarm.client_mode,
+                start=True,
+                await_ready=True,
+                wait_timeout=10,
+            )
+        except Exception as e:  # hivemind raises RuntimeError/ValueError/P2PDaemonError with long messages
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SwarmError(
+                f"could not start or join the DHT ({first_line}); check --initial-peers and --host-maddrs"
+            ) from None
+        self.peer_id = self.dht.peer_id
+        self.short_id = str(self.peer_id)[-6:]
+        signature = RSASignatureValidator()
+        self._public_key = signature.local_public_key
+        self.dht.add_validators(
+            [
+                SchemaValidator(RoundSchema, prefix=fingerprint),
+                SchemaValidator(RunSchema, prefix=swarm.run_id),
+                signature,
+            ]
+        )
+        self._progress_key = f"{fingerprint}_progress"
+        self._hashes_key = f"{fingerprint}_hashes"
+        self._settings_key = f"{swarm.run_id}_settings"
+        self._progress = ProgressRecord(
+            peer_id=self.peer_id.to_bytes(),
+            round=0,
+            inner_step=0,
+            tokens_per_s=0.0,
+            eta=get_dht_time(),
+            client_mode=swarm.client_mode,
+        )
+        self._stop = threading.Event()
+        self._publish_now = threading.Event()
+        self.check_run_settings()
+
+        self.averager = _make_averager(config, fingerprint, self.dht, averaged_tensors, state_provider)
+        self._publisher = threading.Thread(target=self._publish_periodically, name="progress", daemon=True)
+        self._publisher.start()
+
+    # ---- addresses -------------------------------------------------------------------------------------------
+    def visible_maddrs(self) -> list[str]:
+        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+
+    # ---- run identity (I5) -----------------------------------------------------------------------------------
+    def _settings_record(self) -> SettingsRecord:
+        return SettingsRecord(
+            peer_id=self.peer_id.to_bytes(),
+            fingerprint=self.fingerprint,
+            settings_json=json.dumps(self.settings, sort_keys=True),
+        )
+
+    def check_run_settings(self) -> None:
+        """Exit with the differing settings if a live peer of the same run id trains another configuration."""
+        self.dht.store(
+            self._settings_key,
+            subkey=self._public_key,
+            value=self._settings_record().dict(),
+            expiration_time=get_dht_time() + RECORD_TTL_S,
+        )
+        found = self.dht.get(self._settings_key, latest=True)
+        for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
+            try:
+                record = SettingsRecord.parse_obj(item.value)
+            except Exception:
+                continue
+            if record.fingerprint != self.fingerprint:
+                differences = differing_settings(self.settings, json.loads(record.settings_json))
+                raise SwarmError(
+                    f"run {self.config.swarm.run_id!r} is already training with other settings: "
+                    f"{'; '.join(differences)}. Use the same settings or another --run-id."
+                )
+
+    # ---- progress records ------------------------------------------------------------------------------------
+    def report_progress(
+        self, *, round_index: int, inner_step: int, tokens_per_s: float, eta: float, now: bool = False
+    ) -> None:
+        """Update this peer's progress record (published in the background every progress_period_s)."""
+        self._progress = ProgressRecord(
+            peer_id=self.peer_id.to_bytes(),
+            round=round_index,
+            inner_step=inner_step,
+            tokens_per_s=float(tokens_per_s),
+            eta=float(eta),
+            client_mode=self.config.swarm.client_mode,
+        )
+        if now:
+            self._publish_now.set()
+
+    def _publish_periodically(self) -> None:
+        while not self._stop.is_set():
+            expiration = get_dht_time() + RECORD_TTL_S
+            try:
+                self.dht.store(
+                    self._progress_key,
+                    subkey=self._public_key,
+                    value=self._progress.dict(),
+                    expiration_time=expiration,
+                    return_future=True,
+                )
+                self.dht.store(
+                    self._settings_key,
+                    subkey=self._public_key,
+                    value=self._settings_record().dict(),
+                    expiration_time=expiration,
+                    return_future=True,
+                )
+            except Exception as e:  # the DHT may be shutting down
+                logger.debug(f"progress publish failed: {e!r}")
+            self._publish_now.wait(self.config.swarm.progress_period_s)
+            self._publish_now.clear()
+
+    def live_peers(self) -> dict[bytes, ProgressRecord]:
+        """Progress records of every peer that published recently, this one included."""
+        found = self.dht.get(self._progress_key, latest=True)
+        records = {}
+        for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
+            try:
+                record = ProgressRecord.parse_obj(item.value)
+            except Exception:
+                continue
+            records[record.peer_id] = record
+        records[self.peer_id.to_bytes()] = self._progress
+        return records
+
+    def wait_for_peers(self, count: int, *, timeout_s: float, should_stop) -> int:
+        """Block until `count` peers (this one included) are live, the timeout passes or should_stop(); returns
+        how many are live."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = len(self.live_peers())
+            if live >= count or time.monotonic() >= deadline or should_stop():
+                return live
+            self._publish_now.set()
+            time.sleep(0.5)
+
+    # ---- averaging (the outer.Averager protocol) -------------------------------------------------------------
+    def average(
+        self,
+        pseudo_grads: list[torch.Tensor],
+        *,
+        round_index: int,
+        tokens: int,
+        order_key: bytes,
+        should_stop=lambda: False,
+    ) -> AveragingResult | None:
+        """Average with every live peer of this round; None if the all-reduce failed for this peer."""
+        me = self.peer_id.to_bytes()
+        others = [r for pid, r in self.live_peers().items() if pid != me and r.round == round_index]
+        if not others:
+            return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
+        swarm = self.config.swarm
+        now = get_dht_time()
+        latest_eta = max(r.eta for r in others)
+        # wait for the slowest peer of this round (with a margin), but at most straggler_wait_s
+        scheduled = min(
+            max(now + swarm.matchmaking_s, latest_eta + 0.5 * swarm.matchmaking_s),
+            now + swarm.straggler_wait_s,
+        )
+        with self.averager.get_tensors() as tensors:
+            for dst, src in zip(tensors, pseudo_grads, strict=True):
+                dst.copy_(src)
+        gather = {
+            "round": round_index,
+            "fingerprint": self.fingerprint,
+            "tokens": tokens,
+            "order_key": order_key.hex(),
+        }
+        try:
+            control = self.averager.step(
+                gather=gather,
+                weight=float(tokens),
+                scheduled_time=scheduled,
+                timeout=scheduled - now + swarm.allreduce_timeout_s,
+                allow_retries=False,
+                wait=False,
+            )
+            gathered = _wait_cancellable(
+                control, should_stop, timeout_s=scheduled - now + 2 * swarm.allreduce_timeout_s
+            )
+        except Exception as e:  # hivemind raises many types for a failed group; all mean "round failed"
+            logger.warning(
+                f"[{self.short_id}] round {round_index}: all-reduce failed: {type(e).__name__}: {e}"
+            )
+            return None
+        if gathered is None:
+            return None
+        rounds = {meta.get("round") for meta in gathered.values() if isinstance(meta, dict)}
+        if rounds != {round_index}:
+            logger.warning(
+                f"[{self.short_id}] round {round_index}: group mixed rounds {sorted(rounds)}; discarded"
+            )
+            return None
+        with self.averager.get_tensors() as tensors:
+            averaged = [t.clone() for t in tensors]
+        return AveragingResult(
+            averaged=averaged,
+            group_size=len(gathered),
+            tokens=sum(int(meta["tokens"]) for meta in gathered.values()),
+            info=self.averager.last_transport_stats(),
+        )
+
+    # ---- agreement (I1/I3) -----------------------------------------------------------------------------------
+    def publish_hash(self, round_index: int, params_sha256: str) -> None:
+        record = HashRecord(peer_id=self.peer_id.to_bytes(), round=round_index, params_sha256=params_sha256)
+        self.dht.store(
+            self._hashes_key,
+            subkey=self._public_key,
+            value=record.dict(),
+            expiration_time=get_dht_time() + HASH_TTL_S,
+        )
+
+    def hash_records(self) -> dict[bytes, HashRecord]:
+        found = self.dht.get(self._hashes_key, latest=True)
+        records = {}
+        for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
+            try:
+                record = HashRecord.parse_obj(item.value)
+            except Exception:
+                continue
+            records[record.peer_id] = record
+        return records
+
+    def view_of_round(self, round_index: int, *, expected: int = 1, timeout_s: float = 5.0) -> SwarmView:
+        """The majority hash for a round once `expected` peers published theirs (or the timeout passed).
+
+        Ties are broken by the hash value so that every peer picks the same winner.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            records = [r for r in self.hash_records().values() if r.round == round_index]
+            if len(records) >= expected or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        counts = Counter(r.params_sha256 for r in records)
+        if not counts:
+            return SwarmView(round_index, None, [], 0)
+        majority = max(counts, key=lambda h: (counts[h], h))
+        donors = [
+            r.peer_id for r in records if r.params_sha256 == majority and r.peer_id != self.peer_id.to_bytes()
+        ]
+        return SwarmView(round_index, majority, donors, len(records))
+
+    def latest_view(self) -> SwarmView | None:
+        """The newest round for which live peers published hashes (for a newcomer)."""
+        live = set(self.live_peers()) - {self.peer_id.to_bytes()}
+        records = [r for r in self.hash_records().values() if r.peer_id in live]
+        if not records:
+            return None
+        newest = max(r.round for r in records)
+        return self.view_of_round(newest, timeout_s=0.0)
+
+    # ---- state sharing ---------------------------------------------------------------------------------------
+    def download_state(self, donors: list[bytes]) -> tuple[dict, list[torch.Tensor]] | None:
+        """Try donors in turn; the first that sends a complete state wins."""
+        swarm = self.config.swarm
+        for donor in donors:
+            result = self.averager.load_state_from(
+                hivemind.PeerID(donor),
+                chunk_timeout_s=swarm.chunk_timeout_s,
+                total_timeout_s=swarm.state_timeout_s,
+            )
+            if result is not None:
+                return result
+            logger.warning(
+                f"[{self.short_id}] state download from {hivemind.PeerID(donor)} failed; trying next"
+            )
+        return None
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._publish_now.set()
+        with contextlib.suppress(Exception):
+            self.dht.store(
+                self._progress_key,
+                subkey=self._public_key,
+                value=None,
+                expiration_time=get_dht_time() + RECORD_TTL_S,
+            )
+        self.averager.shutdown()
+        self.dht.shutdown()
+
+
+def _wait_cancellable(control, should_stop, *, timeout_s: float):
+    """Wait for a StepControl's result, cancelling it if the peer is asked to stop."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return control.result(timeout=0.25)
+        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+            if should_stop():
+                control.cancel()
+                raise RuntimeError("stopped by the user") from None
+            if time.monotonic() > deadline:
+                control.cancel()
+                raise TimeoutError(f"all-reduce did not finish in {timeout_s:.0f}s") from None
+
+
+def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_provider):
+    from peer.allreduce import ExactAverager
+
+    swarm = config.swarm
+    return ExactAverager(
+        averaged_tensors,
+        dht,
+        prefix=prefix,
+        start=True,
+        target_group_size=None,  # one global group per round: DiLoCo, not Moshpit averaging
+        min_group_size=2,
+        min_matchmaking_time=swarm.matchmaking_s,
+        request_timeout=min(3.0, swarm.matchmaking_s / 2),
+        allreduce_timeout=swarm.allreduce_timeout_s,
+        next_chunk_timeout=swarm.chunk_timeout_s,
+        compression=COMPRESSION[config.outer.compression],
+        client_mode=swarm.client_mode,
+        state_provider=state_provider,
+        shutdown_timeout=3,
+    )
