@@ -197,6 +197,8 @@ class RunConfig:
     """Stop after this many rounds (0: run until stopped)."""
     device: str = "auto"
     """auto (cuda if available), cpu or cuda."""
+    num_threads: int = 0
+    """CPU threads for torch (0: torch's default). Use 1 when several peers share one machine."""
     metrics_file: str | None = None
     """Append one JSON record per round here."""
     eval_every: int = 5
@@ -217,6 +219,8 @@ class RunConfig:
             raise ValueError(f"--max-rounds must be non-negative, got {self.max_rounds}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.num_threads < 0:
+            raise ValueError(f"--num-threads must be non-negative, got {self.num_threads}")
         if self.eval_every < 0 or self.eval_batches < 1:
             raise ValueError("--eval-every must be >= 0 and --eval-batches >= 1")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:

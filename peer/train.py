@@ -78,6 +78,8 @@ def run(config: RunConfig) -> int:
     """Train until max_rounds or a stop signal; returns the process exit code."""
     stop = StopFlag()
     device = resolve_device(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     tokenizer = Tokenizer(config.data.tokenizer)
     model_config = load_model_config(
         config.model.name, vocab_size=tokenizer.vocab_size, max_seq_len=config.data.seq_len
