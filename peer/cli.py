@@ -30,6 +30,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "chunk_timeout_s": ("swarm", "chunk_timeout_s"),
     "state_timeout_s": ("swarm", "state_timeout_s"),
     "wait_for_peers": ("swarm", "wait_for_peers"),
+    "progress_period_s": ("swarm", "progress_period_s"),
     "model": ("model", "name"),
     "dataset": ("data", "dataset"),
     "tokenizer": ("data", "tokenizer"),
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="when starting a fresh run, wait until N peers are live before round 1 (default 1)",
+    )
+    net.add_argument(
+        "--progress-period-s",
+        type=float,
+        help="how often this peer publishes its progress to the DHT (default 2)",
     )
     mod = p.add_argument_group("model and data")
     mod.add_argument(

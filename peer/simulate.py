@@ -4,6 +4,9 @@ Replica i trains like a networked peer started with `--data-shard i/k` and the s
 produce the same global parameters round after round (fp32, no compression).
 
     python -m peer.simulate --replicas 4 --max-rounds 10 --inner-steps 50 --json
+    python -m peer.simulate --mode compare --replicas 4 --plot loss.png   # DiLoCo against both baselines
+
+The experiment modes and ablation knobs live in peer.experiments; this module keeps the reference loop.
 """
 
 from __future__ import annotations
@@ -134,31 +137,113 @@ def simulate(config: RunConfig, *, num_replicas: int, on_round=None) -> list[dic
     return records
 
 
-def main(argv: list[str] | None = None) -> int:
+SIM_FLAGS_HELP = """
+simulation flags (python -m peer.simulate; every flag above sets the shared model/data/optimizer settings):
+  --mode MODE             diloco (default), data-parallel, single, or compare (all three, same settings)
+  --replicas K            simulated peers; data-parallel uses K x --batch-size (default 2)
+  --shards S              contiguous (default: replica i = --data-shard i/K, non-i.i.d. works) or iid
+  --outer-optimizer O     nesterov (default: --outer-lr/--outer-momentum) or adam (lr = --outer-lr)
+  --pool K:R[,K:R...]     changing compute pool: K replicas for R rounds, then ... (replaces --max-rounds)
+  --drop-prob P           each replica's pseudo-gradient is lost with probability P per round
+  --warm-start-steps N    N data-parallel steps before DiLoCo (in the same token budget)
+  --speeds S1,S2,...      simulated relative speed per replica (for idle time; default all 1)
+  --round-tokens N        simulated heterogeneous rounds: a round ends after N swarm-wide tokens
+  --eval-every-steps N    evaluate every N steps per replica (default 100)
+  --eval-windows N        held-out windows of --seq-len tokens per evaluation (default 128)
+  --data-parallel-lr LR   compare mode: inner lr of the data-parallel baseline (default --inner-lr)
+  --single-lr LR          compare mode: inner lr of the single-peer baseline (default --inner-lr)
+  --plot PATH             write a loss-vs-tokens PNG (matplotlib)
+  --json                  print the results as one JSON document (keys in docs/RESULTS.md)
+"""
+
+
+def sim_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--mode", default="diloco")
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--shards", default="contiguous")
+    parser.add_argument("--outer-optimizer", default="nesterov")
+    parser.add_argument("--pool", default="")
+    parser.add_argument("--drop-prob", type=float, default=0.0)
+    parser.add_argument("--warm-start-steps", type=int, default=0)
+    parser.add_argument("--speeds", default="")
+    parser.add_argument("--round-tokens", type=int, default=0)
+    parser.add_argument("--eval-every-steps", type=int, default=100)
+    parser.add_argument("--eval-windows", type=int, default=128)
+    parser.add_argument("--data-parallel-lr", type=float, default=None)
+    parser.add_argument("--single-lr", type=float, default=None)
+    parser.add_argument("--plot", default=None)
     parser.add_argument("--json", action="store_true")
-    own, rest = parser.parse_known_args(argv)
+    return parser
+
+
+def experiment_runs(own: argparse.Namespace, rest: list[str]) -> list[tuple[RunConfig, object]]:
+    """Parsed flags -> [(RunConfig, ExperimentConfig)], one per mode to run (three for --mode compare)."""
+    from peer import experiments
+
+    config, _ = config_from_args(rest)
+    config = replace(config, device="cpu")
+    pool = experiments.parse_pool(own.pool) if own.pool else ()
+    if pool:
+        config = replace(config, max_rounds=sum(r for _, r in pool))
+    if config.max_rounds < 1:
+        raise ValueError("the simulation needs --max-rounds of at least 1 (or --pool)")
+    try:
+        speeds = tuple(float(s) for s in own.speeds.split(",")) if own.speeds else ()
+    except ValueError:
+        raise ValueError(f"--speeds must be comma-separated numbers, got {own.speeds!r}") from None
+    runs = []
+    for mode in experiments.MODES if own.mode == "compare" else (own.mode,):
+        lr = {"data-parallel": own.data_parallel_lr, "single": own.single_lr}.get(mode)
+        run_config = replace(config, inner=replace(config.inner, lr=lr)) if lr else config
+        exp = experiments.ExperimentConfig(
+            mode=mode,
+            replicas=own.replicas,
+            shards=own.shards,
+            outer_optimizer=own.outer_optimizer,
+            pool=pool,
+            drop_prob=own.drop_prob,
+            warm_start_steps=own.warm_start_steps,
+            speeds=speeds,
+            round_tokens=own.round_tokens,
+            eval_every_steps=own.eval_every_steps,
+            eval_windows=own.eval_windows,
+        )
+        runs.append((run_config, exp))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    from peer import experiments  # experiments imports this module: keep the import one-way at load time
+
+    own, rest = sim_parser().parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         build_parser().print_help()
-        print(
-            "\nsimulation flags:\n  --replicas K   number of simulated peers (default 2)\n"
-            "  --json         print the per-round records as one JSON document at the end"
-        )
+        print(SIM_FLAGS_HELP)
         return 0
     try:
-        config, _ = config_from_args(rest)
-        config = replace(config, device="cpu")
-        records = simulate(
-            config,
-            num_replicas=own.replicas,
-            on_round=None if own.json else lambda r: print(json.dumps(r), flush=True),
-        )
+        runs = experiment_runs(own, rest)
+        results = {}
+        for run_config, exp in runs:
+            on_eval = (
+                None if own.json else lambda p, m=exp.mode: print(json.dumps({"mode": m, **p}), flush=True)
+            )
+            results[exp.mode] = experiments.run_experiment(run_config, exp, on_eval=on_eval)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if own.plot:
+        experiments.plot_loss_vs_tokens(
+            {f"{m} (k={r['replicas']})": r["curve"] for m, r in results.items()}, own.plot
+        )
     if own.json:
-        print(json.dumps({"replicas": own.replicas, "rounds": records}, indent=1))
+        print(json.dumps(results if own.mode == "compare" else results[own.mode], indent=1))
+    else:
+        for mode, r in results.items():
+            print(
+                f"{mode:14s} tokens {r['tokens']:>9d}  held-out loss {r['final_eval_loss']:.4f}  "
+                f"perplexity {r['final_perplexity']:.2f}  syncs {r['num_syncs']}  {r['wall_s']:.0f}s"
+            )
     return 0
 
 

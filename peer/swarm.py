@@ -19,6 +19,7 @@ import hivemind
 import torch
 from hivemind.compression import BlockwiseQuantization, CompressionBase, Float16Compression, NoCompression
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 from pydantic.v1 import (  # hivemind's schemas are pydantic v1
     BaseModel,
@@ -119,35 +120,41 @@ class Swarm:
             raise SwarmError(
                 f"could not start or join the DHT ({first_line}); check --initial-peers and --host-maddrs"
             ) from None
-        self.peer_id = self.dht.peer_id
-        self.short_id = str(self.peer_id)[-6:]
-        signature = RSASignatureValidator()
-        self._public_key = signature.local_public_key
-        self.dht.add_validators(
-            [
-                SchemaValidator(RoundSchema, prefix=fingerprint),
-                SchemaValidator(RunSchema, prefix=swarm.run_id),
-                signature,
-            ]
-        )
-        self._progress_key = f"{fingerprint}_progress"
-        self._hashes_key = f"{fingerprint}_hashes"
-        self._settings_key = f"{swarm.run_id}_settings"
-        self._progress = ProgressRecord(
-            peer_id=self.peer_id.to_bytes(),
-            round=0,
-            inner_step=0,
-            tokens_per_s=0.0,
-            eta=get_dht_time(),
-            client_mode=swarm.client_mode,
-        )
-        self._stop = threading.Event()
-        self._publish_now = threading.Event()
-        self.check_run_settings()
+        try:
+            self.peer_id = self.dht.peer_id
+            self.short_id = str(self.peer_id)[-6:]
+            signature = RSASignatureValidator()
+            self._public_key = signature.local_public_key
+            self.dht.add_validators(
+                [
+                    SchemaValidator(RoundSchema, prefix=fingerprint),
+                    SchemaValidator(RunSchema, prefix=swarm.run_id),
+                    signature,
+                ]
+            )
+            self._progress_key = f"{fingerprint}_progress"
+            self._hashes_key = f"{fingerprint}_hashes"
+            self._settings_key = f"{swarm.run_id}_settings"
+            self._progress = ProgressRecord(
+                peer_id=self.peer_id.to_bytes(),
+                round=0,
+                inner_step=0,
+                tokens_per_s=0.0,
+                eta=get_dht_time(),
+                client_mode=swarm.client_mode,
+            )
+            self._stop = threading.Event()
+            self._publish_now = threading.Event()
+            self.check_run_settings()
 
-        self.averager = _make_averager(config, fingerprint, self.dht, averaged_tensors, state_provider)
-        self._publisher = threading.Thread(target=self._publish_periodically, name="progress", daemon=True)
-        self._publisher.start()
+            self.averager = _make_averager(config, fingerprint, self.dht, averaged_tensors, state_provider)
+            self._publisher = threading.Thread(
+                target=self._publish_periodically, name="progress", daemon=True
+            )
+            self._publisher.start()
+        except BaseException:
+            self.dht.shutdown()  # do not leave the DHT process behind
+            raise
 
     # ---- addresses -------------------------------------------------------------------------------------------
     def visible_maddrs(self) -> list[str]:
@@ -367,15 +374,13 @@ class Swarm:
         swarm = self.config.swarm
         for donor in donors:
             result = self.averager.load_state_from(
-                hivemind.PeerID(donor),
+                PeerID(donor),
                 chunk_timeout_s=swarm.chunk_timeout_s,
                 total_timeout_s=swarm.state_timeout_s,
             )
             if result is not None:
                 return result
-            logger.warning(
-                f"[{self.short_id}] state download from {hivemind.PeerID(donor)} failed; trying next"
-            )
+            logger.warning(f"[{self.short_id}] state download from {PeerID(donor)} failed; trying next")
         return None
 
     def shutdown(self) -> None:

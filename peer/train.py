@@ -18,7 +18,7 @@ from peer.data import Tokenizer, data_seed, eval_batches, load_corpus, train_bat
 from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
 from peer.metrics import JsonlMetrics, summary_line
 from peer.model import architecture, build_model, count_parameters, load_model_config
-from peer.outer import OuterOptimizer, all_finite, tensors_sha256
+from peer.outer import AveragingResult, OuterOptimizer, all_finite, tensors_sha256
 from peer.swarm import Swarm
 
 logger = logging.getLogger(__name__)
@@ -74,271 +74,325 @@ def write_maddrs_file(path: str, maddrs: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def run(config: RunConfig) -> int:
-    """Train until max_rounds or a stop signal; returns the process exit code."""
-    stop = StopFlag()
-    device = resolve_device(config.device)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    tokenizer = Tokenizer(config.data.tokenizer)
-    model_config = load_model_config(
-        config.model.name, vocab_size=tokenizer.vocab_size, max_seq_len=config.data.seq_len
-    )
-    model = build_model(model_config, seed=config.seed)
-    settings = fingerprint_settings(config, model_arch=architecture(model_config), tokenizer_id=tokenizer.id)
-    run_fingerprint = fingerprint(settings)
-    corpus = load_corpus(config.data, tokenizer)
-    params = list(model.parameters())
-    outer = OuterOptimizer(params, config.outer)
-    position = SwarmPosition()
-    state_lock = threading.Lock()
-    inner_opt_state: dict | None = None
+class Peer:
+    """One swarm member: builds the model, data and swarm membership, then trains round after round."""
 
-    if config.resume:
-        saved = checkpoint.load_latest_checkpoint(config.checkpoint_dir)
-        if saved is not None:
-            outer.load_state_tensors_(saved["outer_state"])
-            position.round = saved["round"]
-            inner_opt_state = saved.get("inner_optimizer")
-            logger.info(f"resumed from checkpoint at round {position.round}")
+    def __init__(self, config: RunConfig, stop: StopFlag):
+        self.config, self.stop = config, stop
+        self.device = resolve_device(config.device)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        tokenizer = Tokenizer(config.data.tokenizer)
+        model_config = load_model_config(
+            config.model.name, vocab_size=tokenizer.vocab_size, max_seq_len=config.data.seq_len
+        )
+        self.model = build_model(model_config, seed=config.seed)
+        self.settings = fingerprint_settings(
+            config, model_arch=architecture(model_config), tokenizer_id=tokenizer.id
+        )
+        self.fingerprint = fingerprint(self.settings)
+        self.corpus = load_corpus(config.data, tokenizer)
+        self.params = list(self.model.parameters())
+        self.outer = OuterOptimizer(self.params, config.outer)
+        self.position = SwarmPosition()
+        self.state_lock = threading.Lock()  # the outer state is also read by hivemind's thread for donors
+        self.inner_opt_state: dict | None = None
+        self.total_tokens = self.rounds_done = self.failed_rounds = self.resyncs = 0
+        self.log: logging.LoggerAdapter = logging.LoggerAdapter(logger, {"peer": "-"})
+        if config.resume:
+            self._resume_from_checkpoint()
 
-    def state_for_peers() -> tuple[dict, list[torch.Tensor]]:
+    # ---- state shared with other peers -------------------------------------------------------------------
+    def state_for_peers(self) -> tuple[dict, list[torch.Tensor]]:
         """What a newcomer or a resyncing peer downloads from us (runs on hivemind's thread)."""
-        with state_lock:
+        with self.state_lock:
             metadata = {
-                "round": position.round,
-                "inner_step": position.inner_step,
-                "fingerprint": run_fingerprint,
-                "params_sha256": outer.params_hash(),
+                "round": self.position.round,
+                "inner_step": self.position.inner_step,
+                "fingerprint": self.fingerprint,
+                "params_sha256": self.outer.params_hash(),
             }
-            return metadata, [t.clone() for t in outer.state_tensors()]
+            return metadata, [t.clone() for t in self.outer.state_tensors()]
 
-    swarm = Swarm(
-        config,
-        settings=settings,
-        fingerprint=run_fingerprint,
-        averaged_tensors=[torch.zeros_like(p) for p in outer.global_params],
-        state_provider=state_for_peers,
-    )
-    stop.install()
-    log = logging.LoggerAdapter(logger, {"peer": swarm.short_id})
-    maddrs = swarm.visible_maddrs()
-    if config.swarm.maddrs_file:
-        write_maddrs_file(config.swarm.maddrs_file, maddrs)
-    if not config.swarm.initial_peers:
-        print(f"Started a new swarm. Others join with: --initial-peers {' '.join(maddrs)}", flush=True)
-    log.info(
-        f"peer {swarm.peer_id} | run {config.swarm.run_id} fingerprint {run_fingerprint} | "
-        f"model {config.model.name} {count_parameters(model) / 1e6:.2f}M params | device {device}"
-    )
-
-    def load_swarm_state(donors: list[bytes], *, min_round: int) -> bool:
-        """Replace our global state with a donor's (verified by its hash); True on success."""
-        downloaded = swarm.download_state(donors)
+    def load_swarm_state(self, donors: list[bytes], *, min_round: int) -> bool:
+        """Replace our global state with a donor's (verified against its hash); True on success."""
+        downloaded = self.swarm.download_state(donors)
         if downloaded is None:
             return False
         metadata, tensors = downloaded
-        if metadata.get("fingerprint") != run_fingerprint or metadata.get("round", -1) < min_round:
-            log.warning(f"donor state is not usable: {metadata}")
+        if metadata.get("fingerprint") != self.fingerprint or metadata.get("round", -1) < min_round:
+            self.log.warning(f"donor state is not usable: {metadata}")
             return False
-        if tensors_sha256(tensors[: len(outer.global_params)]) != metadata["params_sha256"]:
-            log.warning("downloaded state does not match its hash; discarded")
+        if tensors_sha256(tensors[: len(self.outer.global_params)]) != metadata["params_sha256"]:
+            self.log.warning("downloaded state does not match its hash; discarded")
             return False
-        with state_lock:
-            outer.load_state_tensors_(tensors)
-            position.round, position.inner_step = (
-                metadata["round"],
-                min(metadata["inner_step"], config.inner.steps - 1),
-            )
+        with self.state_lock:
+            self.outer.load_state_tensors_(tensors)
+            self.position.round = metadata["round"]
+            self.position.inner_step = min(metadata["inner_step"], self.config.inner.steps - 1)
+        self.outer.copy_to_(self.params)
         return True
 
-    if config.swarm.wait_for_peers > 1 and swarm.latest_view() is None:
-        live = swarm.wait_for_peers(
-            config.swarm.wait_for_peers,
-            timeout_s=config.swarm.state_timeout_s,
-            should_stop=lambda: bool(stop),
+    # ---- start ---------------------------------------------------------------------------------------------
+    def join_swarm(self) -> None:
+        config = self.config
+        self.swarm = Swarm(
+            config,
+            settings=self.settings,
+            fingerprint=self.fingerprint,
+            averaged_tensors=[torch.zeros_like(p) for p in self.outer.global_params],
+            state_provider=self.state_for_peers,
         )
-        log.info(f"{live} peers live; starting")
-
-    # I4: a newcomer (or a peer resuming behind the swarm) starts from the swarm's current state
-    view = swarm.latest_view()
-    if view is not None and view.majority_hash is not None and view.round_index >= position.round:
-        if load_swarm_state(view.donors, min_round=view.round_index):
-            log.info(f"joined the swarm at round {position.round}, inner step {position.inner_step}")
-        else:
-            log.warning("could not download the swarm's state; starting from our own")
-
-    model.to(device)
-    outer.copy_to_(params)
-    inner_opt = build_inner_optimizer(model, config.inner)
-    if inner_opt_state is not None:
-        inner_opt.load_state_dict(inner_opt_state)
-    stream_id = config.data.data_shard or str(swarm.peer_id)
-    seed = data_seed(config.seed, stream_id)
-    order_key = seed.to_bytes(8, "big")
-    batches = train_batches(
-        corpus.train,
-        batch_size=config.data.batch_size,
-        seq_len=config.data.seq_len,
-        seed=seed,
-        shard=config.data.shard,
-    )
-    held_out = eval_batches(
-        corpus.eval,
-        batch_size=config.data.batch_size,
-        seq_len=config.data.seq_len,
-        num_batches=config.eval_batches,
-    )
-    metrics = JsonlMetrics(config.metrics_file)
-    tokens_per_step = config.data.batch_size * config.data.seq_len
-    total_tokens, rounds_done, failed_rounds, resyncs = 0, 0, 0, 0
-    tokens_per_s = 0.0
-    H = config.inner.steps
-
-    def save(reason: str) -> None:
-        if not config.checkpoint_dir:
-            return
-        with state_lock:
-            state = {
-                "round": position.round,
-                "outer_state": [t.clone() for t in outer.state_tensors()],
-                "inner_optimizer": inner_opt.state_dict(),
-                "config": config.to_dict(),
-                "fingerprint": run_fingerprint,
-                "params_sha256": outer.params_hash(),
-            }
-        path = checkpoint.save_checkpoint(
-            config.checkpoint_dir, state, round_index=position.round, keep=config.keep_checkpoints
+        self.stop.install()
+        self.log = logging.LoggerAdapter(logger, {"peer": self.swarm.short_id})
+        maddrs = self.swarm.visible_maddrs()
+        if config.swarm.maddrs_file:
+            write_maddrs_file(config.swarm.maddrs_file, maddrs)
+        if not config.swarm.initial_peers:
+            print(f"Started a new swarm. Others join with: --initial-peers {' '.join(maddrs)}", flush=True)
+        self.log.info(
+            f"peer {self.swarm.peer_id} | run {config.swarm.run_id} fingerprint {self.fingerprint} | "
+            f"model {config.model.name} {count_parameters(self.model) / 1e6:.2f}M params | device {self.device}"
         )
-        log.info(f"checkpoint ({reason}): {path}")
-
-    try:
-        while not stop and (config.max_rounds == 0 or rounds_done < config.max_rounds):
-            # ---- inner phase: H local AdamW steps from the global parameters ----
-            round_index, first_step = position.round, position.inner_step
-            inner_started = time.perf_counter()
-            losses = []
-            bar = tqdm(
-                range(first_step, H),
-                desc=f"[{swarm.short_id}] round {round_index + 1}",
-                leave=False,
-                disable=None,
-                dynamic_ncols=True,
+        if config.swarm.wait_for_peers > 1 and self.swarm.latest_view() is None:
+            live = self.swarm.wait_for_peers(
+                config.swarm.wait_for_peers,
+                timeout_s=config.swarm.state_timeout_s,
+                should_stop=lambda: bool(self.stop),
             )
-            for step in bar:
-                if stop:
-                    break
-                lr = inner_lr(
-                    round_index * H + step, config=config.inner, total_steps=config.total_inner_steps
-                )
-                loss = inner_step(
-                    model, inner_opt, next(batches).to(device), lr=lr, grad_clip=config.inner.grad_clip
-                )
-                losses.append(loss)
-                with state_lock:
-                    position.inner_step = step + 1
-                elapsed = time.perf_counter() - inner_started
-                tokens_per_s = len(losses) * tokens_per_step / max(elapsed, 1e-9)
-                eta = swarm_time() + (H - step - 1) * elapsed / len(losses)
-                swarm.report_progress(
-                    round_index=round_index,
-                    inner_step=step + 1,
-                    tokens_per_s=tokens_per_s,
-                    eta=eta,
-                    now=step == first_step,
-                )
-                bar.set_postfix(loss=f"{loss:.3f}")
-                log.debug(f"round {round_index + 1} step {step + 1}/{H} loss {loss:.4f} lr {lr:.2e}")
-            bar.close()
-            if stop:
-                break
-            inner_s = time.perf_counter() - inner_started
-            round_tokens = len(losses) * tokens_per_step
-            total_tokens += round_tokens
-
-            # ---- all-reduce of pseudo-gradients, then the replicated outer step ----
-            pseudo_grads = outer.pseudo_gradient(params)
-            swarm.report_progress(
-                round_index=round_index, inner_step=H, tokens_per_s=tokens_per_s, eta=swarm_time(), now=True
-            )
-            allreduce_started = time.perf_counter()
-            result = None
-            if all_finite(pseudo_grads) and round_tokens > 0:  # I6: never contribute a non-finite update
-                result = swarm.average(
-                    pseudo_grads,
-                    round_index=round_index,
-                    tokens=round_tokens,
-                    order_key=order_key,
-                    should_stop=lambda: bool(stop),
+            self.log.info(f"{live} peers live; starting")
+        # I4: a newcomer (or a peer resuming behind the swarm) starts from the swarm's current state
+        view = self.swarm.latest_view()
+        if view is not None and view.majority_hash is not None and view.round_index >= self.position.round:
+            if self.load_swarm_state(view.donors, min_round=view.round_index):
+                self.log.info(
+                    f"joined the swarm at round {self.position.round}, inner step {self.position.inner_step}"
                 )
             else:
-                log.warning(f"round {round_index + 1}: local update is not finite; not contributing")
-            allreduce_s = time.perf_counter() - allreduce_started
-            with state_lock:
-                if result is not None:
-                    outer.step_(result.averaged)
-                position.round, position.inner_step = round_index + 1, 0
-            failed_rounds += result is None
-            outer.copy_to_(params)
+                self.log.warning("could not download the swarm's state; starting from our own")
 
-            # ---- agreement check (I1/I3): adopt the majority's state if ours differs ----
-            params_hash = outer.params_hash()
-            swarm.publish_hash(position.round, params_hash)
-            view = swarm.view_of_round(
-                position.round,
-                expected=result.group_size if result else 2,
-                timeout_s=config.swarm.matchmaking_s,
+    def prepare_training(self) -> None:
+        config = self.config
+        self.model.to(self.device)
+        self.outer.copy_to_(self.params)
+        self.inner_opt = build_inner_optimizer(self.model, config.inner)
+        if self.inner_opt_state is not None:
+            self.inner_opt.load_state_dict(self.inner_opt_state)
+        stream_id = config.data.data_shard or str(self.swarm.peer_id)
+        seed = data_seed(config.seed, stream_id)
+        self.order_key = seed.to_bytes(8, "big")  # this peer's place in the canonical summation order
+        self.batches = train_batches(
+            self.corpus.train,
+            batch_size=config.data.batch_size,
+            seq_len=config.data.seq_len,
+            seed=seed,
+            shard=config.data.shard,
+        )
+        self.held_out = eval_batches(
+            self.corpus.eval,
+            batch_size=config.data.batch_size,
+            seq_len=config.data.seq_len,
+            num_batches=config.eval_batches,
+        )
+        self.metrics = JsonlMetrics(config.metrics_file)
+
+    # ---- one round -----------------------------------------------------------------------------------------
+    def inner_phase(self) -> tuple[list[float], float]:
+        """Inner AdamW steps from the current schedule position to H; returns (losses, tokens per second)."""
+        config, H = self.config, self.config.inner.steps
+        round_index, first_step = self.position.round, self.position.inner_step
+        tokens_per_step = config.data.batch_size * config.data.seq_len
+        started = time.perf_counter()
+        losses: list[float] = []
+        bar = tqdm(
+            range(first_step, H),
+            desc=f"[{self.swarm.short_id}] round {round_index + 1}",
+            leave=False,
+            disable=None,
+            dynamic_ncols=True,
+        )
+        for step in bar:
+            if self.stop:
+                break
+            lr = inner_lr(round_index * H + step, config=config.inner, total_steps=config.total_inner_steps)
+            batch = next(self.batches).to(self.device)
+            losses.append(
+                inner_step(self.model, self.inner_opt, batch, lr=lr, grad_clip=config.inner.grad_clip)
             )
-            resynced = False
-            if view.majority_hash not in (None, params_hash) and view.donors:
-                log.warning(
-                    f"round {position.round}: our hash {params_hash[:10]} differs from the majority "
-                    f"{view.majority_hash[:10]} ({view.num_records} peers); downloading their state"
-                )
-                resynced = load_swarm_state(view.donors, min_round=position.round)
-                if resynced:
-                    resyncs += 1
-                    outer.copy_to_(params)
-                    params_hash = outer.params_hash()
-                    swarm.publish_hash(position.round, params_hash)
-            rounds_done += 1
+            with self.state_lock:
+                self.position.inner_step = step + 1
+            elapsed = time.perf_counter() - started
+            self.swarm.report_progress(
+                round_index=round_index,
+                inner_step=step + 1,
+                tokens_per_s=len(losses) * tokens_per_step / elapsed,
+                eta=swarm_time() + (H - step - 1) * elapsed / len(losses),
+                now=step == first_step,
+            )
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            self.log.debug(f"round {round_index + 1} step {step + 1}/{H} loss {losses[-1]:.4f} lr {lr:.2e}")
+        bar.close()
+        elapsed = time.perf_counter() - started
+        return losses, len(losses) * tokens_per_step / max(elapsed, 1e-9)
 
-            record = {
-                "round": position.round,
-                "peer_id": str(swarm.peer_id),
-                "fingerprint": run_fingerprint,
-                "loss": sum(losses) / max(1, len(losses)),
-                "group_size": result.group_size if result else 0,
-                "global_params_sha256": params_hash,
-                "tokens": total_tokens,
-                "round_tokens": round_tokens,
-                "tokens_per_s": tokens_per_s,
-                "inner_s": inner_s,
-                "allreduce_s": allreduce_s,
-                "lr": inner_lr(
-                    round_index * H + H - 1, config=config.inner, total_steps=config.total_inner_steps
-                ),
-                "failed": result is None,
-                "failed_rounds": failed_rounds,
-                "resynced": resynced,
-                "resyncs": resyncs,
-                "time": time.time(),
-                **(result.info if result else {}),
+    def outer_phase(self, round_tokens: int) -> AveragingResult | None:
+        """All-reduce the pseudo-gradients and apply the replicated outer step; None if the all-reduce failed."""
+        round_index = self.position.round
+        pseudo_grads = self.outer.pseudo_gradient(self.params)
+        self.swarm.report_progress(
+            round_index=round_index,
+            inner_step=self.config.inner.steps,
+            tokens_per_s=0.0,
+            eta=swarm_time(),
+            now=True,
+        )
+        result = None
+        if all_finite(pseudo_grads) and round_tokens > 0:  # I6: never contribute a non-finite update
+            result = self.swarm.average(
+                pseudo_grads,
+                round_index=round_index,
+                tokens=round_tokens,
+                order_key=self.order_key,
+                should_stop=lambda: bool(self.stop),
+            )
+        else:
+            self.log.warning(
+                f"round {round_index + 1}: local update is not finite or empty; not contributing"
+            )
+        with self.state_lock:
+            if result is not None:
+                self.outer.step_(result.averaged)
+            self.position.round, self.position.inner_step = round_index + 1, 0
+        self.outer.copy_to_(self.params)
+        return result
+
+    def check_agreement(self, group_size: int) -> bool:
+        """Publish our hash; if the majority of this round's peers holds another one, adopt their state (I3).
+        Returns True if we resynced."""
+        round_index, params_hash = self.position.round, self.outer.params_hash()
+        self.swarm.publish_hash(round_index, params_hash)
+        view = self.swarm.view_of_round(
+            round_index, expected=max(group_size, 2), timeout_s=self.config.swarm.matchmaking_s
+        )
+        if view.majority_hash in (None, params_hash) or not view.donors:
+            return False
+        self.log.warning(
+            f"round {round_index}: our hash {params_hash[:10]} differs from the majority "
+            f"{view.majority_hash[:10]} ({view.num_records} peers); downloading their state"
+        )
+        if not self.load_swarm_state(view.donors, min_round=round_index):
+            self.log.warning(f"round {round_index}: resync failed; will retry after the next round")
+            return False
+        self.resyncs += 1
+        self.swarm.publish_hash(self.position.round, self.outer.params_hash())
+        return True
+
+    def train_one_round(self) -> bool:
+        """Inner phase, outer phase, agreement check, metrics; False if stopped mid-round."""
+        config, H = self.config, self.config.inner.steps
+        round_index = self.position.round
+        inner_started = time.perf_counter()
+        losses, tokens_per_s = self.inner_phase()
+        if self.stop:
+            return False
+        inner_s = time.perf_counter() - inner_started
+        round_tokens = len(losses) * config.data.batch_size * config.data.seq_len
+        self.total_tokens += round_tokens
+        outer_started = time.perf_counter()
+        result = self.outer_phase(round_tokens)
+        allreduce_s = time.perf_counter() - outer_started
+        self.failed_rounds += result is None
+        resynced = self.check_agreement(result.group_size if result else 1)
+        self.rounds_done += 1
+        record = {
+            "round": self.position.round,
+            "peer_id": str(self.swarm.peer_id),
+            "fingerprint": self.fingerprint,
+            "loss": sum(losses) / max(1, len(losses)),
+            "group_size": result.group_size if result else 0,
+            "global_params_sha256": self.outer.params_hash(),
+            "tokens": self.total_tokens,
+            "round_tokens": round_tokens,
+            "tokens_per_s": tokens_per_s,
+            "inner_s": inner_s,
+            "allreduce_s": allreduce_s,
+            "lr": inner_lr(
+                round_index * H + H - 1, config=config.inner, total_steps=config.total_inner_steps
+            ),
+            "failed": result is None,
+            "failed_rounds": self.failed_rounds,
+            "resynced": resynced,
+            "resyncs": self.resyncs,
+            "time": time.time(),
+            **(result.info if result else {}),
+        }
+        if config.eval_every and self.position.round % config.eval_every == 0 and self.held_out:
+            record["eval_loss"] = evaluate(self.model, self.held_out, self.device)
+        self.metrics.log_round(record)
+        self.log.info(summary_line(record))
+        return True
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def _resume_from_checkpoint(self) -> None:
+        saved = checkpoint.load_latest_checkpoint(self.config.checkpoint_dir)
+        if saved is None:
+            logger.info("no checkpoint to resume from; starting fresh")
+            return
+        if saved.get("fingerprint") != self.fingerprint:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint in {self.config.checkpoint_dir} belongs to another run or model "
+                f"(fingerprint {saved.get('fingerprint')}, ours {self.fingerprint})"
+            )
+        self.outer.load_state_tensors_(saved["outer_state"])
+        self.position.round = saved["round"]
+        self.inner_opt_state = saved.get("inner_optimizer")
+        logger.info(f"resumed from checkpoint at round {self.position.round}")
+
+    def save_checkpoint(self, reason: str) -> None:
+        with self.state_lock:
+            state = {
+                "round": self.position.round,
+                "outer_state": [t.clone() for t in self.outer.state_tensors()],
+                "inner_optimizer": self.inner_opt.state_dict(),
+                "config": self.config.to_dict(),
+                "fingerprint": self.fingerprint,
+                "params_sha256": self.outer.params_hash(),
             }
-            if config.eval_every and position.round % config.eval_every == 0 and held_out:
-                record["eval_loss"] = evaluate(model, held_out, device)
-            metrics.log_round(record)
-            log.info(summary_line(record))
-            if config.checkpoint_dir and position.round % config.checkpoint_every == 0:
-                save("periodic")
-    except KeyboardInterrupt:
-        log.warning("interrupted twice: leaving without waiting")
-    finally:
-        if config.checkpoint_dir and (rounds_done > 0 or position.inner_step > 0):
-            save("shutdown")
-        swarm.shutdown()
-    log.info(f"left the swarm after {rounds_done} rounds ({failed_rounds} failed, {resyncs} resyncs)")
-    return 0
+        path = checkpoint.save_checkpoint(
+            self.config.checkpoint_dir,
+            state,
+            round_index=self.position.round,
+            keep=self.config.keep_checkpoints,
+        )
+        self.log.info(f"checkpoint ({reason}): {path}")
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        config = self.config
+        try:
+            self.join_swarm()
+            self.prepare_training()
+            while not self.stop and (config.max_rounds == 0 or self.rounds_done < config.max_rounds):
+                if not self.train_one_round():
+                    break
+                if config.checkpoint_dir and self.position.round % config.checkpoint_every == 0:
+                    self.save_checkpoint("periodic")
+        except KeyboardInterrupt:
+            self.log.warning("interrupted twice: leaving without waiting")
+        finally:
+            if config.checkpoint_dir and hasattr(self, "inner_opt") and self.rounds_done > 0:
+                self.save_checkpoint("shutdown")
+            if hasattr(self, "swarm"):
+                self.swarm.shutdown()
+        self.log.info(
+            f"left the swarm after {self.rounds_done} rounds ({self.failed_rounds} failed, {self.resyncs} resyncs)"
+        )
+        return 0
+
+
+def run(config: RunConfig) -> int:
+    """Train until max_rounds or a stop signal; returns the process exit code."""
+    return Peer(config, StopFlag()).run()
 
 
 def swarm_time() -> float:

@@ -1,0 +1,185 @@
+"""Start bootstrap nodes and peers as real processes on 127.0.0.1, read their metrics, and clean up."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Small and fast: a 1.5M-parameter model, 5 inner steps per round, short sequences, one thread per peer.
+FAST_PEER_ARGS = [
+    "--model",
+    "tiny",
+    "--inner-steps",
+    "5",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "64",
+    "--warmup-steps",
+    "5",
+    "--inner-lr",
+    "1e-3",
+    "--host-maddrs",
+    "/ip4/127.0.0.1/tcp/0",
+    "--matchmaking-s",
+    "2",
+    "--num-threads",
+    "1",
+    "--eval-every",
+    "0",
+    "--progress-period-s",
+    "1",
+]
+
+
+def child_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def wait_for(condition, *, timeout_s: float, what: str, interval_s: float = 0.2):
+    """Poll until condition() is truthy; fail the test with `what` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+class Proc:
+    """One child process (its own session, so killing it takes its hivemind children too)."""
+
+    def __init__(self, name: str, args: list[str], workdir: Path):
+        self.name, self.workdir = name, workdir
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+        self._log.close()
+
+    def wait(self, timeout_s: float) -> int:
+        return self.popen.wait(timeout=timeout_s)
+
+
+class Peer(Proc):
+    def __init__(self, name: str, args: list[str], workdir: Path):
+        self.metrics_path = workdir / f"{name}.jsonl"
+        self.maddrs_path = workdir / f"{name}.maddrs"
+        super().__init__(
+            name,
+            [
+                "-m",
+                "peer",
+                *args,
+                "--metrics-file",
+                str(self.metrics_path),
+                "--maddrs-file",
+                str(self.maddrs_path),
+            ],
+            workdir,
+        )
+
+    def records(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def maddrs(self) -> list[str]:
+        return self.maddrs_path.read_text().split() if self.maddrs_path.exists() else []
+
+
+class LocalSwarm:
+    """A bootstrap node and peers on 127.0.0.1 inside one test's temporary directory."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+        self.bootstrap: Proc | None = None
+        self.bootstrap_maddrs: list[str] = []
+
+    def start_bootstrap(self, timeout_s: float = 60) -> list[str]:
+        maddrs_file = self.workdir / "bootstrap.maddrs"
+        self.bootstrap = Proc(
+            "bootstrap",
+            [
+                "-m",
+                "dht_bootstrap",
+                "--host-maddrs",
+                "/ip4/127.0.0.1/tcp/0",
+                "--maddrs-file",
+                str(maddrs_file),
+            ],
+            self.workdir,
+        )
+        self.procs.append(self.bootstrap)
+        wait_for(
+            lambda: maddrs_file.exists() and maddrs_file.read_text().split(),
+            timeout_s=timeout_s,
+            what="the bootstrap node's multiaddrs",
+        )
+        self.bootstrap_maddrs = maddrs_file.read_text().split()
+        return self.bootstrap_maddrs
+
+    def start_peer(self, name: str, *extra: str, initial_peers: list[str] | None = None) -> Peer:
+        initial = self.bootstrap_maddrs if initial_peers is None else initial_peers
+        args = [*FAST_PEER_ARGS, *(["--initial-peers", *initial] if initial else []), *extra]
+        peer = Peer(name, args, self.workdir)
+        self.procs.append(peer)
+        return peer
+
+    def wait_rounds(self, peers: list[Peer], rounds: int, timeout_s: float) -> None:
+        def done() -> bool:
+            for peer in peers:
+                if not peer.alive() and len(peer.records()) < rounds:
+                    raise AssertionError(f"{peer.name} exited early:\n{peer.log()[-3000:]}")
+            return all(len(peer.records()) >= rounds for peer in peers)
+
+        wait_for(
+            done, timeout_s=timeout_s, what=f"{rounds} rounds on {[p.name for p in peers]}", interval_s=0.5
+        )
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            proc.kill_group()
+
+
+def hashes_by_round(peers: list[Peer]) -> dict[int, dict[str, str]]:
+    """{round: {peer name: global_params_sha256}}"""
+    table: dict[int, dict[str, str]] = {}
+    for peer in peers:
+        for record in peer.records():
+            table.setdefault(record["round"], {})[peer.name] = record["global_params_sha256"]
+    return table

@@ -1,0 +1,66 @@
+"""A bootstrap node and real peer processes on 127.0.0.1 train together and agree bit for bit."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from peer.cli import config_from_args
+from peer.simulate import simulate
+from tests.integration.harness import FAST_PEER_ARGS, hashes_by_round, wait_for
+
+
+@pytest.mark.timeout(240)
+def test_three_peers_agree_every_round_and_learn(local_swarm):
+    local_swarm.start_bootstrap()
+    peers = [
+        local_swarm.start_peer(f"peer{i}", "--max-rounds", "3", "--wait-for-peers", "3") for i in range(3)
+    ]
+    local_swarm.wait_rounds(peers, 3, timeout_s=180)
+    for peer in peers:
+        records = peer.records()
+        assert [r["round"] for r in records] == [1, 2, 3]
+        assert [r["group_size"] for r in records] == [3, 3, 3], peer.log()[-2000:]
+        assert records[-1]["loss"] < records[0]["loss"]
+        assert all(r["resyncs"] == 0 and not r["failed"] for r in records)
+    for round_index, by_peer in hashes_by_round(peers).items():
+        assert len(set(by_peer.values())) == 1, f"round {round_index}: peers disagree: {by_peer}"
+    for peer in peers:
+        assert peer.wait(timeout_s=30) == 0
+
+
+@pytest.mark.timeout(240)
+def test_late_joiner_matches_the_swarm_after_its_first_round(local_swarm):
+    local_swarm.start_bootstrap()
+    early = [local_swarm.start_peer(f"early{i}", "--wait-for-peers", "2") for i in range(2)]
+    local_swarm.wait_rounds(early, 1, timeout_s=120)
+    late = local_swarm.start_peer("late", "--max-rounds", "2")
+    local_swarm.wait_rounds([late], 1, timeout_s=120)
+    first = late.records()[0]
+    wait_for(
+        lambda: all(len(p.records()) >= first["round"] for p in early),
+        timeout_s=30,
+        what="the early peers to finish the late peer's first round",
+    )
+    for peer in early:
+        theirs = {r["round"]: r["global_params_sha256"] for r in peer.records()}
+        assert theirs[first["round"]] == first["global_params_sha256"], late.log()[-3000:]
+    assert first["round"] >= 2  # it joined the running swarm, not a fresh run
+    for peer in early:
+        peer.signal(signal.SIGTERM)
+    for peer in early:
+        assert peer.wait(timeout_s=30) == 0
+
+
+@pytest.mark.timeout(240)
+def test_networked_run_equals_in_process_simulation(local_swarm):
+    common = ["--max-rounds", "3", "--wait-for-peers", "2", "--seed", "7"]
+    local_swarm.start_bootstrap()
+    peers = [local_swarm.start_peer(f"shard{i}", *common, "--data-shard", f"{i}/2") for i in range(2)]
+    config, _ = config_from_args([*FAST_PEER_ARGS, *common])
+    simulated = [r["global_params_sha256"] for r in simulate(config, num_replicas=2)]
+    local_swarm.wait_rounds(peers, 3, timeout_s=180)
+    for peer in peers:
+        assert [r["group_size"] for r in peer.records()] == [2, 2, 2], peer.log()[-2000:]
+        assert [r["global_params_sha256"] for r in peer.records()] == simulated
