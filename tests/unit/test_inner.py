@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from peer.config import InnerConfig
+from peer.inner import inner_lr
+
+
+def test_warmup_is_linear_to_the_peak():
+    config = InnerConfig(lr=1e-3, warmup_steps=10)
+    assert inner_lr(0, config=config, total_steps=100) == pytest.approx(1e-4)
+    assert inner_lr(4, config=config, total_steps=100) == pytest.approx(5e-4)
+    assert inner_lr(9, config=config, total_steps=100) == pytest.approx(1e-3)
+
+
+def test_cosine_decays_to_the_floor_and_stays_there():
+    config = InnerConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert inner_lr(10, config=config, total_steps=110) == pytest.approx(1e-3)
+    halfway = 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5))
+    assert inner_lr(60, config=config, total_steps=110) == pytest.approx(halfway)
+    assert inner_lr(110, config=config, total_steps=110) == pytest.approx(1e-4)
+    assert inner_lr(500, config=config, total_steps=110) == pytest.approx(1e-4)
+
+
+def test_without_a_horizon_the_rate_stays_at_the_peak():
+    config = InnerConfig(lr=2e-4, warmup_steps=5)
+    assert inner_lr(10_000, config=config, total_steps=0) == pytest.approx(2e-4)
+
+
+def test_schedule_is_a_function_of_the_global_step():
+    """A late joiner at round r uses the same rate as everyone else (round x H + inner step)."""
+    config = InnerConfig(lr=1e-3, warmup_steps=100, steps=50)
+    late = inner_lr(3 * 50 + 7, config=config, total_steps=1000)
+    early = inner_lr(157, config=config, total_steps=1000)
+    assert late == early
