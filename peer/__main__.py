@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # hivemind's default ("file_system") starts torch_shm_manager, which can hang on a signal during startup
+    os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
     from peer import train  # imported late: torch, transformers and hivemind take seconds to load
     from peer.checkpoint import CheckpointError
     from peer.swarm import SwarmError

@@ -252,6 +252,21 @@ class Swarm:
             self._publish_now.set()
             time.sleep(0.5)
 
+    def wait_until_round_peers_done(self, round_index: int, *, should_stop) -> list[ProgressRecord] | None:
+        """Wait until every other live peer of this round has finished its inner steps (at most
+        straggler_wait_s); returns their records, or None if live peers are already past this round."""
+        me, num_steps = self.peer_id.to_bytes(), self.config.inner.steps
+        deadline = time.monotonic() + self.config.swarm.straggler_wait_s
+        while True:
+            others = [r for pid, r in self.live_peers().items() if pid != me]
+            if others and all(r.round > round_index for r in others):
+                return None
+            in_round = [r for r in others if r.round == round_index]
+            pending = [r for r in in_round if r.inner_step < num_steps]
+            if not pending or time.monotonic() >= deadline or should_stop():
+                return in_round
+            time.sleep(0.25)
+
     # ---- averaging (the outer.Averager protocol) -------------------------------------------------------------
     def average(
         self,
@@ -263,18 +278,17 @@ class Swarm:
         should_stop=lambda: False,
     ) -> AveragingResult | None:
         """Average with every live peer of this round; None if the all-reduce failed for this peer."""
-        me = self.peer_id.to_bytes()
-        others = [r for pid, r in self.live_peers().items() if pid != me and r.round == round_index]
-        if not others:
-            return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
         swarm = self.config.swarm
+        peers_in_round = self.wait_until_round_peers_done(round_index, should_stop=should_stop)
+        if peers_in_round is None:
+            logger.warning(f"[{self.short_id}] round {round_index + 1}: the swarm has moved past this round")
+            return None  # never a lonely outer step behind the swarm: the agreement check resyncs us instead
+        if not peers_in_round:
+            return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
+        # The round number is part of the group key, so peers of different rounds can never meet.
+        self.averager.set_group_bits(format(round_index % 2**16, "016b"))
         now = get_dht_time()
-        latest_eta = max(r.eta for r in others)
-        # wait for the slowest peer of this round (with a margin), but at most straggler_wait_s
-        scheduled = min(
-            max(now + swarm.matchmaking_s, latest_eta + 0.5 * swarm.matchmaking_s),
-            now + swarm.straggler_wait_s,
-        )
+        scheduled = now + swarm.matchmaking_s
         with self.averager.get_tensors() as tensors:
             for dst, src in zip(tensors, pseudo_grads, strict=True):
                 dst.copy_(src)

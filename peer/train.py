@@ -19,7 +19,7 @@ from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
 from peer.metrics import JsonlMetrics, summary_line
 from peer.model import architecture, build_model, count_parameters, load_model_config
 from peer.outer import AveragingResult, OuterOptimizer, all_finite, tensors_sha256
-from peer.swarm import Swarm
+from peer.swarm import Swarm, SwarmView
 
 logger = logging.getLogger(__name__)
 
@@ -266,26 +266,40 @@ class Peer:
         self.outer.copy_to_(self.params)
         return result
 
-    def check_agreement(self, group_size: int) -> bool:
+    def check_agreement(self, result: AveragingResult | None) -> bool:
         """Publish our hash; if the majority of this round's peers holds another one, adopt their state (I3).
         Returns True if we resynced."""
         round_index, params_hash = self.position.round, self.outer.params_hash()
         self.swarm.publish_hash(round_index, params_hash)
-        view = self.swarm.view_of_round(
-            round_index, expected=max(group_size, 2), timeout_s=self.config.swarm.matchmaking_s
-        )
+        swarm = self.config.swarm
+        if result is not None:  # the group published (or is publishing) its hashes right now
+            expected, timeout_s = max(result.group_size, 2), swarm.matchmaking_s
+        else:  # we failed; the others may still be finishing their all-reduce
+            expected = len(self.swarm.live_peers())
+            timeout_s = min(swarm.allreduce_timeout_s, 4 * swarm.matchmaking_s + 5)
+        view = self.swarm.view_of_round(round_index, expected=expected, timeout_s=timeout_s)
         if view.majority_hash in (None, params_hash) or not view.donors:
             return False
+        return self.resync(view, reason=f"our hash {params_hash[:10]} differs from the majority")
+
+    def resync(self, view: SwarmView, *, reason: str) -> bool:
         self.log.warning(
-            f"round {round_index}: our hash {params_hash[:10]} differs from the majority "
-            f"{view.majority_hash[:10]} ({view.num_records} peers); downloading their state"
+            f"round {view.round_index}: {reason} {view.majority_hash[:10]} ({view.num_records} peers); "
+            "downloading their state"
         )
-        if not self.load_swarm_state(view.donors, min_round=round_index):
-            self.log.warning(f"round {round_index}: resync failed; will retry after the next round")
+        if not self.load_swarm_state(view.donors, min_round=view.round_index):
+            self.log.warning(f"round {view.round_index}: resync failed; will retry")
             return False
         self.resyncs += 1
         self.swarm.publish_hash(self.position.round, self.outer.params_hash())
         return True
+
+    def forked_from_swarm(self) -> SwarmView | None:
+        """The swarm's view of our current round if the majority holds other global parameters than ours."""
+        view = self.swarm.view_of_round(self.position.round, expected=1, timeout_s=0.0)
+        if view.majority_hash in (None, self.outer.params_hash()) or not view.donors:
+            return None
+        return view
 
     def train_one_round(self) -> bool:
         """Inner phase, outer phase, agreement check, metrics; False if stopped mid-round."""
@@ -296,13 +310,17 @@ class Peer:
         if self.stop:
             return False
         inner_s = time.perf_counter() - inner_started
+        forked = self.forked_from_swarm()
+        if forked is not None:  # never contribute an update computed on a forked model
+            self.resync(forked, reason="before averaging: our parameters differ from the majority")
+            return True
         round_tokens = len(losses) * config.data.batch_size * config.data.seq_len
         self.total_tokens += round_tokens
         outer_started = time.perf_counter()
         result = self.outer_phase(round_tokens)
         allreduce_s = time.perf_counter() - outer_started
         self.failed_rounds += result is None
-        resynced = self.check_agreement(result.group_size if result else 1)
+        resynced = self.check_agreement(result)
         self.rounds_done += 1
         record = {
             "round": self.position.round,
@@ -313,6 +331,7 @@ class Peer:
             "global_params_sha256": self.outer.params_hash(),
             "tokens": self.total_tokens,
             "round_tokens": round_tokens,
+            "num_params": count_parameters(self.model),
             "tokens_per_s": tokens_per_s,
             "inner_s": inner_s,
             "allreduce_s": allreduce_s,
@@ -324,6 +343,8 @@ class Peer:
             "resynced": resynced,
             "resyncs": self.resyncs,
             "time": time.time(),
+            "bytes_sent": 0,
+            "bytes_received": 0,
             **(result.info if result else {}),
         }
         if config.eval_every and self.position.round % config.eval_every == 0 and self.held_out:
