@@ -60,6 +60,7 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "checkpoint_every": (None, "checkpoint_every"),
     "keep_checkpoints": (None, "keep_checkpoints"),
     "resume": (None, "resume"),
+    "test_fault": (None, "test_fault"),
 }
 
 
@@ -191,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=int, help="checkpoint every N rounds (default 10)")
     run.add_argument("--keep-checkpoints", type=int, help="keep the newest N checkpoints (default 3)")
     run.add_argument("--resume", action="store_const", const=True, help="continue from the newest checkpoint")
+    run.add_argument("--test-fault", help=argparse.SUPPRESS)  # fault injection for tests, see peer/faults.py
     return p
 
 

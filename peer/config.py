@@ -213,6 +213,8 @@ class RunConfig:
     """Keep only the newest few checkpoints."""
     resume: bool = False
     """Continue from the newest checkpoint in --checkpoint-dir."""
+    test_fault: str | None = None
+    """Test-only fault injection (see peer/faults.py); hidden from --help."""
 
     def __post_init__(self) -> None:
         if self.max_rounds < 0:

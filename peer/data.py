@@ -163,14 +163,23 @@ def data_seed(base_seed: int, stream_id: str) -> int:
 
 
 def train_batches(
-    tokens: torch.Tensor, *, batch_size: int, seq_len: int, seed: int, shard: tuple[int, int] | None = None
+    tokens: torch.Tensor,
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    shard: tuple[int, int] | None = None,
+    skip: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """Endless random windows of seq_len tokens from this peer's slice; deterministic given the seed."""
+    """Endless random windows of seq_len tokens from this peer's slice; deterministic given the seed.
+    `skip` batches are drawn and dropped first (to continue exactly where a checkpoint left off)."""
     start, end = shard_slice(len(tokens), shard)
     if end - start <= seq_len:
         raise ValueError(f"data shard {shard} holds {end - start} tokens, fewer than --seq-len {seq_len}")
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.arange(seq_len)
+    for _ in range(skip):
+        torch.randint(start, end - seq_len, (batch_size,), generator=generator)
     while True:
         starts = torch.randint(start, end - seq_len, (batch_size,), generator=generator)
         yield tokens[starts[:, None] + offsets].long()  # (batch, seq_len)

@@ -17,6 +17,7 @@ from typing import Optional
 
 import hivemind
 import torch
+from hivemind.averaging.control import AveragingStage
 from hivemind.compression import BlockwiseQuantization, CompressionBase, Float16Compression, NoCompression
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
 from hivemind.p2p import PeerID
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_TTL_S = 15.0  # a peer that stops publishing disappears from the swarm's view after this long
 HASH_TTL_S = 600.0
+DHT_TIMEOUT_S = 10.0  # bound on any single DHT lookup
 
 
 class SwarmError(RuntimeError):
@@ -103,6 +105,7 @@ class Swarm:
         state_provider,
     ):
         self.config, self.settings, self.fingerprint = config, settings, fingerprint
+        self._dht_lock = threading.Lock()
         swarm = config.swarm
         try:
             self.dht = hivemind.DHT(
@@ -156,6 +159,22 @@ class Swarm:
             self.dht.shutdown()  # do not leave the DHT process behind
             raise
 
+    # ---- DHT access: hivemind's DHT pipe is not thread-safe, so every call goes through one lock ----------
+    def _store(self, key: str, *, subkey: bytes, value, expiration_time: float) -> None:
+        with self._dht_lock:
+            self.dht.store(
+                key, subkey=subkey, value=value, expiration_time=expiration_time, return_future=True
+            )
+
+    def _get(self, key: str):
+        with self._dht_lock:
+            future = self.dht.get(key, latest=True, return_future=True)
+        try:
+            return future.result(timeout=DHT_TIMEOUT_S)
+        except Exception as e:  # a slow or failing DHT lookup counts as "nothing found"
+            logger.debug(f"DHT get {key} failed: {e!r}")
+            return None
+
     # ---- addresses -------------------------------------------------------------------------------------------
     def visible_maddrs(self) -> list[str]:
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
@@ -170,13 +189,13 @@ class Swarm:
 
     def check_run_settings(self) -> None:
         """Exit with the differing settings if a live peer of the same run id trains another configuration."""
-        self.dht.store(
+        self._store(
             self._settings_key,
             subkey=self._public_key,
             value=self._settings_record().dict(),
             expiration_time=get_dht_time() + RECORD_TTL_S,
         )
-        found = self.dht.get(self._settings_key, latest=True)
+        found = self._get(self._settings_key)
         for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
             try:
                 record = SettingsRecord.parse_obj(item.value)
@@ -209,19 +228,17 @@ class Swarm:
         while not self._stop.is_set():
             expiration = get_dht_time() + RECORD_TTL_S
             try:
-                self.dht.store(
+                self._store(
                     self._progress_key,
                     subkey=self._public_key,
                     value=self._progress.dict(),
                     expiration_time=expiration,
-                    return_future=True,
                 )
-                self.dht.store(
+                self._store(
                     self._settings_key,
                     subkey=self._public_key,
                     value=self._settings_record().dict(),
                     expiration_time=expiration,
-                    return_future=True,
                 )
             except Exception as e:  # the DHT may be shutting down
                 logger.debug(f"progress publish failed: {e!r}")
@@ -230,7 +247,7 @@ class Swarm:
 
     def live_peers(self) -> dict[bytes, ProgressRecord]:
         """Progress records of every peer that published recently, this one included."""
-        found = self.dht.get(self._progress_key, latest=True)
+        found = self._get(self._progress_key)
         records = {}
         for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
             try:
@@ -276,6 +293,7 @@ class Swarm:
         tokens: int,
         order_key: bytes,
         should_stop=lambda: False,
+        during_allreduce=None,
     ) -> AveragingResult | None:
         """Average with every live peer of this round; None if the all-reduce failed for this peer."""
         swarm = self.config.swarm
@@ -286,7 +304,9 @@ class Swarm:
         if not peers_in_round:
             return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
         # The round number is part of the group key, so peers of different rounds can never meet.
-        self.averager.set_group_bits(format(round_index % 2**16, "016b"))
+        self.averager.set_group_bits(format(round_index % 2**16, "016b"), wait=False).result(
+            timeout=DHT_TIMEOUT_S
+        )
         now = get_dht_time()
         scheduled = now + swarm.matchmaking_s
         with self.averager.get_tensors() as tensors:
@@ -308,7 +328,10 @@ class Swarm:
                 wait=False,
             )
             gathered = _wait_cancellable(
-                control, should_stop, timeout_s=scheduled - now + 2 * swarm.allreduce_timeout_s
+                control,
+                should_stop,
+                timeout_s=scheduled - now + 2 * swarm.allreduce_timeout_s,
+                during_allreduce=during_allreduce,
             )
         except Exception as e:  # hivemind raises many types for a failed group; all mean "round failed"
             logger.warning(
@@ -335,7 +358,7 @@ class Swarm:
     # ---- agreement (I1/I3) -----------------------------------------------------------------------------------
     def publish_hash(self, round_index: int, params_sha256: str) -> None:
         record = HashRecord(peer_id=self.peer_id.to_bytes(), round=round_index, params_sha256=params_sha256)
-        self.dht.store(
+        self._store(
             self._hashes_key,
             subkey=self._public_key,
             value=record.dict(),
@@ -343,7 +366,7 @@ class Swarm:
         )
 
     def hash_records(self) -> dict[bytes, HashRecord]:
-        found = self.dht.get(self._hashes_key, latest=True)
+        found = self._get(self._hashes_key)
         records = {}
         for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
             try:
@@ -401,22 +424,27 @@ class Swarm:
         self._stop.set()
         self._publish_now.set()
         with contextlib.suppress(Exception):
-            self.dht.store(
+            self._store(
                 self._progress_key,
                 subkey=self._public_key,
                 value=None,
                 expiration_time=get_dht_time() + RECORD_TTL_S,
             )
+        self._publisher.join(timeout=DHT_TIMEOUT_S)
         self.averager.shutdown()
-        self.dht.shutdown()
+        with self._dht_lock:
+            self.dht.shutdown()
 
 
-def _wait_cancellable(control, should_stop, *, timeout_s: float):
-    """Wait for a StepControl's result, cancelling it if the peer is asked to stop."""
+def _wait_cancellable(control, should_stop, *, timeout_s: float, during_allreduce=None):
+    """Wait for a StepControl's result, cancelling it if the peer is asked to stop.
+    `during_allreduce()` (a test hook) is called once the data transfer has begun."""
     deadline = time.monotonic() + timeout_s
     while True:
+        if during_allreduce is not None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
+            during_allreduce()
         try:
-            return control.result(timeout=0.25)
+            return control.result(timeout=0.01 if during_allreduce else 0.25)
         except concurrent.futures.TimeoutError:  # not the builtin TimeoutError on Python 3.10
             if should_stop():
                 control.cancel()

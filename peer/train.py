@@ -15,6 +15,7 @@ from tqdm import tqdm
 from peer import checkpoint
 from peer.config import RunConfig, fingerprint, fingerprint_settings
 from peer.data import Tokenizer, data_seed, eval_batches, load_corpus, train_batches
+from peer.faults import FaultPlan
 from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
 from peer.metrics import JsonlMetrics, summary_line
 from peer.model import architecture, build_model, count_parameters, load_model_config
@@ -97,6 +98,8 @@ class Peer:
         self.position = SwarmPosition()
         self.state_lock = threading.Lock()  # the outer state is also read by hivemind's thread for donors
         self.inner_opt_state: dict | None = None
+        self.batches_drawn = 0  # so that a resumed peer continues its data stream exactly
+        self.faults = FaultPlan.parse(config.test_fault)
         self.total_tokens = self.rounds_done = self.failed_rounds = self.resyncs = 0
         self.log: logging.LoggerAdapter = logging.LoggerAdapter(logger, {"peer": "-"})
         if config.resume:
@@ -183,6 +186,7 @@ class Peer:
         self.order_key = seed.to_bytes(8, "big")  # this peer's place in the canonical summation order
         self.batches = train_batches(
             self.corpus.train,
+            skip=self.batches_drawn,
             batch_size=config.data.batch_size,
             seq_len=config.data.seq_len,
             seed=seed,
@@ -215,12 +219,16 @@ class Peer:
             if self.stop:
                 break
             lr = inner_lr(round_index * H + step, config=config.inner, total_steps=config.total_inner_steps)
+            step_started = time.perf_counter()
             batch = next(self.batches).to(self.device)
+            self.batches_drawn += 1
             losses.append(
                 inner_step(self.model, self.inner_opt, batch, lr=lr, grad_clip=config.inner.grad_clip)
             )
             with self.state_lock:
                 self.position.inner_step = step + 1
+            if self.faults:
+                self.faults.after_inner_step(time.perf_counter() - step_started)
             elapsed = time.perf_counter() - started
             self.swarm.report_progress(
                 round_index=round_index,
@@ -254,6 +262,9 @@ class Peer:
                 tokens=round_tokens,
                 order_key=self.order_key,
                 should_stop=lambda: bool(self.stop),
+                during_allreduce=(lambda: self.faults.during_allreduce(round_index + 1))
+                if self.faults
+                else None,
             )
         else:
             self.log.warning(
@@ -263,6 +274,8 @@ class Peer:
             if result is not None:
                 self.outer.step_(result.averaged)
             self.position.round, self.position.inner_step = round_index + 1, 0
+            if self.faults:
+                self.faults.after_outer_step(self.position.round, self.outer.global_params)
         self.outer.copy_to_(self.params)
         return result
 
@@ -367,6 +380,7 @@ class Peer:
         self.outer.load_state_tensors_(saved["outer_state"])
         self.position.round = saved["round"]
         self.inner_opt_state = saved.get("inner_optimizer")
+        self.batches_drawn = saved.get("batches_drawn", 0)
         logger.info(f"resumed from checkpoint at round {self.position.round}")
 
     def save_checkpoint(self, reason: str) -> None:
@@ -378,6 +392,7 @@ class Peer:
                 "config": self.config.to_dict(),
                 "fingerprint": self.fingerprint,
                 "params_sha256": self.outer.params_hash(),
+                "batches_drawn": self.batches_drawn,
             }
         path = checkpoint.save_checkpoint(
             self.config.checkpoint_dir,

@@ -1,0 +1,219 @@
+"""Peers crash, lag, fork and stop; the swarm keeps agreeing bit for bit and nothing hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from peer.checkpoint import list_checkpoints, load_checkpoint
+from tests.integration.harness import FAST_PEER_ARGS, child_env, hashes_by_round, wait_for
+
+
+def assert_agree(peers, rounds):
+    table = hashes_by_round(peers)
+    for round_index in rounds:
+        assert len(set(table[round_index].values())) == 1, f"round {round_index}: {table[round_index]}"
+
+
+@pytest.mark.timeout(300)
+def test_peer_killed_during_allreduce_does_not_stop_the_others(local_swarm):
+    local_swarm.start_bootstrap()
+    survivors = [
+        local_swarm.start_peer(
+            f"peer{i}", "--max-rounds", "4", "--wait-for-peers", "3", "--chunk-timeout-s", "3"
+        )
+        for i in range(2)
+    ]
+    victim = local_swarm.start_peer("victim", "--wait-for-peers", "3", "--test-fault", "kill-in-allreduce:2")
+    local_swarm.wait_rounds(survivors, 4, timeout_s=240)
+    assert victim.popen.poll() == -signal.SIGKILL
+    assert len(victim.records()) == 1  # it died inside round 2's all-reduce
+    assert_agree(survivors, range(1, 5))
+    for peer in survivors:
+        assert [r["group_size"] for r in peer.records()][2:] == [2, 2]
+        assert peer.wait(timeout_s=30) == 0
+
+
+@pytest.mark.timeout(300)
+def test_swarm_survives_bootstrap_loss_and_admits_newcomers_through_a_peer(local_swarm):
+    local_swarm.start_bootstrap()
+    peers = [local_swarm.start_peer(f"peer{i}", "--wait-for-peers", "2") for i in range(2)]
+    local_swarm.wait_rounds(peers, 1, timeout_s=120)
+    local_swarm.bootstrap.kill_group()
+    done_before = min(len(p.records()) for p in peers)
+    local_swarm.wait_rounds(peers, done_before + 2, timeout_s=120)
+    newcomer = local_swarm.start_peer("newcomer", "--max-rounds", "1", initial_peers=peers[0].maddrs())
+    local_swarm.wait_rounds([newcomer], 1, timeout_s=120)
+    first = newcomer.records()[0]
+    wait_for(
+        lambda: all(len(p.records()) >= first["round"] for p in peers),
+        timeout_s=60,
+        what="the old peers to reach the newcomer's round",
+    )
+    assert_agree([*peers, newcomer], [first["round"]])
+    assert first["round"] > done_before
+    for peer in peers:
+        peer.signal(signal.SIGTERM)
+        assert peer.wait(timeout_s=30) == 0
+
+
+@pytest.mark.timeout(300)
+def test_forked_replica_resyncs_to_the_majority(local_swarm):
+    local_swarm.start_bootstrap()
+    peers = [
+        local_swarm.start_peer(f"peer{i}", "--max-rounds", "3", "--wait-for-peers", "3") for i in range(2)
+    ]
+    forked = local_swarm.start_peer(
+        "forked", "--max-rounds", "3", "--wait-for-peers", "3", "--test-fault", "corrupt:2"
+    )
+    local_swarm.wait_rounds([*peers, forked], 3, timeout_s=240)
+    records = forked.records()
+    assert records[1]["resynced"] and records[1]["resyncs"] == 1, forked.log()[-3000:]
+    assert_agree([*peers, forked], [1, 2, 3])
+    assert [r["group_size"] for r in records] == [3, 3, 3]
+
+
+@pytest.mark.timeout(300)
+def test_slow_peer_never_holds_a_minority_hash(local_swarm):
+    local_swarm.start_bootstrap()
+    fast = [
+        local_swarm.start_peer(
+            f"fast{i}", "--max-rounds", "6", "--wait-for-peers", "3", "--straggler-wait-s", "1"
+        )
+        for i in range(2)
+    ]
+    slow = local_swarm.start_peer("slow", "--wait-for-peers", "3", "--test-fault", "slow:4")
+    local_swarm.wait_rounds(fast, 6, timeout_s=240)
+    slow.signal(signal.SIGTERM)
+    assert slow.wait(timeout_s=30) == 0
+    table = hashes_by_round([*fast, slow])
+    slow_rounds = [r["round"] for r in slow.records()]
+    assert slow_rounds, slow.log()[-3000:]
+    for round_index in slow_rounds:
+        if len(table[round_index]) > 1:
+            assert len(set(table[round_index].values())) == 1, f"round {round_index}: {table[round_index]}"
+
+
+def processes_with_marker(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_sigint_leaves_within_10s_with_a_checkpoint_and_no_processes(tmp_path):
+    marker = f"DILOCO_TEST_MARKER={uuid.uuid4().hex}"
+    env = dict(child_env(), DILOCO_TEST_MARKER=marker.split("=", 1)[1])
+    metrics = tmp_path / "m.jsonl"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "peer",
+            *FAST_PEER_ARGS,
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+            "--checkpoint-every",
+            "100",
+            "--metrics-file",
+            str(metrics),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2,
+            timeout_s=120,
+            what="two rounds",
+        )
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - sent < 10
+        saved = list_checkpoints(str(tmp_path / "ckpt"))
+        assert saved, proc.stdout.read().decode()[-3000:]
+        assert load_checkpoint(saved[-1])["round"] >= 2
+        wait_for(lambda: not processes_with_marker(marker), timeout_s=5, what="no processes left")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in processes_with_marker(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_solo(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    metrics = tmp_path / f"{name}.jsonl"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peer",
+            *FAST_PEER_ARGS,
+            "--data-shard",
+            "0/1",
+            "--total-steps",  # the same schedule however many rounds each run does
+            "20",
+            "--metrics-file",
+            str(metrics),
+            *extra,
+        ],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [line for line in metrics.read_text().splitlines() if line]
+
+
+@pytest.mark.timeout(400)
+def test_resume_reproduces_the_uninterrupted_run_and_refuses_corrupt_checkpoints(tmp_path):
+    import json
+
+    straight = [
+        json.loads(x)["global_params_sha256"] for x in run_solo(tmp_path, "straight", "--max-rounds", "4")
+    ]
+    ckpt = str(tmp_path / "ckpt")
+    run_solo(tmp_path, "first", "--max-rounds", "2", "--checkpoint-dir", ckpt, "--checkpoint-every", "1")
+    resumed = run_solo(tmp_path, "resumed", "--max-rounds", "2", "--checkpoint-dir", ckpt, "--resume")
+    assert [json.loads(x)["round"] for x in resumed] == [3, 4]
+    assert [json.loads(x)["global_params_sha256"] for x in resumed] == straight[2:]
+
+    newest = list_checkpoints(ckpt)[-1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peer",
+            *FAST_PEER_ARGS,
+            "--checkpoint-dir",
+            ckpt,
+            "--resume",
+            "--max-rounds",
+            "1",
+        ],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert result.returncode != 0
+    assert "corrupted" in result.stderr and "Traceback" not in result.stderr
