@@ -323,7 +323,9 @@ class Swarm:
                 gather=gather,
                 weight=float(tokens),
                 scheduled_time=scheduled,
-                timeout=scheduled - now + swarm.allreduce_timeout_s,
+                # bounds matchmaking only (hivemind bounds the all-reduce itself with allreduce_timeout):
+                # a peer that finds no group soon after the scheduled time has missed this round
+                timeout=scheduled - now + max(2 * swarm.matchmaking_s, 5.0),
                 allow_retries=False,
                 wait=False,
             )

@@ -270,6 +270,8 @@ class Peer:
             self.log.warning(
                 f"round {round_index + 1}: local update is not finite or empty; not contributing"
             )
+        if result is None and self.stop:
+            return None  # leaving mid-all-reduce: this round did not happen for us
         with self.state_lock:
             if result is not None:
                 self.outer.step_(result.averaged)
@@ -331,6 +333,8 @@ class Peer:
         self.total_tokens += round_tokens
         outer_started = time.perf_counter()
         result = self.outer_phase(round_tokens)
+        if result is None and self.stop:
+            return False
         allreduce_s = time.perf_counter() - outer_started
         self.failed_rounds += result is None
         resynced = self.check_agreement(result)

@@ -10,15 +10,14 @@ Extra flags after `--` go to every peer (for example `-- --compression fp16`).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from swarm_procs import Child, read_records, wait_for_file  # noqa: E402
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
@@ -41,45 +40,6 @@ def parse_args() -> tuple[argparse.Namespace, list[str]]:
     if args.peers < 1 or args.rounds < 1 or args.inner_steps < 1:
         parser.error("--peers, --rounds and --inner-steps must be at least 1")
     return args, extra
-
-
-class Child:
-    def __init__(self, name: str, argv: list[str], run_dir: Path, env: dict):
-        self.name = name
-        self.log_path = run_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=grace_s)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # hivemind helpers left behind, if any
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait(timeout=10)
-        self._log.close()
-
-
-def read_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for_file(path: Path, child: Child, timeout_s: float) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().split():
-            return path.read_text().split()
-        if child.proc.poll() is not None:
-            raise RuntimeError(f"{child.name} exited early; see {child.log_path}")
-        time.sleep(0.2)
-    raise RuntimeError(f"{child.name} did not become ready within {timeout_s:.0f}s; see {child.log_path}")
 
 
 def summarize(records: dict[str, list[dict]], *, rounds: int, inner_steps: int, num_peers: int) -> str:
