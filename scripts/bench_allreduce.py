@@ -178,6 +178,9 @@ def worker(
                                 timeout_s=step_timeout_s(num_values, compression),
                             )
                         )
+                    # a reducer may still be streaming averaged parts to others when its own step() returns;
+                    # shutting down now would cut those streams
+                    barrier.wait(timeout=READY_TIMEOUT_S + step_timeout_s(num_values, compression))
                 finally:
                     averager.shutdown()
                 runs = runs[1:]
@@ -201,6 +204,7 @@ def worker(
         results.put(("done", peer_index))
     except BaseException as e:
         results.put(("error", peer_index, f"{type(e).__name__}: {e}"))
+        barrier.abort()  # the others stop waiting for this peer at once
         raise
 
 

@@ -7,8 +7,9 @@ bandwidth bound 2(k-1)/k x P x bytes-per-element / R and with the bound for the 
 
 Part 2 (--parts utilization): real peers (`python -m peer`, one per namespace) train the `tiny` preset for a
 few rounds; compute utilization = time in inner steps / wall time, per peer, over the rounds after the first.
-Settings: data-parallel (emulated: an all-reduce of the full model after every step, i.e. H = 1), DiLoCo,
-DiLoCo + fp16, DiLoCo + int8, DiLoCo + overlap (only if the peer has an --overlap flag).
+Settings: DiLoCo, DiLoCo + fp16, DiLoCo + int8, DiLoCo + overlap (only if the peer has an --overlap flag),
+and data-parallel, emulated from the same run: one measured inner step + one measured fp32 all-reduce of the
+full model through the project's path, per step.
 
     sudo nice -n 19 python scripts/bench_wan.py                     # k = 2; 50, 100, 500 Mbit/s
     sudo nice -n 19 python scripts/bench_wan.py --bandwidths 100 --parts utilization --json
@@ -232,6 +233,8 @@ def allreduce_worker(peer_index, args, net_names, addresses, barrier, maddrs_que
                         )
                     )
                 results.put(("ours", peer_index, rate, compression, runs[1:]))
+        # a reducer may still be streaming averaged parts to others when its own step() returns
+        barrier.wait(timeout=bar.READY_TIMEOUT_S + timeout_s)
         for averager in averagers.values():
             averager.shutdown()
         dht.shutdown()
@@ -276,6 +279,7 @@ def run_allreduce_part(args, net: Network) -> list[dict]:
                     collected.setdefault((got_rate, got_compression), []).append((index, runs))
                 if args.verbose:
                     print(f"  {rate} Mbit/s {compression}: done", file=sys.stderr)
+        barrier.wait(timeout=bar.READY_TIMEOUT_S + timeout_s)  # every peer is done before any shuts down
         for _ in range(args.peers):
             _get_result(results, procs, timeout_s=30)
         for proc in procs:
@@ -349,25 +353,45 @@ def peer_has_flag(flag: str) -> bool:
     return flag in out
 
 
-def utilization_settings(args, overlap_available: bool) -> list[tuple[str, list[str], int]]:
-    """(name, extra peer flags, inner steps per round)."""
+def utilization_settings(args, overlap_available: bool) -> list[tuple[str, list[str]]]:
+    """(name, extra peer flags) of the DiLoCo settings run with real peers."""
     settings = [
-        ("data-parallel (H=1)", ["--compression", "none", "--outer-lr", "1", "--outer-momentum", "0"], 1),
-        ("DiLoCo", ["--compression", "none"], args.inner_steps),
-        ("DiLoCo + fp16", ["--compression", "fp16"], args.inner_steps),
-        ("DiLoCo + int8", ["--compression", "int8"], args.inner_steps),
+        ("DiLoCo", ["--compression", "none"]),
+        ("DiLoCo + fp16", ["--compression", "fp16"]),
+        ("DiLoCo + int8", ["--compression", "int8"]),
     ]
     if overlap_available:
-        settings.append(("DiLoCo + overlap", ["--compression", "none", "--overlap"], args.inner_steps))
+        settings.append(("DiLoCo + overlap", ["--compression", "none", "--overlap"]))
     return [s for s in settings if not args.settings or any(p in s[0] for p in args.settings)]
 
 
-def run_peers_once(args, net: Network, workdir: Path, name: str, flags: list[str], inner_steps: int) -> dict:
+def data_parallel_row(rate: float, diloco_rows: list[dict], allreduce_rows: list[dict]) -> dict:
+    """Data-parallel emulated from this run's measurements: every step computes one inner step (the DiLoCo
+    peers' median step time) and then all-reduces the full model in fp32 through the project's averaging path
+    (its measured transfer time at this bandwidth; matchmaking excluded, as a persistent data-parallel group
+    would not rematch every step). Running peers with H = 1 instead measures matchmaking, not bandwidth."""
+    steps = [r["inner_step_s"] for r in diloco_rows if "inner_step_s" in r]
+    transfers = [r for r in allreduce_rows if r["mbit_s"] == rate and r["compression"] == "none"]
+    if not steps or not transfers:
+        return {"setting": "data-parallel (emulated)", "error": "needs a DiLoCo run and the none all-reduce"}
+    step_s, allreduce_s = statistics.median(steps), transfers[0]["allreduce_s"]
+    return {
+        "setting": "data-parallel (emulated)",
+        "inner_steps": 1,
+        "utilization": step_s / (step_s + allreduce_s),
+        "inner_step_s": step_s,
+        "allreduce_s_median": allreduce_s,
+        "bytes_sent_median": transfers[0]["bytes_busiest_peer"],
+        "failed_rounds": 0,
+    }
+
+
+def run_peers_once(args, net: Network, workdir: Path, name: str, flags: list[str]) -> dict:
     """Start one `python -m peer` per namespace, wait (bounded) for them to finish, read their metrics."""
     slug = re.sub(r"\W+", "_", name).strip("_")
     run_dir = workdir / f"{net.rate_mbit:g}_{slug}"
     run_dir.mkdir()
-    rounds = args.rounds if inner_steps > 1 else args.dp_rounds
+    rounds, inner_steps = args.rounds, args.inner_steps
     budget_s = 180 + rounds * (inner_steps * args.step_budget_s + 90)
     common = [
         sys.executable, "-m", "peer",
@@ -499,8 +523,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--peers must be 2..200 and every bandwidth positive")
     if bad := [c for c in args.compressions if c not in bar.BYTES_PER_ELEMENT]:
         p.error(f"--compressions: unknown {bad}")
-    if args.rounds < 2 or args.dp_rounds < 2:
-        p.error("--rounds and --dp-rounds must be at least 2 (the first round is not measured)")
+    if args.rounds < 2:
+        p.error("--rounds must be at least 2 (the first round is not measured)")
     return args
 
 
@@ -546,16 +570,22 @@ def main(argv=None) -> int:
                 "available" if overlap_available else "not available (the peer has no --overlap flag)"
             )
             report["utilization"] = []
+            allreduce_rows = report.get("allreduce")
+            if allreduce_rows is None:  # the data-parallel emulation needs the fp32 all-reduce time
+                none_only = argparse.Namespace(**{**vars(args), "compressions": ["none"]})
+                allreduce_rows = report["allreduce_none"] = run_allreduce_part(none_only, net)
             for rate in args.bandwidths:
                 net.shape(rate)
-                for name, flags, inner_steps in utilization_settings(args, overlap_available):
+                rows = []
+                for name, flags in utilization_settings(args, overlap_available):
                     if args.verbose:
                         print(f"  {rate:g} Mbit/s: {name} ...", file=sys.stderr)
                     try:
-                        row = run_peers_once(args, net, workdir, name, flags, inner_steps)
+                        rows.append(run_peers_once(args, net, workdir, name, flags))
                     except RuntimeError as e:
-                        row = {"setting": name, "error": str(e)}
-                    report["utilization"].append({"mbit_s": rate, **row})
+                        rows.append({"setting": name, "error": str(e)})
+                rows.insert(0, data_parallel_row(rate, rows, allreduce_rows))
+                report["utilization"] += [{"mbit_s": rate, **row} for row in rows]
     except SystemExit:
         print("interrupted: cleaning up", file=sys.stderr)
         raise
@@ -592,14 +622,14 @@ def print_report(report: dict) -> None:
             f"\nCompute utilization (inner time / wall time, rounds after the first); overlap: {report['overlap']}"
         )
         print(
-            f"{'Mbit/s':>7} {'setting':>22} | {'H':>4} {'util':>6} | {'step s':>6} {'allreduce s':>11} {'sent MB':>8} failed"
+            f"{'Mbit/s':>7} {'setting':>24} | {'H':>4} {'util':>6} | {'step s':>6} {'allreduce s':>11} {'sent MB':>8} failed"
         )
         for r in report["utilization"]:
             if "error" in r:
-                print(f"{r['mbit_s']:>7g} {r['setting']:>22} | error: {r['error']}")
+                print(f"{r['mbit_s']:>7g} {r['setting']:>24} | error: {r['error']}")
                 continue
             print(
-                f"{r['mbit_s']:>7g} {r['setting']:>22} | {r['inner_steps']:>4} {r['utilization']:>6.1%} | "
+                f"{r['mbit_s']:>7g} {r['setting']:>24} | {r['inner_steps']:>4} {r['utilization']:>6.1%} | "
                 f"{r['inner_step_s']:>6.3f} {r['allreduce_s_median']:>11.2f} {r['bytes_sent_median'] / 1e6:>8.2f} "
                 f"{r['failed_rounds']}"
             )

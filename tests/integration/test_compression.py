@@ -81,6 +81,8 @@ def _peer(peer_index: int, initial_peers: list[str], barrier, results) -> None:
                 )
                 with averager.get_tensors() as tensors:
                     averaged = [t.clone() for t in tensors]
+                # a reducer may still be streaming averaged parts to the others when its own step() returns
+                barrier.wait(timeout=PEERS_TIMEOUT_S)
                 results.put(
                     (
                         peer_index,
