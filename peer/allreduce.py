@@ -21,7 +21,12 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
-from hivemind.compression import CompressionBase, CompressionInfo, deserialize_torch_tensor
+from hivemind.compression import (
+    BlockwiseQuantization,
+    CompressionBase,
+    CompressionInfo,
+    deserialize_torch_tensor,
+)
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_logger
@@ -129,7 +134,12 @@ class ExactAllReduceRunner(AllReduceRunner):
         peer_index = self.ordered_peer_ids.index(peer_id)
         if peer_id == self.peer_id:
             sender_index = self.sender_peer_ids.index(peer_id)
-            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            for part_index, raw_part in enumerate(self.parts_for_local_averaging):
+                # our own part goes through the same lossy encoding as everyone else's, so the result does not
+                # depend on which peer happened to reduce which shard (hivemind orders groups randomly)
+                tensor_part = deserialize_torch_tensor(
+                    self.compression.compress(raw_part, CompressionInfo.from_tensor(raw_part))
+                )
                 _, decoded = await self.tensor_part_reducer.accumulate_part(
                     sender_index, part_index, tensor_part, weight=self.weight
                 )
@@ -205,6 +215,10 @@ class ExactAverager(DecentralizedAverager):
         self._state_provider = state_provider
         # [bytes_sent, bytes_received, allreduce_s] of the last all-reduce, written by the averager process
         self._transport_stats = mp.Array(ctypes.c_double, 3)
+        if isinstance(kwargs.get("compression"), BlockwiseQuantization):
+            # hivemind imports bitsandbytes lazily inside the first all-reduce, which can take longer than the
+            # chunk timeout on a loaded machine; import it before the averager process is forked
+            import bitsandbytes.functional  # noqa: F401
         super().__init__(*args, **kwargs)
 
     def get_current_state(self):

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_TTL_S = 15.0  # a peer that stops publishing disappears from the swarm's view after this long
 HASH_TTL_S = 600.0
+HASH_HISTORY_ROUNDS = 16  # rounds of hash history each peer publishes
 DHT_TIMEOUT_S = 10.0  # bound on any single DHT lookup
 
 
@@ -56,8 +57,8 @@ class ProgressRecord(BaseModel):
 
 class HashRecord(BaseModel):
     peer_id: bytes
-    round: StrictInt
-    params_sha256: StrictStr
+    hashes: dict[StrictStr, StrictStr]
+    """This peer's global-parameter sha256 for each of its most recent rounds (msgpack needs str keys)."""
 
 
 class SettingsRecord(BaseModel):
@@ -106,6 +107,7 @@ class Swarm:
     ):
         self.config, self.settings, self.fingerprint = config, settings, fingerprint
         self._dht_lock = threading.Lock()
+        self._hash_history: dict[int, str] = {}
         swarm = config.swarm
         try:
             self.dht = hivemind.DHT(
@@ -359,7 +361,13 @@ class Swarm:
 
     # ---- agreement (I1/I3) -----------------------------------------------------------------------------------
     def publish_hash(self, round_index: int, params_sha256: str) -> None:
-        record = HashRecord(peer_id=self.peer_id.to_bytes(), round=round_index, params_sha256=params_sha256)
+        """Publish our hash for this round along with the last few (slower peers compare against them)."""
+        self._hash_history[round_index] = params_sha256
+        for old in sorted(self._hash_history)[:-HASH_HISTORY_ROUNDS]:
+            del self._hash_history[old]
+        record = HashRecord(
+            peer_id=self.peer_id.to_bytes(), hashes={str(r): h for r, h in self._hash_history.items()}
+        )
         self._store(
             self._hashes_key,
             subkey=self._public_key,
@@ -385,26 +393,29 @@ class Swarm:
         """
         deadline = time.monotonic() + timeout_s
         while True:
-            records = [r for r in self.hash_records().values() if r.round == round_index]
-            if len(records) >= expected or time.monotonic() >= deadline:
+            hashes = {
+                pid: r.hashes[str(round_index)]
+                for pid, r in self.hash_records().items()
+                if str(round_index) in r.hashes
+            }
+            if len(hashes) >= expected or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
-        counts = Counter(r.params_sha256 for r in records)
+        counts = Counter(hashes.values())
         if not counts:
             return SwarmView(round_index, None, [], 0)
         majority = max(counts, key=lambda h: (counts[h], h))
-        donors = [
-            r.peer_id for r in records if r.params_sha256 == majority and r.peer_id != self.peer_id.to_bytes()
-        ]
-        return SwarmView(round_index, majority, donors, len(records))
+        me = self.peer_id.to_bytes()
+        donors = [pid for pid, h in hashes.items() if h == majority and pid != me]
+        return SwarmView(round_index, majority, donors, len(hashes))
 
     def latest_view(self) -> SwarmView | None:
         """The newest round for which live peers published hashes (for a newcomer)."""
         live = set(self.live_peers()) - {self.peer_id.to_bytes()}
-        records = [r for r in self.hash_records().values() if r.peer_id in live]
+        records = [r for r in self.hash_records().values() if r.peer_id in live and r.hashes]
         if not records:
             return None
-        newest = max(r.round for r in records)
+        newest = max(int(rnd) for r in records for rnd in r.hashes)
         return self.view_of_round(newest, timeout_s=0.0)
 
     # ---- state sharing ---------------------------------------------------------------------------------------

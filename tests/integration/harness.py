@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,9 +168,27 @@ class LocalSwarm:
                     raise AssertionError(f"{peer.name} exited early:\n{peer.log()[-3000:]}")
             return all(len(peer.records()) >= rounds for peer in peers)
 
-        wait_for(
-            done, timeout_s=timeout_s, what=f"{rounds} rounds on {[p.name for p in peers]}", interval_s=0.5
-        )
+        try:
+            wait_for(
+                done,
+                timeout_s=timeout_s,
+                what=f"{rounds} rounds on {[p.name for p in peers]}",
+                interval_s=0.5,
+            )
+        except AssertionError:
+            self.dump_stacks()
+            raise
+
+    def dump_stacks(self) -> None:
+        """On a timeout, write where every live process is stuck next to its log (needs py-spy)."""
+        if shutil.which("py-spy") is None:
+            return
+        for proc in self.procs:
+            if proc.alive():
+                dump = subprocess.run(
+                    ["py-spy", "dump", "--pid", str(proc.pid)], capture_output=True, text=True, timeout=30
+                )
+                (self.workdir / f"{proc.name}.stacks").write_text(dump.stdout + dump.stderr)
 
     def kill_all(self) -> None:
         for proc in self.procs:

@@ -1,0 +1,21 @@
+"""DHT records survive hivemind's msgpack round trip and its pydantic-v1 schema check."""
+
+from __future__ import annotations
+
+from hivemind.utils.serializer import MSGPackSerializer
+
+from peer.swarm import HashRecord, ProgressRecord, SettingsRecord
+
+
+def round_trip(record):
+    return type(record).parse_obj(MSGPackSerializer.loads(MSGPackSerializer.dumps(record.dict())))
+
+
+def test_records_round_trip_through_msgpack():
+    records = [
+        ProgressRecord(peer_id=b"p", round=3, inner_step=7, tokens_per_s=10.5, eta=123.0, client_mode=False),
+        HashRecord(peer_id=b"p", hashes={"3": "ab", "4": "cd"}),
+        SettingsRecord(peer_id=b"p", fingerprint="f", settings_json="{}"),
+    ]
+    for record in records:
+        assert round_trip(record) == record
