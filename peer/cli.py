@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--run-id", help="name of the training run (default diloco)")
     net.add_argument("--matchmaking-s", type=float, help="minimum time to gather a round's group (default 5)")
     net.add_argument(
-        "--straggler-wait-s", type=float, help="longest wait for slower peers of the same round (default 60)"
+        "--straggler-wait-s",
+        type=float,
+        help="longest wait for slower peers of the same round; 0 (default) adapts it to the measured inner-phase time",
     )
     net.add_argument(
         "--allreduce-timeout-s", type=float, help="give up on an all-reduce after this long (default 120)"

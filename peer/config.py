@@ -150,8 +150,9 @@ class SwarmConfig:
     """Name of the training run; peers only average with peers of the same run and fingerprint."""
     matchmaking_s: float = 5.0
     """Minimum time to gather a group for a round's all-reduce."""
-    straggler_wait_s: float = 60.0
-    """Longest wait for slower peers of the same round before averaging without them."""
+    straggler_wait_s: float = 0.0
+    """Longest wait for slower peers of the same round before averaging without them; 0 adapts it to the
+    measured round time (the median of this peer's recent inner phases, at least 10 s)."""
     allreduce_timeout_s: float = 120.0
     """Give up on an all-reduce that has not finished after this long."""
     chunk_timeout_s: float = 10.0
@@ -168,7 +169,6 @@ class SwarmConfig:
             raise ValueError(f"--run-id must be non-empty without dots or spaces, got {self.run_id!r}")
         for name in (
             "matchmaking_s",
-            "straggler_wait_s",
             "allreduce_timeout_s",
             "chunk_timeout_s",
             "state_timeout_s",
@@ -176,6 +176,8 @@ class SwarmConfig:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.straggler_wait_s < 0:
+            raise ValueError(f"--straggler-wait-s must be non-negative, got {self.straggler_wait_s}")
         if self.wait_for_peers < 1:
             raise ValueError(f"--wait-for-peers must be at least 1, got {self.wait_for_peers}")
         if self.client_mode and not self.initial_peers:

@@ -271,11 +271,13 @@ class Swarm:
             self._publish_now.set()
             time.sleep(0.5)
 
-    def wait_until_round_peers_done(self, round_index: int, *, should_stop) -> list[ProgressRecord] | None:
+    def wait_until_round_peers_done(
+        self, round_index: int, *, wait_s: float, should_stop
+    ) -> list[ProgressRecord] | None:
         """Wait until every other live peer of this round has finished its inner steps (at most
         straggler_wait_s); returns their records, or None if live peers are already past this round."""
         me, num_steps = self.peer_id.to_bytes(), self.config.inner.steps
-        deadline = time.monotonic() + self.config.swarm.straggler_wait_s
+        deadline = time.monotonic() + wait_s
         while True:
             others = [r for pid, r in self.live_peers().items() if pid != me]
             if others and all(r.round > round_index for r in others):
@@ -296,10 +298,13 @@ class Swarm:
         order_key: bytes,
         should_stop=lambda: False,
         during_allreduce=None,
+        straggler_wait_s: float = 60.0,
     ) -> AveragingResult | None:
         """Average with every live peer of this round; None if the all-reduce failed for this peer."""
         swarm = self.config.swarm
-        peers_in_round = self.wait_until_round_peers_done(round_index, should_stop=should_stop)
+        peers_in_round = self.wait_until_round_peers_done(
+            round_index, wait_s=straggler_wait_s, should_stop=should_stop
+        )
         if peers_in_round is None:
             logger.warning(f"[{self.short_id}] round {round_index + 1}: the swarm has moved past this round")
             return None  # never a lonely outer step behind the swarm: the agreement check resyncs us instead

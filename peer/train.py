@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -99,6 +100,7 @@ class Peer:
         self.state_lock = threading.Lock()  # the outer state is also read by hivemind's thread for donors
         self.inner_opt_state: dict | None = None
         self.batches_drawn = 0  # so that a resumed peer continues its data stream exactly
+        self.recent_inner_s: collections.deque[float] = collections.deque(maxlen=5)
         self.faults = FaultPlan.parse(config.test_fault)
         self.total_tokens = self.rounds_done = self.failed_rounds = self.resyncs = 0
         self.log: logging.LoggerAdapter = logging.LoggerAdapter(logger, {"peer": "-"})
@@ -262,6 +264,7 @@ class Peer:
                 tokens=round_tokens,
                 order_key=self.order_key,
                 should_stop=lambda: bool(self.stop),
+                straggler_wait_s=self.straggler_wait_s(),
                 during_allreduce=(lambda: self.faults.during_allreduce(round_index + 1))
                 if self.faults
                 else None,
@@ -280,6 +283,13 @@ class Peer:
                 self.faults.after_outer_step(self.position.round, self.outer.global_params)
         self.outer.copy_to_(self.params)
         return result
+
+    def straggler_wait_s(self) -> float:
+        """How long to wait for slower peers: the flag, or one median inner phase of ours (at least 10 s)."""
+        if self.config.swarm.straggler_wait_s > 0:
+            return self.config.swarm.straggler_wait_s
+        recent = sorted(self.recent_inner_s)
+        return max(10.0, recent[len(recent) // 2]) if recent else 60.0
 
     def check_agreement(self, result: AveragingResult | None) -> bool:
         """Publish our hash; if the majority of this round's peers holds another one, adopt their state (I3).
@@ -325,6 +335,8 @@ class Peer:
         if self.stop:
             return False
         inner_s = time.perf_counter() - inner_started
+        if len(losses) == H:  # only full inner phases say how long a round takes
+            self.recent_inner_s.append(inner_s)
         forked = self.forked_from_swarm()
         if forked is not None:  # never contribute an update computed on a forked model
             self.resync(forked, reason="before averaging: our parameters differ from the majority")
