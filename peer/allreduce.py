@@ -213,8 +213,9 @@ class ExactAverager(DecentralizedAverager):
 
     def __init__(self, *args, state_provider: Callable[[], tuple[dict, list[torch.Tensor]]], **kwargs):
         self._state_provider = state_provider
-        # [bytes_sent, bytes_received, allreduce_s] of the last all-reduce, written by the averager process
-        self._transport_stats = mp.Array(ctypes.c_double, 3)
+        # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer] of the last all-reduce,
+        # written by the averager process
+        self._transport_stats = mp.Array(ctypes.c_double, 4)
         if isinstance(kwargs.get("compression"), BlockwiseQuantization):
             # hivemind imports bitsandbytes lazily inside the first all-reduce, which can take longer than the
             # chunk timeout on a loaded machine; import it before the averager process is forked
@@ -226,8 +227,13 @@ class ExactAverager(DecentralizedAverager):
         return metadata, tensors, None
 
     def last_transport_stats(self) -> dict:
-        sent, received, seconds = self._transport_stats[:]
-        return {"bytes_sent": int(sent), "bytes_received": int(received), "transfer_s": seconds}
+        sent, received, seconds, started_at = self._transport_stats[:]
+        return {
+            "bytes_sent": int(sent),
+            "bytes_received": int(received),
+            "transfer_s": seconds,
+            "transfer_started_at": started_at,
+        }
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """Replaces hivemind's in-place `tensor += delta` with `tensor = decoded average`, all or nothing."""
@@ -236,7 +242,7 @@ class ExactAverager(DecentralizedAverager):
         for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered, strict=True):
             user_metadata = self.serializer.loads(self.serializer.loads(gathered)[2])
             order_keys[peer_id] = bytes.fromhex(user_metadata["order_key"])
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         runner = ExactAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -258,7 +264,12 @@ class ExactAverager(DecentralizedAverager):
             )
         for tensor, result in zip(tensors, averaged, strict=True):
             tensor.copy_(result)
-        self._transport_stats[:] = [runner.bytes_sent, runner.bytes_received, time.perf_counter() - started]
+        self._transport_stats[:] = [
+            runner.bytes_sent,
+            runner.bytes_received,
+            time.perf_counter() - started,
+            started_at,
+        ]
 
     def load_state_from(self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float):
         """Download (metadata, tensors) from one given peer; None if it refused or failed."""

@@ -343,7 +343,7 @@ class Peer:
             return True
         round_tokens = len(losses) * config.data.batch_size * config.data.seq_len
         self.total_tokens += round_tokens
-        outer_started = time.perf_counter()
+        outer_started, inner_ended_at = time.perf_counter(), time.time()
         result = self.outer_phase(round_tokens)
         if result is None and self.stop:
             return False
@@ -376,6 +376,9 @@ class Peer:
             "bytes_received": 0,
             **(result.info if result else {}),
         }
+        # time from our last inner step to the start of the data transfer (waiting for peers, matchmaking)
+        started_at = record.pop("transfer_started_at", None)
+        record["sync_wait_s"] = max(0.0, started_at - inner_ended_at) if started_at else None
         if config.eval_every and self.position.round % config.eval_every == 0 and self.held_out:
             record["eval_loss"] = evaluate(self.model, self.held_out, self.device)
         self.metrics.log_round(record)

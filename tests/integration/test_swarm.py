@@ -24,6 +24,7 @@ def test_three_peers_agree_every_round_and_learn(local_swarm):
         assert [r["group_size"] for r in records] == [3, 3, 3], peer.log()[-2000:]
         assert records[-1]["loss"] < records[0]["loss"]
         assert all(r["resyncs"] == 0 and not r["failed"] for r in records)
+        assert all(0 <= r["sync_wait_s"] <= r["allreduce_s"] and r["bytes_sent"] > 0 for r in records)
     for round_index, by_peer in hashes_by_round(peers).items():
         assert len(set(by_peer.values())) == 1, f"round {round_index}: peers disagree: {by_peer}"
     for peer in peers:
