@@ -65,3 +65,16 @@ def test_networked_run_equals_in_process_simulation(local_swarm):
     for peer in peers:
         assert [r["group_size"] for r in peer.records()] == [2, 2, 2], peer.log()[-2000:]
         assert [r["global_params_sha256"] for r in peer.records()] == simulated
+
+
+@pytest.mark.timeout(180)
+def test_peer_with_other_settings_for_the_same_run_exits_naming_them(local_swarm):
+    local_swarm.start_bootstrap()
+    first = local_swarm.start_peer("first", "--run-id", "shared")
+    local_swarm.wait_rounds([first], 1, timeout_s=120)
+    other = local_swarm.start_peer("other", "--run-id", "shared", "--inner-steps", "7")
+    assert other.wait(timeout_s=120) == 1
+    last_line = other.log().strip().splitlines()[-1]
+    assert last_line.startswith("error: run 'shared' is already training with other settings")
+    assert "inner_steps (ours 7, theirs 5)" in last_line
+    assert "Traceback" not in other.log()
