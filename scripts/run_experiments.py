@@ -51,11 +51,19 @@ def main_experiments(lr: float) -> dict[str, str]:
     d = f"--inner-lr {lr}"
     runs = {  # in order of importance: whatever the time allows, the core comparisons come first
         "main": diloco(extra=d),
+        # DiLoCo's own inner lr: the averaged step is less noisy than a single peer's, so try the lr that
+        # data-parallel preferred (added after main; every other DiLoCo run uses the single peer's lr)
+        "main-inner-lr-0.002": diloco(extra="--inner-lr 0.002"),
         # outer optimizer: plain averaging (SGD lr 1, no momentum) against Nesterov 0.7/0.9 (main)
         "outer-avg": diloco(extra=f"{d} --outer-lr 1.0 --outer-momentum 0"),
         # H at fixed tokens (main is H=50)
         "h-250": diloco(H=250, extra=d),
         "h-10": diloco(H=10, extra=d),
+        # the paper's warm start: 100 data-parallel steps, then 8 DiLoCo rounds (same tokens)
+        "warm-start": (
+            f"--mode diloco --replicas 4 --shards iid --inner-steps 50 --max-rounds 8 "
+            f"--warm-start-steps 100 {d}"
+        ),
         # non-i.i.d.: replica i trains on the i-th contiguous quarter of the corpus (works in order)
         "non-iid": diloco(extra=f"{d}").replace("--shards iid", "--shards contiguous"),
         # number of replicas at fixed steps per replica (main is k=4)
@@ -64,19 +72,15 @@ def main_experiments(lr: float) -> dict[str, str]:
         # simulated heterogeneous rounds: one replica 2x slower, a round = the swarm's 4 x 50 steps
         # (fixed H with the same speeds trains exactly like "main"; only its simulated clock differs)
         "hetero-tokens-2x": diloco(extra=f"{d} --speeds 1,1,1,0.5 --round-tokens {4 * 50 * 2 * 64}"),
+        # outer lr x momentum around the paper's 0.7/0.9
+        "outer-1.0-0.5": diloco(extra=f"{d} --outer-lr 1.0 --outer-momentum 0.5"),
         "outer-adam-0.003": diloco(extra=f"{d} --outer-optimizer adam --outer-lr 0.003"),
         # dropped outer updates
         "drop-0.3": diloco(extra=f"{d} --drop-prob 0.3"),
-        # the paper's warm start: 100 data-parallel steps, then 8 DiLoCo rounds (same tokens)
-        "warm-start": (
-            f"--mode diloco --replicas 4 --shards iid --inner-steps 50 --max-rounds 8 "
-            f"--warm-start-steps 100 {d}"
-        ),
         # changing compute pool, same total compute as k=4 for 10 rounds
         "pool-up": f"--mode diloco --shards iid --inner-steps 50 --pool 2:5,6:5 {d}",
         "pool-down": f"--mode diloco --shards iid --inner-steps 50 --pool 6:5,2:5 {d}",
         # outer lr x momentum around the paper's 0.7/0.9
-        "outer-1.0-0.5": diloco(extra=f"{d} --outer-lr 1.0 --outer-momentum 0.5"),
         "outer-0.5-0.9": diloco(extra=f"{d} --outer-lr 0.5 --outer-momentum 0.9"),
         "h-100": diloco(H=100, extra=d),
         "k-8": diloco(k=8, extra=d),
@@ -163,6 +167,7 @@ def write_report(out_dir: Path, plot_path: Path) -> str:
         ["data-parallel, k=4 x batch", *describe(f"lr-dp4-{dp_lr:g}")],
         ["DiLoCo k=4, H=50 (Nesterov 0.7/0.9)", *describe("main")],
         ["DiLoCo k=4, H=50, plain averaging", *describe("outer-avg")],
+        ["DiLoCo k=4, H=50 (Nesterov 0.7/0.9), inner lr 2e-3", *describe("main-inner-lr-0.002")],
         ["single peer, same steps (1/4 tokens)", *describe(f"lr-single-{lr:g}")],
     ]
     parts.append(_table(["run", "tokens", "syncs", "held-out loss", "vs data-parallel"], rows))
@@ -172,7 +177,7 @@ def write_report(out_dir: Path, plot_path: Path) -> str:
         if n in results
     }
     parts.append("\nPerplexities: " + ", ".join(f"{n} {v:.1f}" for n, v in perplexities.items()))
-    parts.append("\n### Inner steps H at fixed tokens (k=4)\n")
+    parts.append("\n### Inner steps H at fixed tokens (k=4, Nesterov 0.7/0.9)\n")
     rows = [[H, *describe("main" if H == 50 else f"h-{H}")] for H in (10, 50, 100, 250)]
     parts.append(_table(["H", "tokens", "syncs", "held-out loss", "vs data-parallel"], rows))
     parts.append("\n### Replicas k at fixed steps per replica (H=50)\n")
@@ -201,10 +206,10 @@ def write_report(out_dir: Path, plot_path: Path) -> str:
         ["constant pool: 4 replicas x 10 rounds (main)", loss("main"), vs_dp("main")],
         ["ramp up: 2 replicas x 5 rounds, then 6 x 5", loss("pool-up"), vs_dp("pool-up")],
         ["ramp down: 6 replicas x 5 rounds, then 2 x 5", loss("pool-down"), vs_dp("pool-down")],
-        ["30% of pseudo-gradients dropped", loss("drop-0.3"), vs_dp("drop-0.3")],
+        ["drop probability 0.3 per pseudo-gradient", loss("drop-0.3"), vs_dp("drop-0.3")],
     ]
     if "drop-0.3" in results:
-        rows[-1][0] += f" ({results['drop-0.3']['num_dropped']} of 40)"
+        rows[-1][0] += f" ({results['drop-0.3']['num_dropped']} of 40 dropped)"
     parts.append(_table(["setting", "held-out loss", "vs data-parallel"], rows))
     parts.append(
         "\n### Heterogeneous rounds (SIMULATED clock: time unit = one inner step of a fast replica)\n"
@@ -264,6 +269,7 @@ def write_report(out_dir: Path, plot_path: Path) -> str:
         ("h-250", "DiLoCo k=4 H=250"),
         ("outer-avg", "DiLoCo k=4 H=50, plain averaging"),
         ("non-iid", "DiLoCo k=4 H=50, non-i.i.d."),
+        ("warm-start", "DiLoCo k=4 H=50, warm start (100 DP steps)"),
     ):
         if name in results:
             curves[label] = results[name]["curve"]
