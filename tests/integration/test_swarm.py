@@ -78,3 +78,20 @@ def test_peer_with_other_settings_for_the_same_run_exits_naming_them(local_swarm
     assert last_line.startswith("error: run 'shared' is already training with other settings")
     assert "inner_steps (ours 7, theirs 5)" in last_line
     assert "Traceback" not in other.log()
+
+
+@pytest.mark.timeout(240)
+def test_client_mode_peer_contributes_and_agrees(local_swarm):
+    """A peer behind NAT (--client-mode: no incoming connections) still averages and holds the same model."""
+    local_swarm.start_bootstrap()
+    peers = [
+        local_swarm.start_peer(f"peer{i}", "--max-rounds", "2", "--wait-for-peers", "3") for i in range(2)
+    ]
+    peers.append(
+        local_swarm.start_peer("client", "--max-rounds", "2", "--wait-for-peers", "3", "--client-mode")
+    )
+    local_swarm.wait_rounds(peers, 2, timeout_s=180)
+    for peer in peers:
+        assert [r["group_size"] for r in peer.records()] == [3, 3], peer.log()[-2000:]
+    for round_index, by_peer in hashes_by_round(peers).items():
+        assert len(set(by_peer.values())) == 1, f"round {round_index}: peers disagree: {by_peer}"
