@@ -24,6 +24,22 @@ def setup_logging(level: str) -> None:
     root.propagate = False
 
 
+def die_with_parent() -> None:
+    """Forked hivemind processes (DHT, averager) get SIGKILL when this peer dies, even by SIGKILL (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def _in_child() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    os.register_at_fork(after_in_child=_in_child)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config, log_level = config_from_args(argv)
@@ -31,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    die_with_parent()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # hivemind's default ("file_system") starts torch_shm_manager, which can hang on a signal during startup
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
