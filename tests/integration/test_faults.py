@@ -217,3 +217,26 @@ def test_resume_reproduces_the_uninterrupted_run_and_refuses_corrupt_checkpoints
     )
     assert result.returncode != 0
     assert "corrupted" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(180)
+def test_sigkilled_peer_leaves_no_hivemind_processes(tmp_path):
+    """A peer killed with SIGKILL (only its own pid, as the OOM killer would) takes its DHT and averager along."""
+    marker = f"DILOCO_TEST_MARKER={uuid.uuid4().hex}"
+    env = dict(child_env(), DILOCO_TEST_MARKER=marker.split("=", 1)[1])
+    metrics = tmp_path / "m.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peer", *FAST_PEER_ARGS, "--metrics-file", str(metrics)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), timeout_s=120, what="one round")
+        assert len(processes_with_marker(marker)) >= 3  # the peer, its DHT and its averager (and p2pd)
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_for(lambda: not processes_with_marker(marker), timeout_s=10, what="hivemind processes to exit")
+    finally:
+        for pid in processes_with_marker(marker):
+            os.kill(pid, signal.SIGKILL)
