@@ -383,7 +383,12 @@ def run_experiment(config: RunConfig, exp: ExperimentConfig, *, on_eval: Callabl
 
 def plot_loss_vs_tokens(curves: dict[str, list[dict]], path: str, *, title: str = "") -> None:
     """One line per run: held-out loss against tokens processed by the whole swarm."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError(
+            "--plot needs matplotlib: pip install matplotlib (or the project's dev extra)"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
