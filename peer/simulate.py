@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass, replace
@@ -221,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         print(SIM_FLAGS_HELP)
         return 0
+    if own.plot and importlib.util.find_spec("matplotlib") is None:  # say so before a long run, not after
+        print(
+            "error: --plot needs matplotlib: pip install matplotlib (or the project's dev extra)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         runs = experiment_runs(own, rest)
         results = {}
