@@ -298,7 +298,7 @@ class Peer:
         self.swarm.publish_hash(round_index, params_hash)
         swarm = self.config.swarm
         if result is not None:  # the group published (or is publishing) its hashes right now
-            expected, timeout_s = max(result.group_size, 2), swarm.matchmaking_s
+            expected, timeout_s = result.group_size, swarm.matchmaking_s
         else:  # we failed; the others may still be finishing their all-reduce
             expected = len(self.swarm.live_peers())
             timeout_s = min(swarm.allreduce_timeout_s, 4 * swarm.matchmaking_s + 5)
