@@ -23,7 +23,7 @@ from peer.data import Tokenizer, data_seed, eval_batches, load_corpus, train_bat
 from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
 from peer.model import build_model, load_model_config
 from peer.outer import OuterOptimizer
-from peer.simulate import InMemoryAverager
+from peer.simulate import InMemoryAverager, train_inner_steps_
 
 MODES = ("diloco", "data-parallel", "single")
 SHARDS = ("contiguous", "iid")
@@ -302,18 +302,15 @@ def run_diloco(
         for replica, num_steps in zip(active, steps, strict=True):
             params = list(replica.model.parameters())
             outer.copy_to_(params)
-            for step in range(num_steps):
-                global_step = step_offset + round_index * H + step
-                lr = inner_lr(global_step, config=config.inner, total_steps=total_steps)
-                losses.append(
-                    inner_step(
-                        replica.model,
-                        replica.optimizer,
-                        next(replica.batches),
-                        lr=lr,
-                        grad_clip=config.inner.grad_clip,
-                    )
-                )
+            losses += train_inner_steps_(
+                replica.model,
+                replica.optimizer,
+                replica.batches,
+                config=config,
+                first_global_step=step_offset + round_index * H,
+                num_steps=num_steps,
+                total_steps=total_steps,
+            )
             if num_steps == 0:
                 continue
             if exp.drop_prob and drop_rng.random() < exp.drop_prob:

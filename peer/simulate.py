@@ -72,6 +72,24 @@ def make_replicas(
     return replicas
 
 
+def train_inner_steps_(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches,
+    *,
+    config: RunConfig,
+    first_global_step: int,
+    num_steps: int,
+    total_steps: int,
+) -> list[float]:
+    """num_steps inner steps of one replica on the swarm's schedule (global step = round x H + step)."""
+    losses = []
+    for step in range(num_steps):
+        lr = inner_lr(first_global_step + step, config=config.inner, total_steps=total_steps)
+        losses.append(inner_step(model, optimizer, next(batches), lr=lr, grad_clip=config.inner.grad_clip))
+    return losses
+
+
 def simulate(config: RunConfig, *, num_replicas: int, on_round=None) -> list[dict]:
     """Run config.max_rounds DiLoCo rounds with k replicas; returns one record per round."""
     if config.max_rounds < 1:
@@ -102,19 +120,15 @@ def simulate(config: RunConfig, *, num_replicas: int, on_round=None) -> list[dic
         for replica in replicas:
             params = list(replica.model.parameters())
             outer.copy_to_(params)
-            for step in range(H):
-                lr = inner_lr(
-                    round_index * H + step, config=config.inner, total_steps=config.total_inner_steps
-                )
-                losses.append(
-                    inner_step(
-                        replica.model,
-                        replica.optimizer,
-                        next(replica.batches),
-                        lr=lr,
-                        grad_clip=config.inner.grad_clip,
-                    )
-                )
+            losses += train_inner_steps_(
+                replica.model,
+                replica.optimizer,
+                replica.batches,
+                config=config,
+                first_global_step=round_index * H,
+                num_steps=H,
+                total_steps=config.total_inner_steps,
+            )
             pseudo_grads.append(outer.pseudo_gradient(params))
         result = averager.average_round(
             pseudo_grads,

@@ -177,6 +177,18 @@ class Swarm:
             logger.debug(f"DHT get {key} failed: {e!r}")
             return None
 
+    def _read_records(self, key: str, schema: type[BaseModel]) -> dict[bytes, BaseModel]:
+        """Every peer's valid record under a key, by peer id; malformed ones are skipped."""
+        found = self._get(key)
+        records = {}
+        for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
+            try:
+                record = schema.parse_obj(item.value)
+            except Exception:  # data from other peers is not trusted
+                continue
+            records[record.peer_id] = record
+        return records
+
     # ---- addresses -------------------------------------------------------------------------------------------
     def visible_maddrs(self) -> list[str]:
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
@@ -197,12 +209,7 @@ class Swarm:
             value=self._settings_record().dict(),
             expiration_time=get_dht_time() + RECORD_TTL_S,
         )
-        found = self._get(self._settings_key)
-        for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
-            try:
-                record = SettingsRecord.parse_obj(item.value)
-            except Exception:
-                continue
+        for record in self._read_records(self._settings_key, SettingsRecord).values():
             if record.fingerprint != self.fingerprint:
                 differences = differing_settings(self.settings, json.loads(record.settings_json))
                 raise SwarmError(
@@ -249,14 +256,7 @@ class Swarm:
 
     def live_peers(self) -> dict[bytes, ProgressRecord]:
         """Progress records of every peer that published recently, this one included."""
-        found = self._get(self._progress_key)
-        records = {}
-        for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
-            try:
-                record = ProgressRecord.parse_obj(item.value)
-            except Exception:
-                continue
-            records[record.peer_id] = record
+        records = self._read_records(self._progress_key, ProgressRecord)
         records[self.peer_id.to_bytes()] = self._progress
         return records
 
@@ -381,15 +381,7 @@ class Swarm:
         )
 
     def hash_records(self) -> dict[bytes, HashRecord]:
-        found = self._get(self._hashes_key)
-        records = {}
-        for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
-            try:
-                record = HashRecord.parse_obj(item.value)
-            except Exception:
-                continue
-            records[record.peer_id] = record
-        return records
+        return self._read_records(self._hashes_key, HashRecord)
 
     def view_of_round(self, round_index: int, *, expected: int = 1, timeout_s: float = 5.0) -> SwarmView:
         """The majority hash for a round once `expected` peers published theirs (or the timeout passed).
