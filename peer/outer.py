@@ -104,6 +104,17 @@ class OuterOptimizer:
             theta.sub_(update * lr)
 
     @torch.no_grad()
+    def rebase_(self, local_params: Sequence[torch.Tensor], snapshot: Sequence[torch.Tensor]) -> None:
+        """The overlapped outer step's local update: local <- theta + (local - snapshot).
+
+        `snapshot` holds the local parameters whose pseudo-gradient was just averaged; what the peer learned
+        since then is carried over onto the new global parameters. With no progress (local == snapshot) the
+        difference is exactly zero, so this gives exactly `copy_to_`: the non-overlapped update."""
+        for p, g, s in zip(local_params, self.global_params, snapshot, strict=True):
+            progress = p.detach().to("cpu", torch.float32) - s.to("cpu", torch.float32)
+            p.copy_((g + progress).to(p.device, p.dtype))
+
+    @torch.no_grad()
     def copy_to_(self, local_params: Sequence[torch.Tensor]) -> None:
         """Start the next round from the global parameters."""
         for p, g in zip(local_params, self.global_params, strict=True):

@@ -70,3 +70,36 @@ def test_state_round_trip():
     other.load_state_tensors_(outer.state_tensors())
     assert other.params_hash() == outer.params_hash()
     assert torch.equal(other.momentum[0], outer.momentum[0])
+
+
+def test_overlapped_update_without_inner_progress_equals_the_non_overlapped_update():
+    torch.manual_seed(2)
+    theta = [torch.randn(64), torch.randn(8, 8)]
+    local = [t - 0.01 * torch.randn_like(t) for t in theta]
+    plain, overlapped = (OuterOptimizer(theta, OuterConfig(lr=0.7, momentum=0.9)) for _ in range(2))
+    for _ in range(3):  # a few rounds so that momentum is involved
+        grads = plain.pseudo_gradient(local)
+        plain.step_(grads)
+        plain_local = [torch.empty_like(t) for t in theta]
+        plain.copy_to_(plain_local)
+
+        snapshot = [p.clone() for p in local]  # taken when the all-reduce starts
+        overlapped.step_(overlapped.pseudo_gradient(snapshot))
+        overlapped_local = [p.clone() for p in local]  # no inner steps ran during the all-reduce
+        overlapped.rebase_(overlapped_local, snapshot)
+
+        assert tensors_sha256(overlapped_local) == tensors_sha256(plain_local)
+        assert tensors_sha256(overlapped.global_params) == tensors_sha256(plain.global_params)
+        local = [p - 0.01 * torch.ones_like(p) for p in plain_local]
+
+
+def test_overlapped_update_carries_the_progress_made_since_the_snapshot():
+    outer = OuterOptimizer([torch.tensor([1.0, 1.0])], OuterConfig(lr=1.0, momentum=0.0))
+    snapshot = [torch.tensor([0.5, 1.5])]
+    outer.step_(outer.pseudo_gradient(snapshot))  # theta <- snapshot (plain averaging of one peer)
+    local = [torch.tensor([0.25, 2.0])]  # two more inner steps moved the local model on
+    outer.rebase_(local, snapshot)
+    assert torch.equal(local[0], torch.tensor([0.25, 2.0]))
+    outer.step_([torch.tensor([0.5, 0.5])])  # the swarm moved theta to [0, 1]
+    outer.rebase_(local, [torch.tensor([0.25, 2.0])])
+    assert torch.equal(local[0], torch.tensor([0.0, 1.0]))
