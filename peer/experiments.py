@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from peer.config import OuterConfig, RunConfig
+from peer.config import COMPRESSIONS, OuterConfig, RunConfig
 from peer.data import Tokenizer, data_seed, eval_batches, load_corpus, train_batches
 from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
 from peer.model import build_model, load_model_config
-from peer.outer import OuterOptimizer
+from peer.outer import AveragingResult, OuterOptimizer
 from peer.simulate import InMemoryAverager, train_inner_steps_
 
 MODES = ("diloco", "data-parallel", "single")
@@ -61,6 +61,14 @@ class ExperimentConfig:
     """Held-out windows of seq_len tokens per evaluation (the same windows in every mode)."""
     seed_drop: int = 0
     """Seed of the dropped-update draws."""
+    compression: str = "none"
+    """Pseudo-gradient encoding as in the networked all-reduce (none, fp16, int8): each replica's
+    pseudo-gradient is encoded and decoded, the decoded parts are averaged, and the average is encoded and
+    decoded once more; every replica uses those decoded values. (`python -m peer.simulate --compression`.)"""
+    overlap_delay_steps: int = -1
+    """Overlapped outer step: round r's average is applied after the replicas already did this many inner
+    steps of round r+1 (it arrived in the background); each replica then keeps the progress it made since
+    its end-of-round snapshot (`OuterOptimizer.rebase_`). 0 gives exactly the non-overlapped run; -1: off."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -81,6 +89,14 @@ class ExperimentConfig:
             raise ValueError(f"--speeds needs {self.max_replicas} positive values, one per replica")
         if self.eval_every_steps < 1 or self.eval_windows < 1:
             raise ValueError("--eval-every-steps and --eval-windows must be at least 1")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(
+                f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
+            )
+        if self.overlap_delay_steps < -1:
+            raise ValueError(
+                f"--overlap-delay-steps must be -1 (off) or at least 0, got {self.overlap_delay_steps}"
+            )
 
     @property
     def max_replicas(self) -> int:
@@ -117,6 +133,35 @@ class AdamOuter(OuterOptimizer):
             m.mul_(beta1).add_(grad, alpha=1 - beta1)
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             theta.sub_((m / bias1) / ((v / bias2).sqrt() + self.eps) * self.config.lr)
+
+
+def encode_decode(tensor: torch.Tensor, compression: str) -> torch.Tensor:
+    """What a receiver decodes from `tensor` sent with the swarm's pseudo-gradient compression (fp32 out)."""
+    if compression == "none":
+        return tensor
+    if compression == "fp16":  # hivemind's Float16Compression: a cast and back
+        return tensor.to(torch.float16).to(torch.float32)
+    # int8 = hivemind's BlockwiseQuantization: bitsandbytes' dynamic 8-bit codebook with one absmax per block
+    # of 4096 values. Here the blocks run over each whole tensor; the networked all-reduce quantizes the parts
+    # it splits the flattened pseudo-gradient into, so its block boundaries (and the rounding of values near
+    # them) differ slightly. Imported here: bitsandbytes is optional and slow to import.
+    from bitsandbytes.functional import dequantize_blockwise, quantize_blockwise
+
+    quantized, state = quantize_blockwise(tensor.contiguous(), blocksize=4096, nested=False)
+    return dequantize_blockwise(quantized, state).reshape(tensor.shape)
+
+
+def compressed_average(
+    pseudo_grads: list[list[torch.Tensor]], *, tokens: list[int], order_keys: list[bytes], compression: str
+) -> AveragingResult:
+    """The networked all-reduce's values under compression: senders encode their parts, the reducer averages
+    the decoded parts and encodes the average once, and every peer (the reducer too) uses its decoding."""
+    if compression == "none":
+        return InMemoryAverager().average_round(pseudo_grads, tokens=tokens, order_keys=order_keys)
+    sent = [[encode_decode(g, compression) for g in grads] for grads in pseudo_grads]
+    result = InMemoryAverager().average_round(sent, tokens=tokens, order_keys=order_keys)
+    result.averaged = [encode_decode(a, compression) for a in result.averaged]
+    return result
 
 
 @dataclass
@@ -295,20 +340,76 @@ def run_diloco(
     total_steps = step_offset + (config.inner.total_steps or num_rounds * H)
     drop_rng = random.Random(exp.seed_drop)
     sim_time, idle_time, num_dropped = 0.0, 0.0, 0
+    overlap, delay = exp.overlap_delay_steps >= 0, exp.overlap_delay_steps
+    if delay > H:
+        raise ValueError(f"--overlap-delay-steps must be at most --inner-steps ({H}), got {delay}")
+    eval_model = copy.deepcopy(setup.base_model)  # replicas keep their local models (overlap trains on them)
+    # overlap: replica index -> its local params at the end of the last round; that round's average, pending
+    snapshots: dict[int, list[torch.Tensor]] = {}
+    pending: tuple[int, list[torch.Tensor] | None] | None = None
+    round_clock: list[float] = []  # simulated time at the end of each round
+
+    def finish_round(index: int, averaged: list[torch.Tensor] | None) -> None:
+        """Round `index`'s outer step, then its hash and (every eval_every_steps) its held-out loss."""
+        if averaged is not None:
+            outer.step_(averaged)
+        record = rounds[index]
+        record["global_params_sha256"] = outer.params_hash()
+        per_replica_step = step_offset + (index + 1) * H
+        crossed = (per_replica_step // exp.eval_every_steps) > (
+            (per_replica_step - H) // exp.eval_every_steps
+        )
+        if crossed or index + 1 == num_rounds:
+            outer.copy_to_(list(eval_model.parameters()))
+            point = {
+                "step": per_replica_step,
+                "tokens": record["tokens"],
+                "eval_loss": evaluate(eval_model, setup.held_out, torch.device("cpu")),
+                "sim_time": round_clock[index],
+            }
+            record["eval_loss"] = point["eval_loss"]
+            curve.append(point)
+            if on_eval is not None:
+                on_eval(point)
+
     for round_index in range(num_rounds):
         active = replicas[: active_per_round[round_index]]
         steps = _round_steps(active, H=H, round_tokens=exp.round_tokens, tokens_per_step=tps)
         losses, pseudo_grads, tokens, keys = [], [], [], []
-        for replica, num_steps in zip(active, steps, strict=True):
+        first_steps = [min(delay, n) for n in steps] if overlap else [0] * len(active)
+        if overlap:
+            # the first `delay` inner steps run from the local params while last round's average is in flight
+            for i, (replica, num_steps) in enumerate(zip(active, first_steps, strict=True)):
+                params = list(replica.model.parameters())
+                if i not in snapshots:  # first round, or new to the pool: start from θ, carry progress over
+                    outer.copy_to_(params)
+                    if pending is not None:
+                        snapshots[i] = [g.clone() for g in outer.global_params]
+                losses += train_inner_steps_(
+                    replica.model,
+                    replica.optimizer,
+                    replica.batches,
+                    config=config,
+                    first_global_step=step_offset + round_index * H,
+                    num_steps=num_steps,
+                    total_steps=total_steps,
+                )
+            if pending is not None:  # it arrives: outer step, then local <- θ + (local - snapshot)
+                finish_round(*pending)
+                pending = None
+                for i, replica in enumerate(active):
+                    outer.rebase_(list(replica.model.parameters()), snapshots[i])
+        for replica, num_steps, done in zip(active, steps, first_steps, strict=True):
             params = list(replica.model.parameters())
-            outer.copy_to_(params)
+            if not overlap:
+                outer.copy_to_(params)
             losses += train_inner_steps_(
                 replica.model,
                 replica.optimizer,
                 replica.batches,
                 config=config,
-                first_global_step=step_offset + round_index * H,
-                num_steps=num_steps,
+                first_global_step=step_offset + round_index * H + done,
+                num_steps=num_steps - done,
                 total_steps=total_steps,
             )
             if num_steps == 0:
@@ -319,6 +420,11 @@ def run_diloco(
             pseudo_grads.append(outer.pseudo_gradient(params))
             tokens.append(num_steps * tps)
             keys.append(replica.order_key)
+        if overlap:
+            snapshots = {
+                i: [p.detach().clone() for p in replica.model.parameters()]
+                for i, replica in enumerate(active)
+            }
         # simulated clock: compute time of each replica; the round ends when the slowest is done
         busy = [n / r.speed for n, r in zip(steps, active, strict=True)]
         # (with a token budget the round ends when the step that filled it completes; steps still in flight
@@ -326,11 +432,13 @@ def run_diloco(
         round_time = max(busy)
         sim_time += round_time
         idle_time += sum(round_time - b for b in busy)
+        round_clock.append(sim_time)
+        averaged = None
         if pseudo_grads:
-            result = InMemoryAverager().average_round(pseudo_grads, tokens=tokens, order_keys=keys)
-            outer.step_(result.averaged)
+            averaged = compressed_average(
+                pseudo_grads, tokens=tokens, order_keys=keys, compression=exp.compression
+            ).averaged
         tokens_seen += sum(steps) * tps
-        per_replica_step = step_offset + (round_index + 1) * H
         rounds.append(
             {
                 "round": round_index + 1,
@@ -338,24 +446,14 @@ def run_diloco(
                 "group_size": len(pseudo_grads),
                 "inner_steps": steps,
                 "tokens": tokens_seen,
-                "global_params_sha256": outer.params_hash(),
             }
         )
-        crossed = (per_replica_step // exp.eval_every_steps) > (
-            (per_replica_step - H) // exp.eval_every_steps
-        )
-        if crossed or round_index + 1 == num_rounds:
-            outer.copy_to_(list(replicas[0].model.parameters()))
-            point = {
-                "step": per_replica_step,
-                "tokens": tokens_seen,
-                "eval_loss": evaluate(replicas[0].model, setup.held_out, torch.device("cpu")),
-                "sim_time": sim_time,
-            }
-            rounds[-1]["eval_loss"] = point["eval_loss"]
-            curve.append(point)
-            if on_eval is not None:
-                on_eval(point)
+        if overlap:
+            pending = (round_index, averaged)
+        else:
+            finish_round(round_index, averaged)
+    if pending is not None:  # every run ends on a θ that includes the last round's work
+        finish_round(*pending)
     result = {
         "mode": "diloco",
         "replicas": exp.max_replicas,

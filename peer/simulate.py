@@ -163,6 +163,10 @@ simulation flags (python -m peer.simulate; every flag above sets the shared mode
   --warm-start-steps N    N data-parallel steps before DiLoCo (in the same token budget)
   --speeds S1,S2,...      simulated relative speed per replica (for idle time; default all 1)
   --round-tokens N        simulated heterogeneous rounds: a round ends after N swarm-wide tokens
+  --compression C         (the peer flag above) none, fp16 or int8: pseudo-gradients and their average are
+                          encoded and decoded as in the networked all-reduce
+  --overlap-delay-steps D overlapped outer step: a round's average is applied D inner steps into the next
+                          round, keeping each replica's progress since (0..--inner-steps; -1 = off, default)
   --eval-every-steps N    evaluate every N steps per replica (default 100)
   --eval-windows N        held-out windows of --seq-len tokens per evaluation (default 128)
   --data-parallel-lr LR   compare mode: inner lr of the data-parallel baseline (default --inner-lr)
@@ -183,6 +187,7 @@ def sim_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warm-start-steps", type=int, default=0)
     parser.add_argument("--speeds", default="")
     parser.add_argument("--round-tokens", type=int, default=0)
+    parser.add_argument("--overlap-delay-steps", type=int, default=-1)
     parser.add_argument("--eval-every-steps", type=int, default=100)
     parser.add_argument("--eval-windows", type=int, default=128)
     parser.add_argument("--data-parallel-lr", type=float, default=None)
@@ -221,6 +226,8 @@ def experiment_runs(own: argparse.Namespace, rest: list[str]) -> list[tuple[RunC
             warm_start_steps=own.warm_start_steps,
             speeds=speeds,
             round_tokens=own.round_tokens,
+            compression=config.outer.compression,  # the peer's own --compression flag
+            overlap_delay_steps=own.overlap_delay_steps,
             eval_every_steps=own.eval_every_steps,
             eval_windows=own.eval_windows,
         )

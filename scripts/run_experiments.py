@@ -86,6 +86,12 @@ def main_experiments(lr: float) -> dict[str, str]:
         "k-8": diloco(k=8, extra=d),
         "hetero-tokens-4x": diloco(extra=f"{d} --speeds 1,1,1,0.25 --round-tokens {4 * 50 * 2 * 64}"),
         "outer-0.7-0.5": diloco(extra=f"{d} --outer-lr 0.7 --outer-momentum 0.5"),
+        "outer-0.5-0.5": diloco(extra=f"{d} --outer-lr 0.5 --outer-momentum 0.5"),
+        "outer-1.0-0.9": diloco(extra=f"{d} --outer-lr 1.0 --outer-momentum 0.9"),
+        # communication options at main's settings: pseudo-gradient compression as the networked all-reduce
+        # does it, and the overlapped outer step (a round's average applied D inner steps into the next)
+        **{f"comm-{c}": diloco(extra=f"{d} --compression {c}") for c in ("fp16", "int8")},
+        **{f"comm-overlap-{D}": diloco(extra=f"{d} --overlap-delay-steps {D}") for D in (5, 50)},
     }
     return runs
 
