@@ -46,9 +46,11 @@ FLAGS: dict[str, tuple[str | None, str]] = {
     "min_lr_ratio": ("inner", "min_lr_ratio"),
     "grad_clip": ("inner", "grad_clip"),
     "inner_optimizer": ("inner", "optimizer"),
+    "round_tokens": ("inner", "round_tokens"),
     "outer_lr": ("outer", "lr"),
     "outer_momentum": ("outer", "momentum"),
     "compression": ("outer", "compression"),
+    "overlap": ("outer", "overlap"),
     "seed": (None, "seed"),
     "max_rounds": (None, "max_rounds"),
     "device": (None, "device"),
@@ -170,10 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("adamw", "adamw8bit"),
         help="adamw (default) or bitsandbytes adamw8bit (CUDA)",
     )
+    inner.add_argument(
+        "--round-tokens",
+        type=int,
+        help="end a round when the swarm has processed this many tokens (fast peers do more steps); "
+        "0 (default): H steps per peer",
+    )
     outer = p.add_argument_group("outer optimizer (replicated on every peer)")
     outer.add_argument("--outer-lr", type=float, help="outer learning rate (default 0.7)")
     outer.add_argument("--outer-momentum", type=float, help="Nesterov momentum (default 0.9)")
     outer.add_argument("--compression", choices=COMPRESSIONS, help="pseudo-gradient encoding (default none)")
+    outer.add_argument(
+        "--overlap",
+        action="store_const",
+        const=True,
+        help="all-reduce round r in the background while training round r+1 (hides communication)",
+    )
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, help="initial model seed, must match across peers (default 0)")
     run.add_argument(

@@ -88,8 +88,14 @@ class InnerConfig:
     """Clip the gradient norm to this value (0 disables)."""
     optimizer: str = "adamw"
     """'adamw' (torch) or 'adamw8bit' (bitsandbytes, CUDA only)."""
+    round_tokens: int = 0
+    """Heterogeneous rounds: a round ends once the whole swarm has processed this many tokens since the last
+    sync, so fast peers do more inner steps and slow peers fewer. 0: every peer does H steps. H still sets
+    the learning-rate schedule's steps per round."""
 
     def __post_init__(self) -> None:
+        if self.round_tokens < 0:
+            raise ValueError(f"--round-tokens must be non-negative, got {self.round_tokens}")
         if self.steps < 1:
             raise ValueError(f"--inner-steps must be at least 1, got {self.steps}")
         if not self.lr > 0:
@@ -118,6 +124,9 @@ class OuterConfig:
     """Nesterov momentum; 0 turns the outer step into plain averaging (with lr 1)."""
     compression: str = "none"
     """Encoding of pseudo-gradients on the wire: none, fp16 or int8."""
+    overlap: bool = False
+    """Run round r's all-reduce and outer step in the background while round r+1's inner steps run. A local
+    choice (not part of the fingerprint): the global parameters are the same either way."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -249,6 +258,7 @@ def fingerprint_settings(config: RunConfig, *, model_arch: dict, tokenizer_id: s
         "tokenizer": tokenizer_id,
         "seed": config.seed,
         "inner_steps": config.inner.steps,
+        "round_tokens": config.inner.round_tokens,
         "outer_lr": config.outer.lr,
         "outer_momentum": config.outer.momentum,
         "compression": config.outer.compression,

@@ -59,7 +59,8 @@ class AveragingResult:
     group_size: int
     """Peers whose contributions were averaged, this one included."""
     tokens: int = 0
-    """Tokens processed by the whole group in this round."""
+    """Tokens behind the average: the whole group's in the simulation, this peer's own in a networked round
+    (hivemind does not report the group's total weight)."""
     info: dict = field(default_factory=dict)
     """Transport details (bytes sent and received, timings) for the metrics."""
 

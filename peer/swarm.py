@@ -17,7 +17,7 @@ from typing import Optional
 
 import hivemind
 import torch
-from hivemind.averaging.control import AveragingStage
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.compression import BlockwiseQuantization, CompressionBase, Float16Compression, NoCompression
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
 from hivemind.p2p import PeerID
@@ -48,7 +48,15 @@ class SwarmError(RuntimeError):
 class ProgressRecord(BaseModel):
     peer_id: bytes
     round: StrictInt
+    """The round whose inner steps this peer is running (or has just finished)."""
     inner_step: StrictInt
+    tokens: StrictInt
+    """Tokens this peer processed in `round` so far."""
+    done: StrictBool
+    """This peer has finished its inner steps of `round`."""
+    averaging: StrictInt
+    """The round whose all-reduce this peer is in or about to join (-1: none). With --overlap it is the round
+    before `round`: peers training round r+1 still meet for round r."""
     tokens_per_s: StrictFloat
     eta: StrictFloat
     """DHT time at which this peer expects to finish its inner phase."""
@@ -81,6 +89,28 @@ COMPRESSION: dict[str, CompressionBase] = {
     "fp16": Float16Compression(),
     "int8": BlockwiseQuantization(),
 }
+
+
+@dataclass
+class RoundProgress:
+    """The swarm's combined progress in one round."""
+
+    tokens: int
+    """Tokens processed in the round by all live peers in it."""
+    closed: bool
+    """Some peer has ended the round (or, with --round-tokens, the swarm reached the budget)."""
+    end_eta: float
+    """DHT time at which the round's all-reduce should start."""
+    peers: int
+
+
+@dataclass
+class ScheduledStep:
+    """A round's all-reduce whose matchmaking has started; it runs once triggered with the pseudo-gradient."""
+
+    control: StepControl
+    round_index: int
+    scheduled_time: float
 
 
 @dataclass
@@ -140,10 +170,14 @@ class Swarm:
             self._progress_key = f"{fingerprint}_progress"
             self._hashes_key = f"{fingerprint}_hashes"
             self._settings_key = f"{swarm.run_id}_settings"
+            self._averaging_round = -1
             self._progress = ProgressRecord(
                 peer_id=self.peer_id.to_bytes(),
                 round=0,
                 inner_step=0,
+                tokens=0,
+                done=False,
+                averaging=-1,
                 tokens_per_s=0.0,
                 eta=get_dht_time(),
                 client_mode=swarm.client_mode,
@@ -219,19 +253,35 @@ class Swarm:
 
     # ---- progress records ------------------------------------------------------------------------------------
     def report_progress(
-        self, *, round_index: int, inner_step: int, tokens_per_s: float, eta: float, now: bool = False
+        self,
+        *,
+        round_index: int,
+        inner_step: int,
+        tokens: int,
+        done: bool,
+        tokens_per_s: float,
+        eta: float,
+        now: bool = False,
     ) -> None:
         """Update this peer's progress record (published in the background every progress_period_s)."""
         self._progress = ProgressRecord(
             peer_id=self.peer_id.to_bytes(),
             round=round_index,
             inner_step=inner_step,
+            tokens=int(tokens),
+            done=bool(done),
+            averaging=self._averaging_round,
             tokens_per_s=float(tokens_per_s),
             eta=float(eta),
             client_mode=self.config.swarm.client_mode,
         )
         if now:
             self._publish_now.set()
+
+    def _set_averaging_round(self, round_index: int) -> None:
+        self._averaging_round = round_index
+        self._progress = self._progress.copy(update={"averaging": round_index})
+        self._publish_now.set()
 
     def _publish_periodically(self) -> None:
         while not self._stop.is_set():
@@ -276,19 +326,66 @@ class Swarm:
     ) -> list[ProgressRecord] | None:
         """Wait until every other live peer of this round has finished its inner steps (at most
         straggler_wait_s); returns their records, or None if live peers are already past this round."""
-        me, num_steps = self.peer_id.to_bytes(), self.config.inner.steps
+        me = self.peer_id.to_bytes()
         deadline = time.monotonic() + wait_s
         while True:
             others = [r for pid, r in self.live_peers().items() if pid != me]
-            if others and all(r.round > round_index for r in others):
+            in_round = [r for r in others if r.round == round_index or r.averaging == round_index]
+            if others and not in_round and all(r.round > round_index for r in others):
                 return None
-            in_round = [r for r in others if r.round == round_index]
-            pending = [r for r in in_round if r.inner_step < num_steps]
+            pending = [r for r in in_round if r.round == round_index and not r.done]
             if not pending or time.monotonic() >= deadline or should_stop():
                 return in_round
             time.sleep(0.25)
 
+    # ---- when a round ends ------------------------------------------------------------------------------------
+    def round_progress(self, round_index: int, *, straggler_wait_s: float) -> RoundProgress:
+        """The swarm's progress in a round, from the live peers' records (this peer's own record included).
+
+        `end_eta` is when the round's all-reduce should start: with fixed H, when the slowest live peer of the
+        round expects to finish (but no later than straggler_wait_s after this peer); with --round-tokens,
+        when the swarm's combined throughput reaches the token budget."""
+        records = [r for r in self.live_peers().values() if r.round == round_index]
+        mine = self._progress
+        tokens = sum(r.tokens for r in records)
+        closed = any(r.done for r in records)
+        budget = self.config.inner.round_tokens
+        if budget:
+            closed = closed or tokens >= budget
+            rate = sum(r.tokens_per_s for r in records if not r.done)
+            end_eta = get_dht_time() + max(0, budget - tokens) / rate if rate > 0 else mine.eta
+        else:
+            end_eta = max([r.eta for r in records if not r.done] + [mine.eta])
+            end_eta = min(end_eta, mine.eta + straggler_wait_s)
+        return RoundProgress(tokens=tokens, closed=closed, end_eta=end_eta, peers=len(records))
+
     # ---- averaging (the outer.Averager protocol) -------------------------------------------------------------
+    def schedule_averaging(
+        self, round_index: int, *, scheduled_time: float, order_key: bytes
+    ) -> ScheduledStep:
+        """Start matchmaking for a round's all-reduce ahead of its end, so the group is ready when the
+        pseudo-gradient is (the all-reduce waits for `average(..., scheduled=...)` to trigger it)."""
+        now = get_dht_time()
+        scheduled_time = max(scheduled_time, now + 1.0)
+        # The round number is part of the group key, so peers of different rounds can never meet.
+        self.averager.set_group_bits(format(round_index % 2**16, "016b"), wait=False).result(
+            timeout=DHT_TIMEOUT_S
+        )
+        self._set_averaging_round(round_index)
+        gather = {"round": round_index, "fingerprint": self.fingerprint, "order_key": order_key.hex()}
+        control = self.averager.step(
+            gather=gather,
+            weight=1.0,  # the real weight (our tokens) is set when the all-reduce is triggered
+            scheduled_time=scheduled_time,
+            # bounds matchmaking only (hivemind bounds the all-reduce itself with allreduce_timeout):
+            # a peer that finds no group soon after the scheduled time has missed this round
+            timeout=scheduled_time - now + max(2 * self.config.swarm.matchmaking_s, 5.0),
+            allow_retries=False,
+            require_trigger=True,
+            wait=False,
+        )
+        return ScheduledStep(control, round_index, scheduled_time)
+
     def average(
         self,
         pseudo_grads: list[torch.Tensor],
@@ -299,53 +396,66 @@ class Swarm:
         should_stop=lambda: False,
         during_allreduce=None,
         straggler_wait_s: float = 60.0,
+        scheduled: ScheduledStep | None = None,
     ) -> AveragingResult | None:
-        """Average with every live peer of this round; None if the all-reduce failed for this peer."""
-        swarm = self.config.swarm
-        peers_in_round = self.wait_until_round_peers_done(
-            round_index, wait_s=straggler_wait_s, should_stop=should_stop
-        )
-        if peers_in_round is None:
-            logger.warning(f"[{self.short_id}] round {round_index + 1}: the swarm has moved past this round")
-            return None  # never a lonely outer step behind the swarm: the agreement check resyncs us instead
-        if not peers_in_round:
-            return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
-        # The round number is part of the group key, so peers of different rounds can never meet.
-        self.averager.set_group_bits(format(round_index % 2**16, "016b"), wait=False).result(
-            timeout=DHT_TIMEOUT_S
-        )
-        now = get_dht_time()
-        scheduled = now + swarm.matchmaking_s
+        """Average with every live peer of this round; None if the all-reduce failed for this peer.
+
+        With `scheduled` (from schedule_averaging) the group is already forming; otherwise this waits for the
+        round's other live peers to finish their inner steps, then matches with them."""
+        try:
+            self._set_averaging_round(round_index)
+            if scheduled is None:
+                peers_in_round = self.wait_until_round_peers_done(
+                    round_index, wait_s=straggler_wait_s, should_stop=should_stop
+                )
+                if peers_in_round is None:
+                    logger.warning(
+                        f"[{self.short_id}] round {round_index + 1}: the swarm has moved past this round"
+                    )
+                    return None  # never a lonely outer step behind the swarm: the agreement check resyncs us
+                if not peers_in_round:
+                    return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
+                scheduled = self.schedule_averaging(
+                    round_index,
+                    scheduled_time=get_dht_time() + self.config.swarm.matchmaking_s,
+                    order_key=order_key,
+                )
+            return self._run_scheduled(
+                scheduled,
+                pseudo_grads,
+                tokens=tokens,
+                should_stop=should_stop,
+                during_allreduce=during_allreduce,
+            )
+        finally:
+            self._set_averaging_round(-1)
+
+    def _run_scheduled(
+        self, scheduled: ScheduledStep, pseudo_grads, *, tokens: int, should_stop, during_allreduce
+    ) -> AveragingResult | None:
+        round_index, control = scheduled.round_index, scheduled.control
         with self.averager.get_tensors() as tensors:
             for dst, src in zip(tensors, pseudo_grads, strict=True):
                 dst.copy_(src)
-        gather = {
-            "round": round_index,
-            "fingerprint": self.fingerprint,
-            "tokens": tokens,
-            "order_key": order_key.hex(),
-        }
+        control.weight = float(tokens)
+        control.allow_allreduce()
         try:
-            control = self.averager.step(
-                gather=gather,
-                weight=float(tokens),
-                scheduled_time=scheduled,
-                # bounds matchmaking only (hivemind bounds the all-reduce itself with allreduce_timeout):
-                # a peer that finds no group soon after the scheduled time has missed this round
-                timeout=scheduled - now + max(2 * swarm.matchmaking_s, 5.0),
-                allow_retries=False,
-                wait=False,
-            )
             gathered = _wait_cancellable(
                 control,
                 should_stop,
-                timeout_s=scheduled - now + 2 * swarm.allreduce_timeout_s,
+                timeout_s=max(0.0, scheduled.scheduled_time - get_dht_time())
+                + 2 * self.config.swarm.allreduce_timeout_s,
                 during_allreduce=during_allreduce,
             )
         except Exception as e:  # hivemind raises many types for a failed group; all mean "round failed"
             logger.warning(
                 f"[{self.short_id}] round {round_index}: all-reduce failed: {type(e).__name__}: {e}"
             )
+            if not control.began_allreduce and not should_stop():
+                # nobody to average with (the others left): a round of one is still a round
+                others = self.wait_until_round_peers_done(round_index, wait_s=0.0, should_stop=should_stop)
+                if others == []:
+                    return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
             return None
         if gathered is None:
             return None
@@ -360,7 +470,7 @@ class Swarm:
         return AveragingResult(
             averaged=averaged,
             group_size=len(gathered),
-            tokens=sum(int(meta["tokens"]) for meta in gathered.values()),
+            tokens=tokens,
             info=self.averager.last_transport_stats(),
         )
 

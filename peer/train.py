@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -21,7 +21,7 @@ from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
 from peer.metrics import JsonlMetrics, summary_line
 from peer.model import architecture, build_model, count_parameters, load_model_config
 from peer.outer import AveragingResult, OuterOptimizer, all_finite, tensors_sha256
-from peer.swarm import Swarm, SwarmView
+from peer.swarm import ScheduledStep, Swarm, SwarmView
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,46 @@ class SwarmPosition:
     """Outer steps completed (the round being trained is round + 1 in metrics)."""
     inner_step: int = 0
     """Inner steps done in the current round."""
+
+
+CHECK_PERIOD_S = 0.5  # how often the inner phase reads the swarm's progress (DHT lookups cost milliseconds)
+
+
+@dataclass
+class InnerPhase:
+    """What one inner phase produced."""
+
+    losses: list[float]
+    tokens: int
+    tokens_per_s: float
+    scheduled: ScheduledStep | None = None
+    """This round's all-reduce, if its matchmaking was started during the inner phase."""
+
+
+@dataclass
+class RoundStats:
+    """One round's measurements, logged once its outer step is applied."""
+
+    round_index: int
+    losses: list[float]
+    tokens: int
+    tokens_per_s: float
+    inner_s: float
+    inner_ended_at: float
+    outer_started: float
+    allreduce_s: float = 0.0
+
+
+@dataclass
+class PendingAverage:
+    """A round's all-reduce running in the background (--overlap)."""
+
+    stats: RoundStats
+    snapshot: list[torch.Tensor]
+    """The local parameters whose pseudo-gradient is being averaged."""
+    result: AveragingResult | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
 
 
 class StopFlag:
@@ -102,7 +142,8 @@ class Peer:
         self.batches_drawn = 0  # so that a resumed peer continues its data stream exactly
         self.recent_inner_s: collections.deque[float] = collections.deque(maxlen=5)
         self.faults = FaultPlan.parse(config.test_fault)
-        self.total_tokens = self.rounds_done = self.failed_rounds = self.resyncs = 0
+        self.total_tokens = self.rounds_done = self.rounds_started = self.failed_rounds = self.resyncs = 0
+        self.pending: PendingAverage | None = None
         self.log: logging.LoggerAdapter = logging.LoggerAdapter(logger, {"peer": "-"})
         if config.resume:
             self._resume_from_checkpoint()
@@ -113,7 +154,7 @@ class Peer:
         with self.state_lock:
             metadata = {
                 "round": self.position.round,
-                "inner_step": self.position.inner_step,
+                "inner_step": self.position.inner_step if self.pending is None else 0,
                 "fingerprint": self.fingerprint,
                 "params_sha256": self.outer.params_hash(),
             }
@@ -203,86 +244,125 @@ class Peer:
         self.metrics = JsonlMetrics(config.metrics_file)
 
     # ---- one round -----------------------------------------------------------------------------------------
-    def inner_phase(self) -> tuple[list[float], float]:
-        """Inner AdamW steps from the current schedule position to H; returns (losses, tokens per second)."""
+    @property
+    def training_round(self) -> int:
+        """The round whose inner steps run now: with an all-reduce in flight (--overlap), the one after it."""
+        return self.position.round + (1 if self.pending is not None else 0)
+
+    def inner_phase(self, round_index: int) -> InnerPhase:
+        """Inner AdamW steps until the round ends: H steps, or with --round-tokens until the swarm has processed
+        the budget. Meanwhile: apply a finished background all-reduce (--overlap) and schedule this round's
+        matchmaking so that the group is ready when the inner steps end."""
         config, H = self.config, self.config.inner.steps
-        round_index, first_step = self.position.round, self.position.inner_step
+        budget = config.inner.round_tokens
         tokens_per_step = config.data.batch_size * config.data.seq_len
+        first_step = self.position.inner_step
+        phase = InnerPhase(losses=[], tokens=0, tokens_per_s=0.0)
         started = time.perf_counter()
-        losses: list[float] = []
-        bar = tqdm(
-            range(first_step, H),
-            desc=f"[{self.swarm.short_id}] round {round_index + 1}",
-            leave=False,
-            disable=None,
-            dynamic_ncols=True,
-        )
-        for step in bar:
-            if self.stop:
-                break
+        next_check = started + CHECK_PERIOD_S
+        bar = tqdm(desc=f"[{self.swarm.short_id}] round {round_index + 1}", leave=False, disable=None)
+        step = first_step
+        while not self.stop and (step < H if not budget else phase.tokens < budget):
             lr = inner_lr(round_index * H + step, config=config.inner, total_steps=config.total_inner_steps)
             step_started = time.perf_counter()
             batch = next(self.batches).to(self.device)
             self.batches_drawn += 1
-            losses.append(
+            phase.losses.append(
                 inner_step(self.model, self.inner_opt, batch, lr=lr, grad_clip=config.inner.grad_clip)
             )
+            step += 1
+            phase.tokens += tokens_per_step
             with self.state_lock:
-                self.position.inner_step = step + 1
+                self.position.inner_step = step
             if self.faults:
                 self.faults.after_inner_step(time.perf_counter() - step_started)
-            elapsed = time.perf_counter() - started
+            now = time.perf_counter()
+            phase.tokens_per_s = phase.tokens / (now - started)
+            steps_left = H - step if not budget else max(0, budget - phase.tokens) // tokens_per_step
             self.swarm.report_progress(
                 round_index=round_index,
-                inner_step=step + 1,
-                tokens_per_s=len(losses) * tokens_per_step / elapsed,
-                eta=swarm_time() + (H - step - 1) * elapsed / len(losses),
-                now=step == first_step,
+                inner_step=step,
+                tokens=phase.tokens,
+                done=False,
+                tokens_per_s=phase.tokens_per_s,
+                eta=swarm_time() + steps_left * (now - started) / len(phase.losses),
+                now=step == first_step + 1,
             )
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            self.log.debug(f"round {round_index + 1} step {step + 1}/{H} loss {losses[-1]:.4f} lr {lr:.2e}")
+            bar.update()
+            bar.set_postfix(loss=f"{phase.losses[-1]:.3f}")
+            if self.pending is not None and self.pending.finished.is_set():
+                self.finish_pending()
+            if now >= next_check:
+                next_check = now + CHECK_PERIOD_S
+                if self.watch_round_end(round_index, phase):
+                    break
         bar.close()
-        elapsed = time.perf_counter() - started
-        return losses, len(losses) * tokens_per_step / max(elapsed, 1e-9)
-
-    def outer_phase(self, round_tokens: int) -> AveragingResult | None:
-        """All-reduce the pseudo-gradients and apply the replicated outer step; None if the all-reduce failed."""
-        round_index = self.position.round
-        pseudo_grads = self.outer.pseudo_gradient(self.params)
         self.swarm.report_progress(
             round_index=round_index,
-            inner_step=self.config.inner.steps,
-            tokens_per_s=0.0,
+            inner_step=step,
+            tokens=phase.tokens,
+            done=True,
+            tokens_per_s=phase.tokens_per_s,
             eta=swarm_time(),
             now=True,
         )
-        result = None
-        if all_finite(pseudo_grads) and round_tokens > 0:  # I6: never contribute a non-finite update
-            result = self.swarm.average(
-                pseudo_grads,
-                round_index=round_index,
-                tokens=round_tokens,
-                order_key=self.order_key,
-                should_stop=lambda: bool(self.stop),
-                straggler_wait_s=self.straggler_wait_s(),
-                during_allreduce=(lambda: self.faults.during_allreduce(round_index + 1))
-                if self.faults
-                else None,
+        return phase
+
+    def watch_round_end(self, round_index: int, phase: InnerPhase) -> bool:
+        """Pre-schedule this round's matchmaking once its end is near; True if the swarm has ended the round
+        (--round-tokens: the swarm reached the budget, or another peer already finished the round)."""
+        swarm = self.config.swarm
+        progress = self.swarm.round_progress(round_index, straggler_wait_s=self.straggler_wait_s())
+        if (
+            phase.scheduled is None
+            and self.pending is None  # one all-reduce at a time: its round number is the group key
+            and progress.peers > 1
+            and progress.end_eta - swarm_time() <= swarm.matchmaking_s + 2 * CHECK_PERIOD_S
+        ):
+            phase.scheduled = self.swarm.schedule_averaging(
+                round_index, scheduled_time=progress.end_eta, order_key=self.order_key
             )
-        else:
-            self.log.warning(
-                f"round {round_index + 1}: local update is not finite or empty; not contributing"
-            )
-        if result is None and self.stop:
-            return None  # leaving mid-all-reduce: this round did not happen for us
+        return bool(self.config.inner.round_tokens) and progress.closed
+
+    def pseudo_gradient_or_none(self, round_index: int, tokens: int) -> list[torch.Tensor] | None:
+        pseudo_grads = self.outer.pseudo_gradient(self.params)
+        if all_finite(pseudo_grads) and tokens > 0:  # I6: never contribute a non-finite update
+            return pseudo_grads
+        self.log.warning(f"round {round_index + 1}: local update is not finite or empty; not contributing")
+        return None
+
+    def average(self, stats: RoundStats, pseudo_grads, scheduled) -> AveragingResult | None:
+        round_index = stats.round_index
+        if pseudo_grads is None:
+            if scheduled is not None:
+                scheduled.control.cancel()
+            return None
+        return self.swarm.average(
+            pseudo_grads,
+            round_index=round_index,
+            tokens=stats.tokens,
+            order_key=self.order_key,
+            should_stop=lambda: bool(self.stop),
+            straggler_wait_s=self.straggler_wait_s(),
+            scheduled=scheduled,
+            during_allreduce=(lambda: self.faults.during_allreduce(round_index + 1)) if self.faults else None,
+        )
+
+    def apply_outer_step(self, round_index: int, result: AveragingResult | None, snapshot=None) -> None:
+        """The replicated outer step; the local model restarts from the new global parameters (plus, with
+        --overlap, the progress it made since `snapshot`, the parameters whose update was averaged)."""
         with self.state_lock:
             if result is not None:
                 self.outer.step_(result.averaged)
-            self.position.round, self.position.inner_step = round_index + 1, 0
+            self.position.round = round_index + 1
+            if snapshot is None:
+                self.position.inner_step = 0
             if self.faults:
                 self.faults.after_outer_step(self.position.round, self.outer.global_params)
-        self.outer.copy_to_(self.params)
-        return result
+        if snapshot is None:
+            self.outer.copy_to_(self.params)
+        else:
+            self.outer.rebase_(self.params, snapshot)
 
     def straggler_wait_s(self) -> float:
         """How long to wait for slower peers: the flag, or one median inner phase of ours (at least 10 s)."""
@@ -327,45 +407,113 @@ class Peer:
         return view
 
     def train_one_round(self) -> bool:
-        """Inner phase, outer phase, agreement check, metrics; False if stopped mid-round."""
-        config, H = self.config, self.config.inner.steps
-        round_index = self.position.round
+        """Inner phase, all-reduce, outer step, agreement check, metrics; False if stopped mid-round.
+        With --overlap the all-reduce and outer step are handed to a background thread instead."""
+        config = self.config
+        round_index = self.training_round
         inner_started = time.perf_counter()
-        losses, tokens_per_s = self.inner_phase()
-        if self.stop:
-            return False
+        phase = self.inner_phase(round_index)
         inner_s = time.perf_counter() - inner_started
-        if len(losses) == H:  # only full inner phases say how long a round takes
-            self.recent_inner_s.append(inner_s)
+        if self.pending is not None and not self.stop:
+            self.finish_pending(wait=True)  # at most one all-reduce in flight
+        if self.stop:
+            if phase.scheduled is not None:
+                phase.scheduled.control.cancel()
+            return False
+        if config.inner.round_tokens or len(phase.losses) == config.inner.steps:
+            self.recent_inner_s.append(inner_s)  # only full inner phases say how long a round takes
         forked = self.forked_from_swarm()
         if forked is not None:  # never contribute an update computed on a forked model
+            if phase.scheduled is not None:
+                phase.scheduled.control.cancel()
             self.resync(forked, reason="before averaging: our parameters differ from the majority")
             return True
-        round_tokens = len(losses) * config.data.batch_size * config.data.seq_len
-        self.total_tokens += round_tokens
-        outer_started, inner_ended_at = time.perf_counter(), time.time()
-        result = self.outer_phase(round_tokens)
+        self.total_tokens += phase.tokens
+        self.rounds_started += 1
+        stats = RoundStats(
+            round_index=round_index,
+            losses=phase.losses,
+            tokens=phase.tokens,
+            tokens_per_s=phase.tokens_per_s,
+            inner_s=inner_s,
+            inner_ended_at=time.time(),
+            outer_started=time.perf_counter(),
+        )
+        pseudo_grads = self.pseudo_gradient_or_none(round_index, phase.tokens)
+        if config.outer.overlap:
+            self.start_background_average(stats, pseudo_grads, phase.scheduled)
+            return True
+        result = self.average(stats, pseudo_grads, phase.scheduled)
         if result is None and self.stop:
-            return False
-        allreduce_s = time.perf_counter() - outer_started
+            return False  # leaving mid-all-reduce: this round did not happen for us
+        self.apply_outer_step(round_index, result)
+        stats.allreduce_s = time.perf_counter() - stats.outer_started
+        self.log_round(stats, result, resynced=self.check_agreement(result))
+        return True
+
+    # ---- overlapped all-reduce (--overlap) ------------------------------------------------------------------
+    def start_background_average(self, stats: RoundStats, pseudo_grads, scheduled) -> None:
+        pending = PendingAverage(stats=stats, snapshot=[p.detach().clone() for p in self.params])
+
+        def work():
+            try:
+                pending.result = self.average(stats, pseudo_grads, scheduled)
+            except Exception as e:  # the round fails; the agreement check repairs us
+                self.log.warning(f"round {stats.round_index + 1}: background all-reduce failed: {e!r}")
+            finally:
+                pending.finished.set()
+
+        with self.state_lock:
+            self.pending = pending
+            self.position.inner_step = 0  # the next round's inner steps start now
+        pending.thread = threading.Thread(target=work, name="averaging", daemon=True)
+        pending.thread.start()
+
+    def finish_pending(self, *, wait: bool = False) -> None:
+        """Apply the background all-reduce's outer step (waiting for it if `wait`), then publish our hash."""
+        pending = self.pending
+        while wait and not pending.finished.wait(timeout=0.25) and not self.stop:
+            pass
+        if not pending.finished.is_set():
+            return
+        self.pending = None
+        if pending.result is None and self.stop:
+            return  # leaving mid-all-reduce: this round did not happen for us
+        stats = pending.stats
+        self.apply_outer_step(stats.round_index, pending.result, snapshot=pending.snapshot)
+        stats.allreduce_s = time.perf_counter() - stats.outer_started
+        # the swarm's hashes of this round are checked before our next contribution (forked_from_swarm)
+        self.swarm.publish_hash(self.position.round, self.outer.params_hash())
+        self.log_round(stats, pending.result, resynced=False)
+
+    def wait_for_pending(self) -> None:
+        if self.pending is not None:
+            self.finish_pending(wait=True)
+        if self.pending is not None:  # stopped while the all-reduce ran: let it cancel itself
+            self.pending.thread.join(timeout=10.0)
+
+    # ---- metrics -------------------------------------------------------------------------------------------
+    def log_round(self, stats: RoundStats, result: AveragingResult | None, *, resynced: bool) -> None:
+        config, H = self.config, self.config.inner.steps
         self.failed_rounds += result is None
-        resynced = self.check_agreement(result)
         self.rounds_done += 1
         record = {
             "round": self.position.round,
             "peer_id": str(self.swarm.peer_id),
             "fingerprint": self.fingerprint,
-            "loss": sum(losses) / max(1, len(losses)),
+            "loss": sum(stats.losses) / max(1, len(stats.losses)),
             "group_size": result.group_size if result else 0,
             "global_params_sha256": self.outer.params_hash(),
             "tokens": self.total_tokens,
-            "round_tokens": round_tokens,
+            "round_tokens": stats.tokens,
+            "inner_steps": len(stats.losses),
             "num_params": count_parameters(self.model),
-            "tokens_per_s": tokens_per_s,
-            "inner_s": inner_s,
-            "allreduce_s": allreduce_s,
+            "tokens_per_s": stats.tokens_per_s,
+            "inner_s": stats.inner_s,
+            "allreduce_s": stats.allreduce_s,
+            "overlap": config.outer.overlap,
             "lr": inner_lr(
-                round_index * H + H - 1, config=config.inner, total_steps=config.total_inner_steps
+                stats.round_index * H + H - 1, config=config.inner, total_steps=config.total_inner_steps
             ),
             "failed": result is None,
             "failed_rounds": self.failed_rounds,
@@ -378,12 +526,24 @@ class Peer:
         }
         # time from our last inner step to the start of the data transfer (waiting for peers, matchmaking)
         started_at = record.pop("transfer_started_at", None)
-        record["sync_wait_s"] = max(0.0, started_at - inner_ended_at) if started_at else None
+        record["sync_wait_s"] = max(0.0, started_at - stats.inner_ended_at) if started_at else None
         if config.eval_every and self.position.round % config.eval_every == 0 and self.held_out:
-            record["eval_loss"] = evaluate(self.model, self.held_out, self.device)
+            record["eval_loss"] = self.evaluate_global()
         self.metrics.log_round(record)
         self.log.info(summary_line(record))
-        return True
+
+    def evaluate_global(self) -> float:
+        """Held-out loss of the global parameters (with --overlap the local model is ahead of them)."""
+        if self.pending is None and not self.config.outer.overlap:
+            return evaluate(self.model, self.held_out, self.device)
+        local = [p.detach().clone() for p in self.params]
+        self.outer.copy_to_(self.params)
+        try:
+            return evaluate(self.model, self.held_out, self.device)
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.params, local, strict=True):
+                    p.copy_(saved)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def _resume_from_checkpoint(self) -> None:
@@ -427,14 +587,22 @@ class Peer:
         try:
             self.join_swarm()
             self.prepare_training()
-            while not self.stop and (config.max_rounds == 0 or self.rounds_done < config.max_rounds):
+            last_checkpoint = self.position.round
+            while not self.stop and (config.max_rounds == 0 or self.rounds_started < config.max_rounds):
                 if not self.train_one_round():
                     break
-                if config.checkpoint_dir and self.position.round % config.checkpoint_every == 0:
+                if (
+                    config.checkpoint_dir
+                    and self.position.round != last_checkpoint
+                    and self.position.round % config.checkpoint_every == 0
+                ):
                     self.save_checkpoint("periodic")
+                    last_checkpoint = self.position.round
+            self.wait_for_pending()
         except KeyboardInterrupt:
             self.log.warning("interrupted twice: leaving without waiting")
         finally:
+            self.wait_for_pending()
             if config.checkpoint_dir and hasattr(self, "inner_opt") and self.rounds_done > 0:
                 self.save_checkpoint("shutdown")
             if hasattr(self, "swarm"):

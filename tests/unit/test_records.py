@@ -13,7 +13,17 @@ def round_trip(record):
 
 def test_records_round_trip_through_msgpack():
     records = [
-        ProgressRecord(peer_id=b"p", round=3, inner_step=7, tokens_per_s=10.5, eta=123.0, client_mode=False),
+        ProgressRecord(
+            peer_id=b"p",
+            round=3,
+            inner_step=7,
+            tokens=7168,
+            done=False,
+            averaging=2,
+            tokens_per_s=10.5,
+            eta=123.0,
+            client_mode=False,
+        ),
         HashRecord(peer_id=b"p", hashes={"3": "ab", "4": "cd"}),
         SettingsRecord(peer_id=b"p", fingerprint="f", settings_json="{}"),
     ]
