@@ -48,6 +48,8 @@ class InnerPhase:
     tokens_per_s: float
     scheduled: ScheduledStep | None = None
     """This round's all-reduce, if its matchmaking was started during the inner phase."""
+    resynced: bool = False
+    """The peer adopted the swarm's state during the phase (--overlap): nothing to contribute this round."""
 
 
 @dataclass
@@ -291,7 +293,11 @@ class Peer:
             bar.update()
             bar.set_postfix(loss=f"{phase.losses[-1]:.3f}")
             if self.pending is not None and self.pending.finished.is_set():
+                resyncs = self.resyncs
                 self.finish_pending()
+                if self.resyncs != resyncs:  # the swarm's state replaced ours: this round's steps are void
+                    phase.resynced = True
+                    break
             if now >= next_check:
                 next_check = now + CHECK_PERIOD_S
                 if self.watch_round_end(round_index, phase):
@@ -309,16 +315,21 @@ class Peer:
         return phase
 
     def watch_round_end(self, round_index: int, phase: InnerPhase) -> bool:
-        """Pre-schedule this round's matchmaking once its end is near; True if the swarm has ended the round
-        (--round-tokens: the swarm reached the budget, or another peer already finished the round)."""
+        """Pre-schedule this round's matchmaking once its end is near; True to end the inner phase now: with
+        --round-tokens when the swarm reached the budget (or another peer ended the round), and whenever our
+        global parameters turn out to differ from the swarm's (train_one_round then resyncs us)."""
         swarm = self.config.swarm
         progress = self.swarm.round_progress(round_index, straggler_wait_s=self.straggler_wait_s())
         if (
             phase.scheduled is None
-            and self.pending is None  # one all-reduce at a time: its round number is the group key
+            # with --overlap the all-reduce runs behind the next round's compute anyway; there the robust way
+            # (wait until every peer of the round is done, then match) costs no compute
+            and not self.config.outer.overlap
             and progress.peers > 1
             and progress.end_eta - swarm_time() <= swarm.matchmaking_s + 2 * CHECK_PERIOD_S
         ):
+            if self.forked_from_swarm() is not None:
+                return True  # never join a group with a forked model: leaving it later would fail the group
             phase.scheduled = self.swarm.schedule_averaging(
                 round_index, scheduled_time=progress.end_eta, order_key=self.order_key
             )
@@ -414,12 +425,14 @@ class Peer:
         inner_started = time.perf_counter()
         phase = self.inner_phase(round_index)
         inner_s = time.perf_counter() - inner_started
-        if self.pending is not None and not self.stop:
+        if self.pending is not None and not self.stop and not phase.resynced:
+            resyncs = self.resyncs
             self.finish_pending(wait=True)  # at most one all-reduce in flight
-        if self.stop:
+            phase.resynced = self.resyncs != resyncs
+        if self.stop or phase.resynced:
             if phase.scheduled is not None:
                 phase.scheduled.control.cancel()
-            return False
+            return not self.stop
         if config.inner.round_tokens or len(phase.losses) == config.inner.steps:
             self.recent_inner_s.append(inner_s)  # only full inner phases say how long a round takes
         forked = self.forked_from_swarm()
@@ -482,9 +495,13 @@ class Peer:
         stats = pending.stats
         self.apply_outer_step(stats.round_index, pending.result, snapshot=pending.snapshot)
         stats.allreduce_s = time.perf_counter() - stats.outer_started
-        # the swarm's hashes of this round are checked before our next contribution (forked_from_swarm)
-        self.swarm.publish_hash(self.position.round, self.outer.params_hash())
-        self.log_round(stats, pending.result, resynced=False)
+        if pending.result is not None:
+            # the swarm's hashes of this round are checked before our next contribution (forked_from_swarm)
+            self.swarm.publish_hash(self.position.round, self.outer.params_hash())
+            resynced = False
+        else:  # we missed the round; if the others did not, adopt their state now rather than a round later
+            resynced = self.check_agreement(None)
+        self.log_round(stats, pending.result, resynced=resynced)
 
     def wait_for_pending(self) -> None:
         if self.pending is not None:

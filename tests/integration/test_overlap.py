@@ -1,0 +1,74 @@
+"""--overlap and --round-tokens with real peer processes on 127.0.0.1: peers still agree bit for bit."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from tests.integration.harness import hashes_by_round
+
+
+def assert_agreement(peers) -> None:
+    for round_index, by_peer in hashes_by_round(peers).items():
+        assert len(set(by_peer.values())) == 1, f"round {round_index}: peers disagree: {by_peer}"
+
+
+@pytest.mark.timeout(300)
+def test_overlapping_peers_agree_every_round(local_swarm):
+    local_swarm.start_bootstrap()
+    args = [
+        "--max-rounds",
+        "4",
+        "--wait-for-peers",
+        "3",
+        "--inner-steps",
+        "10",
+        "--overlap",
+        "--eval-every",
+        "2",
+    ]
+    peers = [local_swarm.start_peer(f"peer{i}", *args) for i in range(3)]
+    local_swarm.wait_rounds(peers, 4, timeout_s=240)
+    for peer in peers:
+        records = peer.records()
+        assert [r["round"] for r in records] == [1, 2, 3, 4]
+        assert [r["group_size"] for r in records] == [3, 3, 3, 3], peer.log()[-2000:]
+        assert all(r["overlap"] and r["resyncs"] == 0 and not r["failed"] for r in records)
+        assert records[-1]["eval_loss"] < records[1]["eval_loss"] + 0.5
+    assert_agreement(peers)
+    for peer in peers:
+        assert peer.wait(timeout_s=30) == 0
+
+
+@pytest.mark.timeout(300)
+def test_matchmaking_is_scheduled_before_the_inner_steps_end(local_swarm):
+    """The group forms while the last inner steps run, so little time passes between a peer's last inner step
+    and the start of the data transfer (without pre-scheduling it is at least --matchmaking-s)."""
+    local_swarm.start_bootstrap()
+    args = ["--max-rounds", "4", "--wait-for-peers", "2", "--inner-steps", "40", "--matchmaking-s", "3"]
+    peers = [local_swarm.start_peer(f"peer{i}", *args) for i in range(2)]
+    local_swarm.wait_rounds(peers, 4, timeout_s=240)
+    # The peer that finishes a round last waits for nobody: only for the transfer to start. (The other one
+    # may wait for it, which is a straggler wait, not matchmaking.) Round 1 has no timing history yet.
+    last_finisher_waits = [
+        min(records[r]["sync_wait_s"] for records in (peer.records() for peer in peers)) for r in range(1, 4)
+    ]
+    assert statistics.median(last_finisher_waits) < 0.5 * 3, [peer.log()[-1500:] for peer in peers]
+    assert_agreement(peers)
+
+
+@pytest.mark.timeout(300)
+def test_round_tokens_let_a_fast_peer_do_more_steps_and_weight_by_tokens(local_swarm):
+    local_swarm.start_bootstrap()
+    tokens_per_step = 4 * 64  # FAST_PEER_ARGS: batch 4 x seq 64
+    args = ["--max-rounds", "3", "--wait-for-peers", "2", "--round-tokens", str(24 * tokens_per_step)]
+    fast = local_swarm.start_peer("fast", *args)
+    slow = local_swarm.start_peer("slow", *args, "--test-fault", "slow:3")
+    local_swarm.wait_rounds([fast, slow], 3, timeout_s=240)
+    fast_records, slow_records = fast.records(), slow.records()
+    assert [r["group_size"] for r in fast_records] == [2, 2, 2], fast.log()[-2000:]
+    for f, s in zip(fast_records[1:], slow_records[1:], strict=True):  # round 1 includes start-up skew
+        assert f["inner_steps"] > 1.5 * s["inner_steps"], (f, s)
+        assert f["round_tokens"] + s["round_tokens"] >= 24 * tokens_per_step
+    assert_agreement([fast, slow])
