@@ -61,6 +61,7 @@ class RoundStats:
     tokens: int
     tokens_per_s: float
     inner_s: float
+    inner_started_at: float
     inner_ended_at: float
     outer_started: float
     allreduce_s: float = 0.0
@@ -422,7 +423,7 @@ class Peer:
         With --overlap the all-reduce and outer step are handed to a background thread instead."""
         config = self.config
         round_index = self.training_round
-        inner_started = time.perf_counter()
+        inner_started, inner_started_at = time.perf_counter(), time.time()
         phase = self.inner_phase(round_index)
         inner_s = time.perf_counter() - inner_started
         if self.pending is not None and not self.stop and not phase.resynced:
@@ -449,6 +450,7 @@ class Peer:
             tokens=phase.tokens,
             tokens_per_s=phase.tokens_per_s,
             inner_s=inner_s,
+            inner_started_at=inner_started_at,
             inner_ended_at=time.time(),
             outer_started=time.perf_counter(),
         )
@@ -527,6 +529,7 @@ class Peer:
             "num_params": count_parameters(self.model),
             "tokens_per_s": stats.tokens_per_s,
             "inner_s": stats.inner_s,
+            "inner_started_at": stats.inner_started_at,
             "allreduce_s": stats.allreduce_s,
             "overlap": config.outer.overlap,
             "lr": inner_lr(

@@ -455,15 +455,18 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def summarize_peers(run_dir: Path, name: str, inner_steps: int) -> dict:
-    """Utilization per peer over the rounds after the first (the first includes startup and peer discovery)."""
+    """Utilization per peer: inner-step time over wall time from the start of round 2's inner phase to the start
+    of the last round's (round 1 includes startup and peer discovery; with --overlap the last round's
+    all-reduce has no compute left to hide behind, so whole cycles are measured, from inner start to inner
+    start)."""
     per_peer = []
     allreduce, bytes_sent, failed = [], [], 0
     for path in sorted(run_dir.glob("peer*.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if len(records) < 2:
-            raise RuntimeError(f"{name}: {path.name} has {len(records)} rounds, need at least 2")
-        measured = records[1:]
-        wall_s = records[-1]["time"] - records[0]["time"]
+        if len(records) < 3:
+            raise RuntimeError(f"{name}: {path.name} has {len(records)} rounds, need at least 3")
+        measured = records[1:-1]
+        wall_s = records[-1]["inner_started_at"] - records[1]["inner_started_at"]
         per_peer.append(sum(r["inner_s"] for r in measured) / wall_s)
         allreduce += [r["allreduce_s"] for r in measured]
         bytes_sent += [r.get("bytes_sent", 0) for r in measured]
@@ -497,7 +500,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--inner-steps", type=int, default=50, help="H for the DiLoCo settings (default 50)")
     p.add_argument(
-        "--rounds", type=int, default=3, help="rounds per DiLoCo setting; the first is not measured"
+        "--rounds",
+        type=int,
+        default=4,
+        help="rounds per DiLoCo setting (at least 3): rounds 2 to the last but one are measured",
     )
     p.add_argument(
         "--dp-rounds", type=int, default=4, help="rounds (= steps) for the data-parallel emulation"
