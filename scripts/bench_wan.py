@@ -529,8 +529,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--peers must be 2..200 and every bandwidth positive")
     if bad := [c for c in args.compressions if c not in bar.BYTES_PER_ELEMENT]:
         p.error(f"--compressions: unknown {bad}")
-    if args.rounds < 2:
-        p.error("--rounds must be at least 2 (the first round is not measured)")
+    if args.rounds < 3:
+        p.error("--rounds must be at least 3 (whole cycles from round 2 to the last are measured)")
     return args
 
 
