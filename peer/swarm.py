@@ -57,6 +57,8 @@ class ProgressRecord(BaseModel):
     averaging: StrictInt
     """The round whose all-reduce this peer is in or about to join (-1: none). With --overlap it is the round
     before `round`: peers training round r+1 still meet for round r."""
+    scheduled_time: StrictFloat
+    """DHT time at which the group of round `averaging` forms (0: not scheduled): later peers adopt it."""
     tokens_per_s: StrictFloat
     eta: StrictFloat
     """DHT time at which this peer expects to finish its inner phase."""
@@ -102,6 +104,10 @@ class RoundProgress:
     end_eta: float
     """DHT time at which the round's all-reduce should start."""
     peers: int
+    all_in_round: bool
+    """Every live peer has reached this round (none is still finishing the previous one)."""
+    scheduled_time: float
+    """The group time another peer of this round already scheduled (0: none yet)."""
 
 
 @dataclass
@@ -170,7 +176,7 @@ class Swarm:
             self._progress_key = f"{fingerprint}_progress"
             self._hashes_key = f"{fingerprint}_hashes"
             self._settings_key = f"{swarm.run_id}_settings"
-            self._averaging_round = -1
+            self._averaging_round, self._scheduled_time = -1, 0.0
             self._progress = ProgressRecord(
                 peer_id=self.peer_id.to_bytes(),
                 round=0,
@@ -178,6 +184,7 @@ class Swarm:
                 tokens=0,
                 done=False,
                 averaging=-1,
+                scheduled_time=0.0,
                 tokens_per_s=0.0,
                 eta=get_dht_time(),
                 client_mode=swarm.client_mode,
@@ -271,6 +278,7 @@ class Swarm:
             tokens=int(tokens),
             done=bool(done),
             averaging=self._averaging_round,
+            scheduled_time=self._scheduled_time,
             tokens_per_s=float(tokens_per_s),
             eta=float(eta),
             client_mode=self.config.swarm.client_mode,
@@ -278,9 +286,15 @@ class Swarm:
         if now:
             self._publish_now.set()
 
-    def _set_averaging_round(self, round_index: int) -> None:
-        self._averaging_round = round_index
-        self._progress = self._progress.copy(update={"averaging": round_index})
+    def my_eta(self) -> float:
+        """When this peer expects to finish its inner phase (DHT time), as last reported."""
+        return self._progress.eta
+
+    def _set_averaging_round(self, round_index: int, scheduled_time: float = 0.0) -> None:
+        self._averaging_round, self._scheduled_time = round_index, scheduled_time
+        self._progress = self._progress.copy(
+            update={"averaging": round_index, "scheduled_time": scheduled_time}
+        )
         self._publish_now.set()
 
     def _publish_periodically(self) -> None:
@@ -325,7 +339,8 @@ class Swarm:
         self, round_index: int, *, wait_s: float, should_stop
     ) -> list[ProgressRecord] | None:
         """Wait until every other live peer of this round has finished its inner steps (at most
-        straggler_wait_s); returns their records, or None if live peers are already past this round."""
+        straggler_wait_s) or some of them scheduled the round's group; returns their records, or None if live
+        peers are already past this round."""
         me = self.peer_id.to_bytes()
         deadline = time.monotonic() + wait_s
         while True:
@@ -334,7 +349,11 @@ class Swarm:
             if others and not in_round and all(r.round > round_index for r in others):
                 return None
             pending = [r for r in in_round if r.round == round_index and not r.done]
-            if not pending or time.monotonic() >= deadline or should_stop():
+            # a group already scheduled by others of this round: join it now instead of waiting it out
+            joinable = any(
+                r.averaging == round_index and r.scheduled_time > get_dht_time() + 0.5 for r in in_round
+            )
+            if not pending or joinable or time.monotonic() >= deadline or should_stop():
                 return in_round
             time.sleep(0.25)
 
@@ -345,8 +364,17 @@ class Swarm:
         `end_eta` is when the round's all-reduce should start: with fixed H, when the slowest live peer of the
         round expects to finish (but no later than straggler_wait_s after this peer); with --round-tokens,
         when the swarm's combined throughput reaches the token budget."""
-        records = [r for r in self.live_peers().values() if r.round == round_index]
+        live = self.live_peers()
+        records = [r for r in live.values() if r.round == round_index]
         mine = self._progress
+        me = self.peer_id.to_bytes()
+        # the group time already chosen by another peer of this round (the earliest, if several)
+        scheduled = [
+            r.scheduled_time
+            for pid, r in live.items()
+            if pid != me and r.averaging == round_index and r.scheduled_time > 0
+        ]
+        all_in_round = all(r.round == round_index or r.averaging == round_index for r in live.values())
         tokens = sum(r.tokens for r in records)
         closed = any(r.done for r in records)
         budget = self.config.inner.round_tokens
@@ -357,7 +385,14 @@ class Swarm:
         else:
             end_eta = max([r.eta for r in records if not r.done] + [mine.eta])
             end_eta = min(end_eta, mine.eta + straggler_wait_s)
-        return RoundProgress(tokens=tokens, closed=closed, end_eta=end_eta, peers=len(records))
+        return RoundProgress(
+            tokens=tokens,
+            closed=closed,
+            end_eta=end_eta,
+            peers=len(records),
+            all_in_round=all_in_round,
+            scheduled_time=min(scheduled, default=0.0),
+        )
 
     # ---- averaging (the outer.Averager protocol) -------------------------------------------------------------
     def schedule_averaging(
@@ -371,7 +406,7 @@ class Swarm:
         self.averager.set_group_bits(format(round_index % 2**16, "016b"), wait=False).result(
             timeout=DHT_TIMEOUT_S
         )
-        self._set_averaging_round(round_index)
+        self._set_averaging_round(round_index, scheduled_time)
         gather = {"round": round_index, "fingerprint": self.fingerprint, "order_key": order_key.hex()}
         control = self.averager.step(
             gather=gather,
@@ -415,9 +450,12 @@ class Swarm:
                     return None  # never a lonely outer step behind the swarm: the agreement check resyncs us
                 if not peers_in_round:
                     return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
+                now = get_dht_time()
+                chosen = [r.scheduled_time for r in peers_in_round if r.averaging == round_index]
+                chosen = [t for t in chosen if t > now + 0.5]  # others' group still forming: join it
                 scheduled = self.schedule_averaging(
                     round_index,
-                    scheduled_time=get_dht_time() + self.config.swarm.matchmaking_s,
+                    scheduled_time=min(chosen, default=now + self.config.swarm.matchmaking_s),
                     order_key=order_key,
                 )
             return self._run_scheduled(

@@ -21,7 +21,7 @@ from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
 from peer.metrics import JsonlMetrics, summary_line
 from peer.model import architecture, build_model, count_parameters, load_model_config
 from peer.outer import AveragingResult, OuterOptimizer, all_finite, tensors_sha256
-from peer.swarm import ScheduledStep, Swarm, SwarmView
+from peer.swarm import RoundProgress, ScheduledStep, Swarm, SwarmView
 
 logger = logging.getLogger(__name__)
 
@@ -321,20 +321,36 @@ class Peer:
         global parameters turn out to differ from the swarm's (train_one_round then resyncs us)."""
         swarm = self.config.swarm
         progress = self.swarm.round_progress(round_index, straggler_wait_s=self.straggler_wait_s())
-        if (
-            phase.scheduled is None
-            # with --overlap the all-reduce runs behind the next round's compute anyway; there the robust way
-            # (wait until every peer of the round is done, then match) costs no compute
-            and not self.config.outer.overlap
-            and progress.peers > 1
-            and progress.end_eta - swarm_time() <= swarm.matchmaking_s + 2 * CHECK_PERIOD_S
-        ):
+        if phase.scheduled is None and self.should_schedule(progress):
             if self.forked_from_swarm() is not None:
                 return True  # never join a group with a forked model: leaving it later would fail the group
+            # Every peer of the round must start matchmaking before the group forms: the first to schedule
+            # leaves the others time to see its record (progress_period_s) and everyone adopts its time.
+            scheduled_time = progress.scheduled_time or max(
+                progress.end_eta, swarm_time() + swarm.matchmaking_s + swarm.progress_period_s
+            )
             phase.scheduled = self.swarm.schedule_averaging(
-                round_index, scheduled_time=progress.end_eta, order_key=self.order_key
+                round_index, scheduled_time=scheduled_time, order_key=self.order_key
             )
         return bool(self.config.inner.round_tokens) and progress.closed
+
+    def should_schedule(self, progress: RoundProgress) -> bool:
+        """Start this round's matchmaking now? Only without --overlap (there the all-reduce runs behind the next
+        round's compute anyway, and the robust way, waiting until every peer is done, costs nothing), only
+        once every live peer has reached the round, and only if we will be done by the group's time."""
+        swarm, now = self.config.swarm, swarm_time()
+        if self.config.outer.overlap or progress.peers < 2 or not progress.all_in_round:
+            return False
+        my_eta = self.swarm.my_eta()
+        if progress.scheduled_time and self.config.inner.round_tokens:  # the round ends for all at once
+            return progress.scheduled_time > now + 0.5
+        if progress.scheduled_time:  # another peer chose the group's time: join if we can make it
+            return (
+                progress.scheduled_time > now + 0.5
+                and my_eta <= progress.scheduled_time + swarm.chunk_timeout_s / 2
+            )
+        lead = swarm.matchmaking_s + swarm.progress_period_s + 2 * CHECK_PERIOD_S
+        return progress.end_eta - now <= lead
 
     def pseudo_gradient_or_none(self, round_index: int, tokens: int) -> list[torch.Tensor] | None:
         pseudo_grads = self.outer.pseudo_gradient(self.params)

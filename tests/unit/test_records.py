@@ -20,6 +20,7 @@ def test_records_round_trip_through_msgpack():
             tokens=7168,
             done=False,
             averaging=2,
+            scheduled_time=130.5,
             tokens_per_s=10.5,
             eta=123.0,
             client_mode=False,
