@@ -39,6 +39,9 @@ RECORD_TTL_S = 15.0  # a peer that stops publishing disappears from the swarm's 
 HASH_TTL_S = 600.0
 HASH_HISTORY_ROUNDS = 16  # rounds of hash history each peer publishes
 DHT_TIMEOUT_S = 10.0  # bound on any single DHT lookup
+JOIN_MARGIN_S = (
+    1.0  # a peer joins a scheduled group only if it can start matchmaking this long before it forms
+)
 
 
 class SwarmError(RuntimeError):
@@ -108,6 +111,8 @@ class RoundProgress:
     """Every live peer has reached this round (none is still finishing the previous one)."""
     scheduled_time: float
     """The group time another peer of this round already scheduled (0: none yet)."""
+    slowest_step_s: float
+    """The longest inner step among the round's peers: how late a peer may notice a scheduled group."""
 
 
 @dataclass
@@ -117,6 +122,11 @@ class ScheduledStep:
     control: StepControl
     round_index: int
     scheduled_time: float
+    how: str
+    """own (this peer chose the time), adopted (another peer of the round did), or after-inner (scheduled once
+    the inner phase was over)."""
+    lead_s: float
+    """How long before the group time matchmaking started."""
 
 
 @dataclass
@@ -177,6 +187,7 @@ class Swarm:
             self._hashes_key = f"{fingerprint}_hashes"
             self._settings_key = f"{swarm.run_id}_settings"
             self._averaging_round, self._scheduled_time = -1, 0.0
+            self._tokens_per_step = config.data.batch_size * config.data.seq_len
             self._progress = ProgressRecord(
                 peer_id=self.peer_id.to_bytes(),
                 round=0,
@@ -351,7 +362,8 @@ class Swarm:
             pending = [r for r in in_round if r.round == round_index and not r.done]
             # a group already scheduled by others of this round: join it now instead of waiting it out
             joinable = any(
-                r.averaging == round_index and r.scheduled_time > get_dht_time() + 0.5 for r in in_round
+                r.averaging == round_index and r.scheduled_time > get_dht_time() + JOIN_MARGIN_S
+                for r in in_round
             )
             if not pending or joinable or time.monotonic() >= deadline or should_stop():
                 return in_round
@@ -392,11 +404,14 @@ class Swarm:
             peers=len(records),
             all_in_round=all_in_round,
             scheduled_time=min(scheduled, default=0.0),
+            slowest_step_s=max(
+                (self._tokens_per_step / r.tokens_per_s for r in records if r.tokens_per_s > 0), default=0.0
+            ),
         )
 
     # ---- averaging (the outer.Averager protocol) -------------------------------------------------------------
     def schedule_averaging(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes
+        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str
     ) -> ScheduledStep:
         """Start matchmaking for a round's all-reduce ahead of its end, so the group is ready when the
         pseudo-gradient is (the all-reduce waits for `average(..., scheduled=...)` to trigger it)."""
@@ -419,7 +434,7 @@ class Swarm:
             require_trigger=True,
             wait=False,
         )
-        return ScheduledStep(control, round_index, scheduled_time)
+        return ScheduledStep(control, round_index, scheduled_time, how=how, lead_s=scheduled_time - now)
 
     def average(
         self,
@@ -452,11 +467,14 @@ class Swarm:
                     return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
                 now = get_dht_time()
                 chosen = [r.scheduled_time for r in peers_in_round if r.averaging == round_index]
-                chosen = [t for t in chosen if t > now + 0.5]  # others' group still forming: join it
+                chosen = [
+                    t for t in chosen if t > now + JOIN_MARGIN_S
+                ]  # others' group still forming: join it
                 scheduled = self.schedule_averaging(
                     round_index,
                     scheduled_time=min(chosen, default=now + self.config.swarm.matchmaking_s),
                     order_key=order_key,
+                    how="after-inner",
                 )
             return self._run_scheduled(
                 scheduled,
@@ -487,7 +505,8 @@ class Swarm:
             )
         except Exception as e:  # hivemind raises many types for a failed group; all mean "round failed"
             logger.warning(
-                f"[{self.short_id}] round {round_index}: all-reduce failed: {type(e).__name__}: {e}"
+                f"[{self.short_id}] round {round_index + 1}: all-reduce failed: {type(e).__name__}: {e} "
+                f"(matchmaking {scheduled.how}, started {scheduled.lead_s:.1f}s before the group time)"
             )
             if not control.began_allreduce and not should_stop():
                 # nobody to average with (the others left): a round of one is still a round
@@ -509,7 +528,11 @@ class Swarm:
             averaged=averaged,
             group_size=len(gathered),
             tokens=tokens,
-            info=self.averager.last_transport_stats(),
+            info={
+                **self.averager.last_transport_stats(),
+                "matchmaking": scheduled.how,
+                "matchmaking_lead_s": scheduled.lead_s,
+            },
         )
 
     # ---- agreement (I1/I3) -----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
 from peer.metrics import JsonlMetrics, summary_line
 from peer.model import architecture, build_model, count_parameters, load_model_config
 from peer.outer import AveragingResult, OuterOptimizer, all_finite, tensors_sha256
-from peer.swarm import RoundProgress, ScheduledStep, Swarm, SwarmView
+from peer.swarm import JOIN_MARGIN_S, RoundProgress, ScheduledStep, Swarm, SwarmView
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +319,6 @@ class Peer:
         """Pre-schedule this round's matchmaking once its end is near; True to end the inner phase now: with
         --round-tokens when the swarm reached the budget (or another peer ended the round), and whenever our
         global parameters turn out to differ from the swarm's (train_one_round then resyncs us)."""
-        swarm = self.config.swarm
         progress = self.swarm.round_progress(round_index, straggler_wait_s=self.straggler_wait_s())
         if phase.scheduled is None and self.should_schedule(progress):
             if self.forked_from_swarm() is not None:
@@ -327,10 +326,13 @@ class Peer:
             # Every peer of the round must start matchmaking before the group forms: the first to schedule
             # leaves the others time to see its record (progress_period_s) and everyone adopts its time.
             scheduled_time = progress.scheduled_time or max(
-                progress.end_eta, swarm_time() + swarm.matchmaking_s + swarm.progress_period_s
+                progress.end_eta, swarm_time() + self.schedule_slack_s(progress)
             )
             phase.scheduled = self.swarm.schedule_averaging(
-                round_index, scheduled_time=scheduled_time, order_key=self.order_key
+                round_index,
+                scheduled_time=scheduled_time,
+                order_key=self.order_key,
+                how="adopted" if progress.scheduled_time else "own",
             )
         return bool(self.config.inner.round_tokens) and progress.closed
 
@@ -343,14 +345,20 @@ class Peer:
             return False
         my_eta = self.swarm.my_eta()
         if progress.scheduled_time and self.config.inner.round_tokens:  # the round ends for all at once
-            return progress.scheduled_time > now + 0.5
+            return progress.scheduled_time > now + JOIN_MARGIN_S
         if progress.scheduled_time:  # another peer chose the group's time: join if we can make it
             return (
-                progress.scheduled_time > now + 0.5
+                progress.scheduled_time > now + JOIN_MARGIN_S
                 and my_eta <= progress.scheduled_time + swarm.chunk_timeout_s / 2
             )
-        lead = swarm.matchmaking_s + swarm.progress_period_s + 2 * CHECK_PERIOD_S
-        return progress.end_eta - now <= lead
+        return progress.end_eta - now <= self.schedule_slack_s(progress) + 2 * CHECK_PERIOD_S
+
+    def schedule_slack_s(self, progress: RoundProgress) -> float:
+        """How far ahead of its group time the first peer starts matchmaking: long enough for hivemind to match,
+        and for every other peer of the round to see the chosen time (after its current inner step and the
+        next progress publication) and still join."""
+        swarm = self.config.swarm
+        return swarm.matchmaking_s + swarm.progress_period_s + progress.slowest_step_s + JOIN_MARGIN_S
 
     def pseudo_gradient_or_none(self, round_index: int, tokens: int) -> list[torch.Tensor] | None:
         pseudo_grads = self.outer.pseudo_gradient(self.params)
