@@ -44,6 +44,11 @@ GAP_RUNS: dict[str, tuple[str, str]] = {
         "--mode diloco --replicas 4 --shards iid --inner-steps 50 --max-rounds 8 --warm-start-steps 100 "
         f"--inner-lr 0.001 {_BEST_OUTER}",
     ),
+    "gap-warm-h10": (
+        "warm start (100 data-parallel steps), then 40 rounds of H=10, outer 0.7/0.5",
+        "--mode diloco --replicas 4 --shards iid --inner-steps 10 --max-rounds 40 --warm-start-steps 100 "
+        f"--inner-lr 0.001 {_BEST_OUTER}",
+    ),
     "gap-inner-0.002": (
         "DiLoCo's own inner lr: 2e-3 (data-parallel's best), H=50, outer 0.7/0.5",
         f"--mode diloco --replicas 4 --shards iid --inner-steps 50 --max-rounds 10 --inner-lr 0.002 {_BEST_OUTER}",
