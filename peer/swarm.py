@@ -613,8 +613,20 @@ class Swarm:
             )
         self._publisher.join(timeout=DHT_TIMEOUT_S)
         self.averager.shutdown()
+        _ensure_stopped(self.averager)
         with self._dht_lock:
             self.dht.shutdown()
+            _ensure_stopped(self.dht)
+
+
+def _ensure_stopped(process) -> None:
+    """SIGKILL a hivemind child process that outlived its graceful shutdown: the interpreter joins its children
+    at exit, so one that hangs (e.g. on a pipe message whose file descriptors can no longer be fetched) would
+    keep this peer from exiting."""
+    if process.is_alive():
+        with contextlib.suppress(Exception):
+            process.kill()
+            process.join(timeout=5)
 
 
 def _wait_cancellable(control, should_stop, *, timeout_s: float, during_allreduce=None):

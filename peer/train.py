@@ -93,8 +93,11 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
-        if os.getpid() != self.pid:
-            return  # a forked hivemind process: the main process shuts it down
+        if os.getpid() != self.pid:  # a forked hivemind process inherited this handler
+            if signum == signal.SIGTERM:  # its owner terminates it (hivemind's hard shutdown): obey
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return  # Ctrl+C reaches the whole process group: the main process shuts its children down
         if self.event.is_set():
             raise KeyboardInterrupt  # a second Ctrl+C: leave now
         logger.info(f"received {signal.Signals(signum).name}: finishing the current step and leaving")
