@@ -13,6 +13,7 @@ from peer.config import (
     OuterConfig,
     RunConfig,
     SwarmConfig,
+    default_outer_momentum,
 )
 
 # flag name -> (config section, field name); section None means a RunConfig field
@@ -180,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     outer = p.add_argument_group("outer optimizer (replicated on every peer)")
     outer.add_argument("--outer-lr", type=float, help="outer learning rate (default 0.7)")
-    outer.add_argument("--outer-momentum", type=float, help="Nesterov momentum (default 0.9)")
+    outer.add_argument(
+        "--outer-momentum",
+        type=float,
+        help="Nesterov momentum (default 0.5 for the tiny, small and 10m presets, 0.9 otherwise)",
+    )
     outer.add_argument("--compression", choices=COMPRESSIONS, help="pseudo-gradient encoding (default none)")
     outer.add_argument(
         "--overlap",
@@ -248,8 +253,10 @@ def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, str]:
         if field in ("initial_peers", "host_maddrs", "announce_maddrs"):
             value = tuple([value] if isinstance(value, str) else value)
         sections[section][field] = value
+    model = ModelConfig(**sections["model"])
+    sections["outer"].setdefault("momentum", default_outer_momentum(model.name))
     config = RunConfig(
-        model=ModelConfig(**sections["model"]),
+        model=model,
         data=DataConfig(**sections["data"]),
         inner=InnerConfig(**sections["inner"]),
         outer=OuterConfig(**sections["outer"]),

@@ -77,6 +77,7 @@ def training_flags(args: argparse.Namespace) -> list[str]:
         "--batch-size", str(BATCH_SIZE),
         "--seq-len", str(args.seq_len),
         "--inner-lr", str(args.inner_lr),
+        "--outer-momentum", "0.9",  # pinned: the documented run predates the 0.5 default of the CPU presets
         "--warmup-steps", str(args.warmup_steps),
         "--device", "cpu",
         "--num-threads", "1",

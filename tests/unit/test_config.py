@@ -85,3 +85,12 @@ def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(argv):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(("error:", "usage:", "python -m peer: error"))
+
+
+def test_outer_momentum_default_depends_on_the_preset_and_yields_to_flags_and_files(tmp_path):
+    assert config_from_args([])[0].outer.momentum == 0.5  # tiny: the sweep's best (docs/RESULTS.md)
+    assert config_from_args(["--model", "60m"])[0].outer.momentum == 0.9  # the paper's, for its sizes
+    assert config_from_args(["--outer-momentum", "0.9"])[0].outer.momentum == 0.9
+    path = tmp_path / "run.toml"
+    path.write_text("outer_momentum = 0.8\n")
+    assert config_from_args(["--config", str(path)])[0].outer.momentum == 0.8
