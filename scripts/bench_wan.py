@@ -6,7 +6,8 @@ values (default: the size of the `tiny` preset) with each compression; its time 
 bandwidth bound 2(k-1)/k x P x bytes-per-element / R and with the bound for the bytes it really sent.
 
 Part 2 (--parts utilization): real peers (`python -m peer`, one per namespace) train the `tiny` preset for a
-few rounds; compute utilization = time in inner steps / wall time, per peer, over the rounds after the first.
+few rounds; compute utilization = time in inner steps / wall time, per peer, over whole cycles from the start
+of round 2 to the start of the last round.
 Settings: DiLoCo, DiLoCo + fp16, DiLoCo + int8, DiLoCo + overlap (only if the peer has an --overlap flag),
 and data-parallel, emulated from the same run: one measured inner step + one measured fp32 all-reduce of the
 full model through the project's path, per step.
@@ -625,7 +626,7 @@ def print_report(report: dict) -> None:
             )
     if "utilization" in report:
         print(
-            f"\nCompute utilization (inner time / wall time, rounds after the first); overlap: {report['overlap']}"
+            f"\nCompute utilization (inner time / wall time over whole cycles, from round 2 to the last round's start); overlap: {report['overlap']}"
         )
         print(
             f"{'Mbit/s':>7} {'setting':>24} | {'H':>4} {'util':>6} | {'step s':>6} {'allreduce s':>11} {'sent MB':>8} failed"
