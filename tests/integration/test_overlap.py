@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import statistics
 
 import pytest
@@ -72,3 +73,18 @@ def test_round_tokens_let_a_fast_peer_do_more_steps_and_weight_by_tokens(local_s
         assert f["inner_steps"] > 1.5 * s["inner_steps"], (f, s)
         assert f["round_tokens"] + s["round_tokens"] >= 24 * tokens_per_step
     assert_agreement([fast, slow])
+
+
+@pytest.mark.timeout(300)
+def test_peer_killed_during_a_background_allreduce_does_not_stop_the_others(local_swarm):
+    local_swarm.start_bootstrap()
+    args = ["--wait-for-peers", "3", "--overlap", "--inner-steps", "10", "--chunk-timeout-s", "3"]
+    survivors = [local_swarm.start_peer(f"peer{i}", "--max-rounds", "4", *args) for i in range(2)]
+    victim = local_swarm.start_peer("victim", *args, "--test-fault", "kill-in-allreduce:2")
+    local_swarm.wait_rounds(survivors, 4, timeout_s=240)
+    assert victim.popen.poll() == -signal.SIGKILL
+    assert len(victim.records()) == 1  # it died inside round 2's all-reduce, while training round 3
+    assert_agreement(survivors)
+    for peer in survivors:
+        assert [r["group_size"] for r in peer.records()][2:] == [2, 2], peer.log()[-2000:]
+        assert peer.wait(timeout_s=30) == 0
