@@ -9,7 +9,6 @@ import os
 import queue
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import hivemind
@@ -116,10 +115,9 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def swarm_results() -> Iterator[dict[str, list[tuple]]]:
-    """Run NUM_PEERS forked peers once for the whole module: {compression: [(peer, group size, sha256,
-    averaged tensors, transport stats), ...]}. Kills every process it left behind (p2pd included)."""
+def _run_peers_once() -> dict[str, list[tuple]]:
+    """Fork NUM_PEERS peers that average once per compression; kill every process they left behind (p2pd
+    included). Raises _RoundFailed if a peer's all-reduce failed."""
     before = set(_descendants(os.getpid()))
     root = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     ctx = mp.get_context("fork")  # hivemind objects must not be created in spawned processes
@@ -136,13 +134,14 @@ def swarm_results() -> Iterator[dict[str, list[tuple]]]:
                 item = results.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
                 pytest.fail(f"peers did not report within {PEERS_TIMEOUT_S:.0f} s")
-            assert item[1] != "error", f"peer {item[0]} failed: {item[2]}"
+            if item[1] == "error":
+                raise _RoundFailed(f"peer {item[0]} failed: {item[2]}")
             peer_index, compression, group_size, digest, averaged, stats = item
             averaged = [torch.from_numpy(a) for a in averaged]
             collected[compression].append((peer_index, group_size, digest, averaged, stats))
         for proc in procs:
             proc.join(timeout=15)
-        yield collected
+        return collected
     finally:
         with contextlib.suppress(Exception):
             root.shutdown()
@@ -152,6 +151,26 @@ def swarm_results() -> Iterator[dict[str, list[tuple]]]:
                     os.kill(pid, signal.SIGKILL)
         for proc in procs:
             proc.join(timeout=5)
+
+
+class _RoundFailed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def swarm_results() -> dict[str, list[tuple]]:
+    """{compression: [(peer, group size, sha256, averaged tensors, transport stats), ...]} from one run.
+
+    hivemind's all-reduce occasionally loses one reducer's stream on a loaded machine (the whole group then
+    fails that round; in a swarm the agreement check repairs it, see test_faults.py). This module tests what a
+    completed all-reduce gives, so a failed one is retried once; two failures in a row fail the tests."""
+    try:
+        return _run_peers_once()
+    except _RoundFailed as first:
+        try:
+            return _run_peers_once()
+        except _RoundFailed as second:
+            pytest.fail(f"the all-reduce failed twice: {first}; then {second}")
 
 
 def _exact_average() -> list[torch.Tensor]:
