@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from swarm_procs import Child, read_records, wait_for_file  # noqa: E402
+from swarm_procs import Child, read_records, start_bootstrap, wait_for_file  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = ("fixed-H", "round-tokens")
@@ -146,20 +146,7 @@ def run_swarm(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     children: list[Child] = []
     try:
-        bootstrap = Child(
-            "bootstrap",
-            [
-                sys.executable,
-                "-m",
-                "dht_bootstrap",
-                "--host-maddrs",
-                "/ip4/127.0.0.1/tcp/0",
-                "--maddrs-file",
-                str(run_dir / "bootstrap.maddrs"),
-            ],
-            run_dir,
-            env,
-        )
+        bootstrap = start_bootstrap(run_dir, env)
         children.append(bootstrap)
         maddrs = wait_for_file(run_dir / "bootstrap.maddrs", bootstrap, 120)
         peers: dict[str, Child] = {}

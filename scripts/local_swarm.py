@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from swarm_procs import Child, read_records, wait_for_file  # noqa: E402
+from swarm_procs import Child, read_records, start_bootstrap, wait_for_file  # noqa: E402
 
 
 def parse_args() -> tuple[argparse.Namespace, list[str]]:
@@ -115,20 +115,7 @@ def main() -> int:
     children: list[Child] = []
     print(f"run directory: {run_dir}", flush=True)
     try:
-        bootstrap = Child(
-            "bootstrap",
-            [
-                sys.executable,
-                "-m",
-                "dht_bootstrap",
-                "--host-maddrs",
-                "/ip4/127.0.0.1/tcp/0",
-                "--maddrs-file",
-                str(run_dir / "bootstrap.maddrs"),
-            ],
-            run_dir,
-            env,
-        )
+        bootstrap = start_bootstrap(run_dir, env)
         children.append(bootstrap)
         maddrs = wait_for_file(run_dir / "bootstrap.maddrs", bootstrap, 120)
         print(f"bootstrap node up: {maddrs[0]}", flush=True)

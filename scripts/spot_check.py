@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from swarm_procs import Child, read_records, wait_for_file  # noqa: E402
+from swarm_procs import Child, read_records, start_bootstrap, wait_for_file  # noqa: E402
 
 # peer.simulate evaluates the held-out windows 32 per forward pass and a peer evaluates --batch-size per forward
 # pass; the losses are bit-identical only when the forward passes have the same shape, so the peers train and
@@ -233,13 +233,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> dict:
     children: list[Child] = []
     simulation: Simulation | None = None
     try:
-        bootstrap = Child(
-            "bootstrap",
-            [sys.executable, "-m", "dht_bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-             "--maddrs-file", str(run_dir / "bootstrap.maddrs")],
-            run_dir,
-            env,
-        )  # fmt: skip
+        bootstrap = start_bootstrap(run_dir, env)
         children.append(bootstrap)
         maddrs = wait_for_file(run_dir / "bootstrap.maddrs", bootstrap, min(120, args.timeout_s))
         peers = {}

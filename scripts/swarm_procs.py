@@ -1,4 +1,4 @@
-"""Child processes for the local scripts (demo, soak): each in its own session so it can be killed whole."""
+"""Child processes for the local scripts (demo, soak, benchmarks): each in its own session so it can be killed whole."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,12 @@ class Child:
             pass
         self.proc.wait(timeout=10)
         self._log.close()
+
+
+def start_bootstrap(run_dir: Path, env: dict) -> Child:
+    """A bootstrap node on 127.0.0.1 that writes its multiaddrs to run_dir/bootstrap.maddrs (wait_for_file)."""
+    argv = [sys.executable, "-m", "dht_bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+    return Child("bootstrap", [*argv, "--maddrs-file", str(run_dir / "bootstrap.maddrs")], run_dir, env)
 
 
 def read_records(path: Path) -> list[dict]:
