@@ -39,9 +39,8 @@ RECORD_TTL_S = 15.0  # a peer that stops publishing disappears from the swarm's 
 HASH_TTL_S = 600.0
 HASH_HISTORY_ROUNDS = 16  # rounds of hash history each peer publishes
 DHT_TIMEOUT_S = 10.0  # bound on any single DHT lookup
-JOIN_MARGIN_S = (
-    1.0  # a peer joins a scheduled group only if it can start matchmaking this long before it forms
-)
+# a peer joins a scheduled group only if it can start matchmaking this long before the group forms
+JOIN_MARGIN_S = 1.0
 
 
 class SwarmError(RuntimeError):
@@ -361,10 +360,7 @@ class Swarm:
                 return None
             pending = [r for r in in_round if r.round == round_index and not r.done]
             # a group already scheduled by others of this round: join it now instead of waiting it out
-            joinable = any(
-                r.averaging == round_index and r.scheduled_time > get_dht_time() + JOIN_MARGIN_S
-                for r in in_round
-            )
+            joinable = _group_time(in_round, round_index, after=get_dht_time() + JOIN_MARGIN_S) > 0
             if not pending or joinable or time.monotonic() >= deadline or should_stop():
                 return in_round
             time.sleep(0.25)
@@ -380,12 +376,7 @@ class Swarm:
         records = [r for r in live.values() if r.round == round_index]
         mine = self._progress
         me = self.peer_id.to_bytes()
-        # the group time already chosen by another peer of this round (the earliest, if several)
-        scheduled = [
-            r.scheduled_time
-            for pid, r in live.items()
-            if pid != me and r.averaging == round_index and r.scheduled_time > 0
-        ]
+        others = [r for pid, r in live.items() if pid != me]
         all_in_round = all(r.round == round_index or r.averaging == round_index for r in live.values())
         tokens = sum(r.tokens for r in records)
         closed = any(r.done for r in records)
@@ -403,7 +394,7 @@ class Swarm:
             end_eta=end_eta,
             peers=len(records),
             all_in_round=all_in_round,
-            scheduled_time=min(scheduled, default=0.0),
+            scheduled_time=_group_time(others, round_index, after=0.0),
             slowest_step_s=max(
                 (self._tokens_per_step / r.tokens_per_s for r in records if r.tokens_per_s > 0), default=0.0
             ),
@@ -466,13 +457,11 @@ class Swarm:
                 if not peers_in_round:
                     return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
                 now = get_dht_time()
-                chosen = [r.scheduled_time for r in peers_in_round if r.averaging == round_index]
-                chosen = [
-                    t for t in chosen if t > now + JOIN_MARGIN_S
-                ]  # others' group still forming: join it
+                # others' group still forming: join it
+                joinable = _group_time(peers_in_round, round_index, after=now + JOIN_MARGIN_S)
                 scheduled = self.schedule_averaging(
                     round_index,
-                    scheduled_time=min(chosen, default=now + self.config.swarm.matchmaking_s),
+                    scheduled_time=joinable or now + self.config.swarm.matchmaking_s,
                     order_key=order_key,
                     how="after-inner",
                 )
@@ -627,6 +616,12 @@ def _ensure_stopped(process) -> None:
         with contextlib.suppress(Exception):
             process.kill()
             process.join(timeout=5)
+
+
+def _group_time(records, round_index: int, *, after: float) -> float:
+    """The earliest group time after `after` that peers of this round published for its all-reduce (0: none)."""
+    times = [r.scheduled_time for r in records if r.averaging == round_index and r.scheduled_time > after]
+    return min(times, default=0.0)
 
 
 def _wait_cancellable(control, should_stop, *, timeout_s: float, during_allreduce=None):
