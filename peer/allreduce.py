@@ -148,7 +148,11 @@ class ExactAllReduceRunner(AllReduceRunner):
         try:
             done_sending = asyncio.Event()
             inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
-            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+            # bounded: opening a stream to a peer that was just killed can otherwise hang until hivemind's whole
+            # allreduce_timeout, long after the other peers gave up on the round
+            stream = await asyncio.wait_for(
+                self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter), self.reducer_timeout
+            )
             if self.should_delay_results(self.peer_id):
                 await done_sending.wait()
 

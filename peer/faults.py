@@ -3,6 +3,8 @@
 kill-in-allreduce:R   SIGKILL this peer's whole process group once round R's all-reduce is running
 corrupt:R             perturb the global parameters right after round R's outer step (a forked replica)
 slow:F                make every inner step F times slower
+pause-after-round:R   stall for PAUSE_S seconds once round R is logged (a peer still busy with its outer step
+                      while the others already finished the next round's inner steps)
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("kill-in-allreduce", "corrupt", "slow")
+KINDS = ("kill-in-allreduce", "corrupt", "slow", "pause-after-round")
+PAUSE_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class FaultPlan:
     def after_inner_step(self, step_s: float) -> None:
         if self.kind == "slow":
             time.sleep(step_s * (self.value - 1))
+
+    def after_round(self, round_number: int) -> None:
+        if self.kind == "pause-after-round" and round_number == int(self.value):
+            time.sleep(PAUSE_S)
 
     def during_allreduce(self, round_number: int) -> None:
         if self.kind == "kill-in-allreduce" and round_number == int(self.value):

@@ -35,7 +35,10 @@ from peer.outer import AveragingResult
 
 logger = logging.getLogger(__name__)
 
-RECORD_TTL_S = 15.0  # a peer that stops publishing disappears from the swarm's view after this long
+RECORD_TTL_S = 15.0  # how long the DHT keeps a progress record
+# a peer whose last progress publication is older than this many periods (and at least STALE_MIN_S) counts as gone:
+# a killed peer stops blocking the others' waits within seconds, not after the record's whole TTL
+STALE_AFTER_PERIODS, STALE_MIN_S = 4, 6.0
 HASH_TTL_S = 600.0
 HASH_HISTORY_ROUNDS = 16  # rounds of hash history each peer publishes
 DHT_TIMEOUT_S = 10.0  # bound on any single DHT lookup
@@ -50,7 +53,7 @@ class SwarmError(RuntimeError):
 class ProgressRecord(BaseModel):
     peer_id: bytes
     round: StrictInt
-    """The round whose inner steps this peer is running (or has just finished)."""
+    """The round whose inner steps this peer is running (or has just finished); -1 while it is still joining."""
     inner_step: StrictInt
     tokens: StrictInt
     """Tokens this peer processed in `round` so far."""
@@ -189,7 +192,7 @@ class Swarm:
             self._tokens_per_step = config.data.batch_size * config.data.seq_len
             self._progress = ProgressRecord(
                 peer_id=self.peer_id.to_bytes(),
-                round=0,
+                round=-1,  # joining: not training any round yet
                 inner_step=0,
                 tokens=0,
                 done=False,
@@ -228,11 +231,16 @@ class Swarm:
             logger.debug(f"DHT get {key} failed: {e!r}")
             return None
 
-    def _read_records(self, key: str, schema: type[BaseModel]) -> dict[bytes, BaseModel]:
-        """Every peer's valid record under a key, by peer id; malformed ones are skipped."""
+    def _read_records(
+        self, key: str, schema: type[BaseModel], *, published_after: float = 0.0
+    ) -> dict[bytes, BaseModel]:
+        """Every peer's valid record under a key, by peer id; malformed ones are skipped, and so are those published
+        (stored with expiration time = publication + RECORD_TTL_S) before `published_after`."""
         found = self._get(key)
         records = {}
         for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
+            if item.expiration_time - RECORD_TTL_S < published_after:
+                continue
             try:
                 record = schema.parse_obj(item.value)
             except Exception:  # data from other peers is not trusted
@@ -330,7 +338,10 @@ class Swarm:
 
     def live_peers(self) -> dict[bytes, ProgressRecord]:
         """Progress records of every peer that published recently, this one included."""
-        records = self._read_records(self._progress_key, ProgressRecord)
+        stale_after = max(STALE_AFTER_PERIODS * self.config.swarm.progress_period_s, STALE_MIN_S)
+        records = self._read_records(
+            self._progress_key, ProgressRecord, published_after=get_dht_time() - stale_after
+        )
         records[self.peer_id.to_bytes()] = self._progress
         return records
 
@@ -348,21 +359,25 @@ class Swarm:
     def wait_until_round_peers_done(
         self, round_index: int, *, wait_s: float, should_stop
     ) -> list[ProgressRecord] | None:
-        """Wait until every other live peer of this round has finished its inner steps (at most
-        straggler_wait_s) or some of them scheduled the round's group; returns their records, or None if live
-        peers are already past this round."""
+        """Wait until every other live peer of this round has finished its inner steps (at most wait_s) or some of
+        them scheduled the round's group. Peers still finishing the previous round (their outer step, or a slow
+        inner phase) are on their way to this one and are waited for too.
+
+        Returns the records of those peers (empty: this peer is alone, a round of one), or None if the live
+        peers are all past this round."""
         me = self.peer_id.to_bytes()
         deadline = time.monotonic() + wait_s
         while True:
             others = [r for pid, r in self.live_peers().items() if pid != me]
             in_round = [r for r in others if r.round == round_index or r.averaging == round_index]
-            if others and not in_round and all(r.round > round_index for r in others):
+            coming = [r for r in others if r.round == round_index - 1 and r not in in_round]
+            if not in_round and not coming and any(r.round > round_index for r in others):
                 return None
-            pending = [r for r in in_round if r.round == round_index and not r.done]
+            pending = coming + [r for r in in_round if r.round == round_index and not r.done]
             # a group already scheduled by others of this round: join it now instead of waiting it out
             joinable = _group_time(in_round, round_index, after=get_dht_time() + JOIN_MARGIN_S) > 0
             if not pending or joinable or time.monotonic() >= deadline or should_stop():
-                return in_round
+                return in_round + coming
             time.sleep(0.25)
 
     # ---- when a round ends ------------------------------------------------------------------------------------
@@ -544,16 +559,18 @@ class Swarm:
         return self._read_records(self._hashes_key, HashRecord)
 
     def view_of_round(self, round_index: int, *, expected: int = 1, timeout_s: float = 5.0) -> SwarmView:
-        """The majority hash for a round once `expected` peers published theirs (or the timeout passed).
+        """The majority hash of a round among live peers once `expected` of them published theirs (or the timeout
+        passed).
 
         Ties are broken by the hash value so that every peer picks the same winner.
         """
         deadline = time.monotonic() + timeout_s
         while True:
+            live = self.live_peers()  # a peer that left (or was killed) neither votes nor donates
             hashes = {
                 pid: r.hashes[str(round_index)]
                 for pid, r in self.hash_records().items()
-                if str(round_index) in r.hashes
+                if str(round_index) in r.hashes and pid in live
             }
             if len(hashes) >= expected or time.monotonic() >= deadline:
                 break

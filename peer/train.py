@@ -36,6 +36,7 @@ class SwarmPosition:
     """Inner steps done in the current round."""
 
 
+RESYNC_RETRY_S = 2.0  # pause before retrying a failed state download
 CHECK_PERIOD_S = 0.5  # how often the inner phase reads the swarm's progress (DHT lookups cost milliseconds)
 
 
@@ -467,7 +468,8 @@ class Peer:
         if forked is not None:  # never contribute an update computed on a forked model
             if phase.scheduled is not None:
                 phase.scheduled.control.cancel()
-            self.resync(forked, reason="before averaging: our parameters differ from the majority")
+            if not self.resync(forked, reason="before averaging: our parameters differ from the majority"):
+                self.stop.event.wait(RESYNC_RETRY_S)  # the donors may be busy; do not hammer them
             return True
         self.total_tokens += phase.tokens
         self.rounds_started += 1
@@ -491,6 +493,8 @@ class Peer:
         self.apply_outer_step(round_index, result)
         stats.allreduce_s = time.perf_counter() - stats.outer_started
         self.log_round(stats, result, resynced=self.check_agreement(result))
+        if self.faults:
+            self.faults.after_round(self.position.round)
         return True
 
     # ---- overlapped all-reduce (--overlap) ------------------------------------------------------------------

@@ -41,6 +41,26 @@ def test_peer_killed_during_allreduce_does_not_stop_the_others(local_swarm):
         assert peer.wait(timeout_s=30) == 0
 
 
+@pytest.mark.timeout(240)
+def test_peer_still_finishing_the_previous_round_is_waited_for_not_left_behind(local_swarm):
+    """One peer stalls after round 2 while the other already finishes round 3's inner steps: the fast one must
+    wait for it (no lonely outer step, which would fork the swarm), and every round is averaged by both."""
+    local_swarm.start_bootstrap()
+    common = ["--max-rounds", "4", "--wait-for-peers", "2"]
+    peers = [
+        local_swarm.start_peer("fast", *common),
+        local_swarm.start_peer("stalled", *common, "--test-fault", "pause-after-round:2"),
+    ]
+    local_swarm.wait_rounds(peers, 4, timeout_s=180)
+    for peer in peers:
+        records = peer.records()
+        assert [r["group_size"] for r in records] == [2, 2, 2, 2], peer.log()[-3000:]
+        assert all(r["resyncs"] == 0 for r in records)
+    assert_agree(peers, range(1, 5))
+    for peer in peers:
+        assert peer.wait(timeout_s=30) == 0
+
+
 @pytest.mark.timeout(300)
 def test_swarm_survives_bootstrap_loss_and_admits_newcomers_through_a_peer(local_swarm):
     local_swarm.start_bootstrap()
