@@ -50,6 +50,10 @@ class SwarmError(RuntimeError):
     """A condition the user must fix (unreachable peers, mismatched run settings)."""
 
 
+class LookupFailed(RuntimeError):
+    """A DHT lookup did not answer within DHT_TIMEOUT_S."""
+
+
 class ProgressRecord(BaseModel):
     peer_id: bytes
     round: StrictInt
@@ -189,6 +193,7 @@ class Swarm:
             self._hashes_key = f"{fingerprint}_hashes"
             self._settings_key = f"{swarm.run_id}_settings"
             self._averaging_round, self._scheduled_time = -1, 0.0
+            self._last_live: tuple[float, dict[bytes, ProgressRecord]] = (0.0, {})
             self._tokens_per_step = config.data.batch_size * config.data.seq_len
             self._progress = ProgressRecord(
                 peer_id=self.peer_id.to_bytes(),
@@ -223,20 +228,27 @@ class Swarm:
             )
 
     def _get(self, key: str):
+        """The key's value (None: nothing stored); raises LookupFailed if the DHT did not answer in time."""
         with self._dht_lock:
             future = self.dht.get(key, latest=True, return_future=True)
         try:
             return future.result(timeout=DHT_TIMEOUT_S)
-        except Exception as e:  # a slow or failing DHT lookup counts as "nothing found"
+        except Exception as e:
             logger.debug(f"DHT get {key} failed: {e!r}")
-            return None
+            raise LookupFailed(key) from None
 
     def _read_records(
-        self, key: str, schema: type[BaseModel], *, published_after: float = 0.0
+        self, key: str, schema: type[BaseModel], *, published_after: float = 0.0, strict: bool = False
     ) -> dict[bytes, BaseModel]:
         """Every peer's valid record under a key, by peer id; malformed ones are skipped, and so are those published
-        (stored with expiration time = publication + RECORD_TTL_S) before `published_after`."""
-        found = self._get(key)
+        (stored with expiration time = publication + RECORD_TTL_S) before `published_after`. A failed lookup
+        raises LookupFailed if `strict`, else it reads as no records."""
+        try:
+            found = self._get(key)
+        except LookupFailed:
+            if strict:
+                raise
+            found = None  # a slow or failing lookup counts as "nothing found"
         records = {}
         for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
             if item.expiration_time - RECORD_TTL_S < published_after:
@@ -339,9 +351,16 @@ class Swarm:
     def live_peers(self) -> dict[bytes, ProgressRecord]:
         """Progress records of every peer that published recently, this one included."""
         stale_after = max(STALE_AFTER_PERIODS * self.config.swarm.progress_period_s, STALE_MIN_S)
-        records = self._read_records(
-            self._progress_key, ProgressRecord, published_after=get_dht_time() - stale_after
-        )
+        try:
+            records = self._read_records(
+                self._progress_key, ProgressRecord, published_after=get_dht_time() - stale_after, strict=True
+            )
+            self._last_live = (time.monotonic(), dict(records))
+        except LookupFailed:
+            # keep believing what we last saw (for a record's lifetime): a lookup that timed out under load must
+            # not make a peer think it is alone (it would take a lonely outer step and fork from the swarm)
+            seen_at, last = self._last_live
+            records = dict(last) if time.monotonic() - seen_at < RECORD_TTL_S else {}
         records[self.peer_id.to_bytes()] = self._progress
         return records
 
