@@ -43,6 +43,21 @@ def test_overlapping_peers_agree_every_round(local_swarm):
 
 
 @pytest.mark.timeout(300)
+def test_overlapping_and_plain_peers_share_a_swarm(local_swarm):
+    """--overlap is a local choice: a peer with it and a peer without it still average every round together
+    and hold the same global parameters."""
+    local_swarm.start_bootstrap()
+    args = ["--max-rounds", "4", "--wait-for-peers", "2", "--inner-steps", "10"]
+    peers = [local_swarm.start_peer("overlap", *args, "--overlap"), local_swarm.start_peer("plain", *args)]
+    local_swarm.wait_rounds(peers, 4, timeout_s=240)
+    for peer in peers:
+        assert [r["group_size"] for r in peer.records()] == [2, 2, 2, 2], peer.log()[-2000:]
+    assert_agreement(peers)
+    for peer in peers:
+        assert peer.wait(timeout_s=30) == 0
+
+
+@pytest.mark.timeout(300)
 def test_matchmaking_is_scheduled_before_the_inner_steps_end(local_swarm):
     """The group forms while the last inner steps run, so little time passes between a peer's last inner step
     and the start of the data transfer (without pre-scheduling it is at least --matchmaking-s)."""
