@@ -12,6 +12,7 @@ Pinned to hivemind==1.1.12: the overridden methods mirror that version's interna
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import multiprocessing as mp
 import time
@@ -122,6 +123,16 @@ class ExactAllReduceRunner(AllReduceRunner):
             order_keys=[order_keys_by_peer[peer] for peer in self.sender_peer_ids],
             encode=self._encode_once,
         )
+        self._streams_serving = 0
+        self._all_streams_served = asyncio.Event()
+        self._all_streams_served.set()
+
+    async def wait_until_served(self, timeout: float | None) -> None:
+        """Wait (bounded) until every stream of averaged parts this peer reduces for others has been handed to the
+        network. Our own result can be complete while the last part we owe another peer is still being written;
+        a peer that then left the swarm (its last round) cut that part off and failed the round for the others."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._all_streams_served.wait(), timeout)
 
     def _encode_once(self, averaged: torch.Tensor) -> EncodedPart:
         serialized = self.compression.compress(
@@ -185,6 +196,8 @@ class ExactAllReduceRunner(AllReduceRunner):
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
     ):
         part_index = 0
+        self._streams_serving += 1
+        self._all_streams_served.clear()
 
         def _deserialize(msg: averaging_pb2.AveragingData) -> tuple[torch.Tensor, float]:
             self.bytes_received += msg.ByteSize()
@@ -205,6 +218,9 @@ class ExactAllReduceRunner(AllReduceRunner):
                 self.bytes_sent += message.ByteSize()
                 yield message
         finally:
+            self._streams_serving -= 1
+            if not self._streams_serving:
+                self._all_streams_served.set()
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
@@ -266,6 +282,7 @@ class ExactAverager(DecentralizedAverager):
             raise AllreduceException(
                 f"{runner.tensor_part_container.failed_size} values were not reduced (a reducer failed)"
             )
+        await runner.wait_until_served(runner.reducer_timeout)
         for tensor, result in zip(tensors, averaged, strict=True):
             tensor.copy_(result)
         self._transport_stats[:] = [

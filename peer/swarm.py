@@ -448,13 +448,18 @@ class Swarm:
         )
         self._set_averaging_round(round_index, scheduled_time)
         gather = {"round": round_index, "fingerprint": self.fingerprint, "order_key": order_key.hex()}
+        join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
+        # A client-mode peer cannot lead a group; it joins one, and hivemind's leaders refuse (for good) a join
+        # request whose time is earlier than their own group time. Peers that scheduled in the same instant may
+        # pick slightly different times, so a client asks with the latest time it could still be waited for.
+        request_time = scheduled_time + (join_window_s if self.config.swarm.client_mode else 0.0)
         control = self.averager.step(
             gather=gather,
             weight=1.0,  # the real weight (our tokens) is set when the all-reduce is triggered
-            scheduled_time=scheduled_time,
+            scheduled_time=request_time,
             # bounds matchmaking only (hivemind bounds the all-reduce itself with allreduce_timeout):
             # a peer that finds no group soon after the scheduled time has missed this round
-            timeout=scheduled_time - now + max(2 * self.config.swarm.matchmaking_s, 5.0),
+            timeout=scheduled_time - now + join_window_s,
             allow_retries=False,
             require_trigger=True,
             wait=False,

@@ -95,10 +95,13 @@ class StopFlag:
 
     def _handle(self, signum, _frame):
         if os.getpid() != self.pid:  # a forked hivemind process inherited this handler
-            if signum == signal.SIGTERM:  # its owner terminates it (hivemind's hard shutdown): obey
+            # Ctrl+C, and a SIGTERM sent to the whole process group (systemd, `timeout`, kill -- -PGID), reach the
+            # children too: while the peer's main process lives, it shuts them down gracefully (and SIGKILLs any
+            # that hang), so they ignore the signal; an orphaned child obeys SIGTERM
+            if signum == signal.SIGTERM and os.getppid() != self.pid:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
-            return  # Ctrl+C reaches the whole process group: the main process shuts its children down
+            return
         if self.event.is_set():
             raise KeyboardInterrupt  # a second Ctrl+C: leave now
         logger.info(f"received {signal.Signals(signum).name}: finishing the current step and leaving")
