@@ -173,7 +173,8 @@ def test_stop_signal_leaves_within_10s_with_a_checkpoint_and_no_processes(tmp_pa
         assert proc.wait(timeout=10) == 0
         assert time.monotonic() - sent < 10
         output = proc.stdout.read().decode()
-        if how.startswith("SIGINT"):  # (a group-wide SIGTERM also stops hivemind's p2p daemon, which complains)
+        # a group-wide SIGTERM also stops hivemind's p2p daemon, which then complains
+        if how.startswith("SIGINT"):
             assert "[ERROR]" not in output and "Traceback" not in output, output[-3000:]
         saved = list_checkpoints(str(tmp_path / "ckpt"))
         assert saved, output[-3000:]
