@@ -35,6 +35,13 @@ def inner_lr(global_step: int, *, config: InnerConfig, total_steps: int) -> floa
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
 
+def schedule_step(round_index: int, step: int, *, steps_per_round: int) -> int:
+    """The lr schedule's position of inner step `step` of a round. With --round-tokens a fast peer does more than
+    H steps in a round: its extra steps stay at the round's last position instead of running ahead into the
+    next rounds' schedule (which the slower peers would only reach later)."""
+    return round_index * steps_per_round + min(step, steps_per_round - 1)
+
+
 def set_lr_(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -17,7 +17,7 @@ from peer import checkpoint
 from peer.config import RunConfig, fingerprint, fingerprint_settings
 from peer.data import Tokenizer, data_seed, eval_batches, load_corpus, train_batches
 from peer.faults import FaultPlan
-from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
+from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step, schedule_step
 from peer.metrics import JsonlMetrics, summary_line
 from peer.model import architecture, build_model, count_parameters, load_model_config
 from peer.outer import AveragingResult, OuterOptimizer, all_finite, tensors_sha256
@@ -273,7 +273,11 @@ class Peer:
         bar = tqdm(desc=f"[{self.swarm.short_id}] round {round_index + 1}", leave=False, disable=None)
         step = first_step
         while not self.stop and (step < H if not budget else phase.tokens < budget):
-            lr = inner_lr(round_index * H + step, config=config.inner, total_steps=config.total_inner_steps)
+            lr = inner_lr(
+                schedule_step(round_index, step, steps_per_round=H),
+                config=config.inner,
+                total_steps=config.total_inner_steps,
+            )
             step_started = time.perf_counter()
             batch = next(self.batches).to(self.device)
             self.batches_drawn += 1

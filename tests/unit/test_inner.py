@@ -5,7 +5,7 @@ import math
 import pytest
 
 from peer.config import InnerConfig
-from peer.inner import inner_lr
+from peer.inner import inner_lr, schedule_step
 
 
 def test_warmup_is_linear_to_the_peak():
@@ -35,3 +35,9 @@ def test_schedule_is_a_function_of_the_global_step():
     late = inner_lr(3 * 50 + 7, config=config, total_steps=1000)
     early = inner_lr(157, config=config, total_steps=1000)
     assert late == early
+
+
+def test_extra_steps_of_a_fast_peer_stay_in_their_round_of_the_schedule():
+    # H = 10: steps 0..9 of round 3 are positions 30..39; a --round-tokens peer's 25th step is still 39
+    assert [schedule_step(3, step, steps_per_round=10) for step in (0, 9, 10, 24)] == [30, 39, 39, 39]
+    assert schedule_step(4, 0, steps_per_round=10) == 40
