@@ -66,10 +66,11 @@ def test_matchmaking_is_scheduled_before_the_inner_steps_end(local_swarm):
     peers = [local_swarm.start_peer(f"peer{i}", *args) for i in range(2)]
     local_swarm.wait_rounds(peers, 4, timeout_s=240)
     # The peer that finishes a round last waits for nobody: only for the transfer to start. (The other one
-    # may wait for it, which is a straggler wait, not matchmaking.) Round 1 has no timing history yet.
-    last_finisher_waits = [
-        min(records[r]["sync_wait_s"] for records in (peer.records() for peer in peers)) for r in range(1, 4)
-    ]
+    # may wait for it, which is a straggler wait, not matchmaking.) Round 1 has no timing history yet; a round
+    # whose all-reduce failed for a peer (a lost reducer stream, rare) has no transfer to time.
+    waits_by_round = [[peer.records()[r]["sync_wait_s"] for peer in peers] for r in range(1, 4)]
+    last_finisher_waits = [min(waits) for waits in waits_by_round if None not in waits]
+    assert len(last_finisher_waits) >= 2, waits_by_round
     assert statistics.median(last_finisher_waits) < 0.5 * 3, [peer.log()[-1500:] for peer in peers]
     assert_agreement(peers)
 
