@@ -156,6 +156,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 )
                 self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
             return
+        part_index = 0
         try:
             done_sending = asyncio.Event()
             inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
@@ -173,7 +174,6 @@ class ExactAllReduceRunner(AllReduceRunner):
                 self.bytes_received += msg.ByteSize()
                 return deserialize_torch_tensor(msg.tensor_part)
 
-            part_index = 0
             async for averaged_part in amap_in_executor(
                 _deserialize, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=1
             ):
@@ -182,8 +182,9 @@ class ExactAllReduceRunner(AllReduceRunner):
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
                 raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected more")
         except BaseException as e:
-            if isinstance(e, Exception):
-                logger.debug(f"Caught {e!r} when communicating to {peer_id}", exc_info=True)
+            if isinstance(e, Exception):  # a rare failure under load; say exactly where it happened
+                expected = self.tensor_part_container.num_parts_by_peer[peer_index]
+                logger.warning(f"reducer {peer_id} failed after {part_index} of {expected} parts: {e!r}")
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
