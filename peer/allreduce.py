@@ -156,7 +156,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 )
                 self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
             return
-        part_index = 0
+        part_index, expected = 0, self.tensor_part_container.num_parts_by_peer[peer_index]
         try:
             done_sending = asyncio.Event()
             inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
@@ -179,11 +179,10 @@ class ExactAllReduceRunner(AllReduceRunner):
             ):
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
                 part_index += 1
-            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
+            if part_index != expected:
                 raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected more")
         except BaseException as e:
             if isinstance(e, Exception):  # a rare failure under load; say exactly where it happened
-                expected = self.tensor_part_container.num_parts_by_peer[peer_index]
                 logger.warning(f"reducer {peer_id} failed after {part_index} of {expected} parts: {e!r}")
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise

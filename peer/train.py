@@ -570,8 +570,10 @@ class Peer:
             "inner_started_at": stats.inner_started_at,
             "allreduce_s": stats.allreduce_s,
             "overlap": config.outer.overlap,
-            "lr": inner_lr(
-                stats.round_index * H + H - 1, config=config.inner, total_steps=config.total_inner_steps
+            "lr": inner_lr(  # the round's last schedule position
+                schedule_step(stats.round_index, H - 1, steps_per_round=H),
+                config=config.inner,
+                total_steps=config.total_inner_steps,
             ),
             "failed": result is None,
             "failed_rounds": self.failed_rounds,
