@@ -22,16 +22,11 @@ from hivemind.compression import BlockwiseQuantization, CompressionBase, Float16
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
 from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
-from pydantic.v1 import (  # hivemind's schemas are pydantic v1
-    BaseModel,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-)
+from pydantic.v1 import BaseModel  # hivemind's schemas are pydantic v1
 
 from peer.config import RunConfig, differing_settings
 from peer.outer import AveragingResult
+from peer.records import HashRecord, ProgressRecord, SettingsRecord
 
 logger = logging.getLogger(__name__)
 
@@ -52,38 +47,6 @@ class SwarmError(RuntimeError):
 
 class LookupFailed(RuntimeError):
     """A DHT lookup did not answer within DHT_TIMEOUT_S."""
-
-
-class ProgressRecord(BaseModel):
-    peer_id: bytes
-    round: StrictInt
-    """The round whose inner steps this peer is running (or has just finished); -1 while it is still joining."""
-    inner_step: StrictInt
-    tokens: StrictInt
-    """Tokens this peer processed in `round` so far."""
-    done: StrictBool
-    """This peer has finished its inner steps of `round`."""
-    averaging: StrictInt
-    """The round whose all-reduce this peer is in or about to join (-1: none). With --overlap it is the round
-    before `round`: peers training round r+1 still meet for round r."""
-    scheduled_time: StrictFloat
-    """DHT time at which the group of round `averaging` forms (0: not scheduled): later peers adopt it."""
-    tokens_per_s: StrictFloat
-    eta: StrictFloat
-    """DHT time at which this peer expects to finish its inner phase."""
-    client_mode: StrictBool
-
-
-class HashRecord(BaseModel):
-    peer_id: bytes
-    hashes: dict[StrictStr, StrictStr]
-    """This peer's global-parameter sha256 for each of its most recent rounds (msgpack needs str keys)."""
-
-
-class SettingsRecord(BaseModel):
-    peer_id: bytes
-    fingerprint: StrictStr
-    settings_json: StrictStr
 
 
 class RoundSchema(BaseModel):

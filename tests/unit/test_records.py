@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hivemind.utils.serializer import MSGPackSerializer
 
-from peer.swarm import HashRecord, ProgressRecord, SettingsRecord
+from peer.records import HashRecord, ProgressRecord, SettingsRecord
 
 
 def round_trip(record):
