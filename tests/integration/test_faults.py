@@ -114,11 +114,12 @@ def test_slow_peer_never_holds_a_minority_hash(local_swarm):
     slow.signal(signal.SIGTERM)
     assert slow.wait(timeout_s=30) == 0
     table = hashes_by_round([*fast, slow])
-    slow_rounds = [r["round"] for r in slow.records()]
-    assert slow_rounds, slow.log()[-3000:]
-    for round_index in slow_rounds:
-        if len(table[round_index]) > 1:
-            assert len(set(table[round_index].values())) == 1, f"round {round_index}: {table[round_index]}"
+    # every round the slow peer finished while the fast ones ran (measured: all 6, as it is waited for or
+    # resyncs) ends on the fast peers' hash
+    compared = [r["round"] for r in slow.records() if set(table[r["round"]]) >= {"fast0", "fast1"}]
+    assert len(compared) >= 2, slow.log()[-3000:]
+    for round_index in compared:
+        assert len(set(table[round_index].values())) == 1, f"round {round_index}: {table[round_index]}"
 
 
 def processes_with_marker(marker: str) -> list[int]:

@@ -36,8 +36,13 @@ def test_overlapping_peers_agree_every_round(local_swarm):
         assert [r["round"] for r in records] == [1, 2, 3, 4]
         assert [r["group_size"] for r in records] == [3, 3, 3, 3], peer.log()[-2000:]
         assert all(r["overlap"] and r["resyncs"] == 0 and not r["failed"] for r in records)
-        assert records[-1]["eval_loss"] < records[1]["eval_loss"] + 0.5
     assert_agreement(peers)
+    # the held-out loss of the global parameters (the same on every peer) falls from round 2 to round 4: the
+    # delayed outer steps carry the peers' progress into the shared model (measured: 7.07 -> 6.45)
+    eval_losses = {tuple(r["eval_loss"] for r in peer.records()[1::2]) for peer in peers}
+    assert len(eval_losses) == 1, eval_losses
+    (at_round_2, at_round_4) = eval_losses.pop()
+    assert at_round_4 < at_round_2 - 0.2, (at_round_2, at_round_4)
     for peer in peers:
         assert peer.wait(timeout_s=30) == 0
 

@@ -31,10 +31,16 @@ def test_without_a_horizon_the_rate_stays_at_the_peak():
 
 def test_schedule_is_a_function_of_the_global_step():
     """A late joiner at round r uses the same rate as everyone else (round x H + inner step)."""
-    config = InnerConfig(lr=1e-3, warmup_steps=100, steps=50)
-    late = inner_lr(3 * 50 + 7, config=config, total_steps=1000)
-    early = inner_lr(157, config=config, total_steps=1000)
-    assert late == early
+    config = InnerConfig(lr=1e-3, warmup_steps=100, steps=50, min_lr_ratio=0.1)
+    late = schedule_step(3, 7, steps_per_round=50)
+    assert late == 157
+    # past the 100 warmup steps: 57 of the 900 cosine steps done
+    cosine = 0.5 * (1 + math.cos(math.pi * 57 / 900))
+    assert inner_lr(late, config=config, total_steps=1000) == pytest.approx(1e-3 * (0.1 + 0.9 * cosine))
+    # not the rate of a peer counting its own steps from zero, which would still be warming up
+    assert inner_lr(
+        schedule_step(0, 7, steps_per_round=50), config=config, total_steps=1000
+    ) == pytest.approx(8e-5)
 
 
 def test_extra_steps_of_a_fast_peer_stay_in_their_round_of_the_schedule():
