@@ -6,14 +6,34 @@ in a canonical order (`outer.average_contributions`), encodes the averaged shard
 the reducer included, decodes and copies those same bytes (DESIGN section 3, invariant I1). The reducer
 also rejects non-finite contributions (I6). Matchmaking, RPC plumbing and state streaming stay hivemind's.
 
-Pinned to hivemind==1.1.12: the overridden methods mirror that version's internals.
+Pinned to hivemind==1.1.12: every override below names the upstream method it mirrors and what differs;
+importing this module with any other hivemind version fails at once with one line saying so.
 """
 
+# ruff: noqa: E402  (the version check must run before hivemind's internals are imported)
 from __future__ import annotations
+
+import hivemind
+
+HIVEMIND_VERSION = "1.1.12"
+"""The only hivemind release whose internals (AllReduceRunner, TensorPartReducer, DecentralizedAverager) this
+module's overrides were written against and tested with."""
+
+
+class HivemindVersionError(ImportError):
+    """peer.allreduce was imported next to a hivemind release it was not written for."""
+
+
+if hivemind.__version__ != HIVEMIND_VERSION:
+    raise HivemindVersionError(
+        f"peer/allreduce.py extends hivemind {HIVEMIND_VERSION} internals but hivemind "
+        f"{hivemind.__version__} is installed: pip install hivemind=={HIVEMIND_VERSION}"
+    )
 
 import asyncio
 import contextlib
 import ctypes
+import functools
 import multiprocessing as mp
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -41,30 +61,74 @@ logger = get_logger(__name__)
 EncodedPart = tuple[object, torch.Tensor]  # (serialized runtime_pb2.Tensor, its decoded value)
 
 
+def encode_once(compression: CompressionBase, averaged: torch.Tensor) -> EncodedPart:
+    """Encode an averaged part for the wire and decode it back: every peer, the reducer too, uses the decoded
+    value of these same bytes, so a lossy codec cannot make peers disagree (I1)."""
+    serialized = compression.compress(averaged, CompressionInfo.from_tensor(averaged), allow_inplace=True)
+    return serialized, deserialize_torch_tensor(serialized)
+
+
 class OrderedPartReducer(TensorPartReducer):
-    """Collects every sender's copy of a part, then averages them in canonical order and encodes the result once."""
+    """Collects every sender's copy of a part, then averages them in canonical order and encodes the result once.
+
+    Everything a sender hands in is checked first: a part of the wrong shape or dtype, a non-finite value or a
+    weight that is not a positive finite number fails that sender (AllreduceException, the runner then bans it)
+    and never reaches the sum. Inherited unchanged from TensorPartReducer: `on_sender_failed`, `finalize`.
+    """
 
     def __init__(
         self,
         part_shapes: Sequence[torch.Size],
         num_senders: int,
         *,
+        part_dtypes: Sequence[torch.dtype],
         order_keys: Sequence[bytes],
         encode: Callable[[torch.Tensor], EncodedPart],
     ):
-        self.order_keys, self.encode = order_keys, encode
+        # mirrors TensorPartReducer.__init__; adds the expected dtypes, the order keys and the encoder
+        assert len(part_dtypes) == len(part_shapes) and len(order_keys) == num_senders
+        self.part_dtypes, self.order_keys, self.encode = tuple(part_dtypes), order_keys, encode
         self.pending: dict[int, tuple[torch.Tensor, float]] = {}
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
+        # mirrors TensorPartReducer.reset_accumulators; differs: the parts are kept whole in `pending` (summed
+        # later, in canonical order) instead of being added to a running-sum accumulator as they arrive
         super().reset_accumulators()
         self.pending = {}
-        self.accumulator = None  # parts are kept in `pending` instead of a running sum
+        self.accumulator = None
+
+    def check_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float
+    ) -> None:
+        """Raise AllreduceException unless the part is exactly what this reducer expects from a sender."""
+        if not 0 <= part_index < self.num_parts:
+            raise AllreduceException(f"sender {sender_index} sent part {part_index} of {self.num_parts}")
+        expected_shape, expected_dtype = self.part_shapes[part_index], self.part_dtypes[part_index]
+        if not isinstance(tensor_part, torch.Tensor) or tensor_part.dtype != expected_dtype:
+            found = getattr(tensor_part, "dtype", type(tensor_part).__name__)
+            raise AllreduceException(
+                f"sender {sender_index} sent part {part_index} as {found}, not {expected_dtype}"
+            )
+        if tensor_part.shape != expected_shape:
+            raise AllreduceException(
+                f"sender {sender_index} sent part {part_index} of shape {tuple(tensor_part.shape)}, "
+                f"not {tuple(expected_shape)}"
+            )
+        if not (isinstance(weight, float | int) and 0 < weight < float("inf")):
+            raise AllreduceException(f"sender {sender_index} sent weight {weight!r}")
+        if not bool(torch.isfinite(tensor_part).all()):
+            raise AllreduceException(f"sender {sender_index} sent non-finite values in part {part_index}")
 
     async def accumulate_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
     ) -> EncodedPart:
-        assert 0 <= sender_index < self.num_senders and 0 <= part_index < self.num_parts
+        # mirrors TensorPartReducer.accumulate_part (wait for the part's turn, refuse a banned sender); differs:
+        # the part is checked (check_part) and stored rather than added, and the result is the (serialized,
+        # decoded) average instead of a tensor
+        assert 0 <= sender_index < self.num_senders, "sender indices are ours, not the sender's"
+        if not 0 <= part_index < self.num_parts:
+            raise AllreduceException(f"sender {sender_index} sent more than {self.num_parts} parts")
         self.num_parts_received[sender_index] += 1
         while part_index > self.current_part_index:
             finished = asyncio.create_task(self.finished.wait())
@@ -79,16 +143,23 @@ class OrderedPartReducer(TensorPartReducer):
         assert part_index == self.current_part_index
         current_part_future = self.current_part_future
         if part_index < self.sender_failed_after[sender_index]:
-            if not (weight > 0 and weight < float("inf") and bool(torch.isfinite(tensor_part).all())):
-                self.num_parts_received[sender_index] -= 1  # so that banning excludes this very part
-                raise AllreduceException(f"sender {sender_index} sent a non-finite part or weight {weight}")
-            self.pending[sender_index] = (tensor_part, weight)
+            try:
+                self.check_part(sender_index, part_index, tensor_part, weight)
+            except AllreduceException:
+                self.num_parts_received[sender_index] -= (
+                    1  # so that banning the sender excludes this very part
+                )
+                raise
+            self.pending[sender_index] = (tensor_part, float(weight))
             self.current_part_accumulated_from += 1
             self.denominator += weight
             self.check_current_part_finished()
         return await current_part_future
 
     def check_current_part_finished(self) -> None:
+        # mirrors TensorPartReducer.check_current_part_finished; differs: the average is computed here, over
+        # the senders sorted by index and summed in order-key order (average_contributions), and encoded once;
+        # a part that every sender failed fails instead of dividing by zero
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from != self.num_current_senders:
             return
@@ -109,6 +180,8 @@ class ExactAllReduceRunner(AllReduceRunner):
     """AllReduceRunner whose reducers return the averaged part itself, encoded once, instead of per-sender deltas."""
 
     def __init__(self, *, order_keys_by_peer: dict[PeerID, bytes], compression: CompressionBase, **kwargs):
+        # extends AllReduceRunner.__init__: the container returns averages instead of deltas, and hivemind's
+        # running-sum TensorPartReducer is replaced by an OrderedPartReducer over the same part shapes
         super().__init__(compression=compression, **kwargs)
         self.compression = compression
         self.bytes_sent = self.bytes_received = 0
@@ -120,8 +193,9 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer = OrderedPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging),
             len(self.sender_peer_ids),
+            part_dtypes=tuple(part.dtype for part in self.parts_for_local_averaging),
             order_keys=[order_keys_by_peer[peer] for peer in self.sender_peer_ids],
-            encode=self._encode_once,
+            encode=functools.partial(encode_once, compression),
         )
         self._streams_serving = 0
         self._all_streams_served = asyncio.Event()
@@ -134,14 +208,11 @@ class ExactAllReduceRunner(AllReduceRunner):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._all_streams_served.wait(), timeout)
 
-    def _encode_once(self, averaged: torch.Tensor) -> EncodedPart:
-        serialized = self.compression.compress(
-            averaged, CompressionInfo.from_tensor(averaged), allow_inplace=True
-        )
-        return serialized, deserialize_torch_tensor(serialized)
-
     async def _communicate_with_peer(self, peer_id: PeerID) -> None:
         """Send our part to one reducer and register the averaged part it returns (ours: decode our own encoding)."""
+        # mirrors AllReduceRunner._communicate_with_peer; differs: our own shard's parts go through the codec like
+        # everyone else's; what is registered is the averaged part itself, not a delta; opening the stream is
+        # bounded by the reducer timeout; received bytes are counted; a failure is logged as a warning
         peer_index = self.ordered_peer_ids.index(peer_id)
         if peer_id == self.peer_id:
             sender_index = self.sender_peer_ids.index(peer_id)
@@ -188,6 +259,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             raise
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        # wraps AllReduceRunner._generate_input_for_peer unchanged, counting the bytes sent
         async for message in super()._generate_input_for_peer(peer_index):
             self.bytes_sent += message.ByteSize()
             yield message
@@ -195,6 +267,9 @@ class ExactAllReduceRunner(AllReduceRunner):
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
     ):
+        # mirrors AllReduceRunner._accumulate_parts_streaming; differs: each reply is the averaged part encoded
+        # once by the reducer (the same bytes for every sender) instead of "average minus this sender's part"
+        # encoded per sender; bytes are counted; open streams are tracked for wait_until_served
         part_index = 0
         self._streams_serving += 1
         self._all_streams_served.clear()
@@ -243,6 +318,8 @@ class ExactAverager(DecentralizedAverager):
         super().__init__(*args, **kwargs)
 
     def get_current_state(self):
+        # overrides DecentralizedAverager.get_current_state (meant to be overridden): the state comes from the
+        # training process's callback instead of the averaged tensors
         metadata, tensors = self._state_provider()
         return metadata, tensors, None
 
@@ -257,6 +334,10 @@ class ExactAverager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """Replaces hivemind's in-place `tensor += delta` with `tensor = decoded average`, all or nothing."""
+        # mirrors DecentralizedAverager._run_allreduce_inplace_; differs: builds an ExactAllReduceRunner with the
+        # order keys gathered at matchmaking, refuses auxiliary mode, copies the results only once every part
+        # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), waits
+        # until the parts this peer owes others were served, and records the transport statistics
         group_id = group_info.group_id if group_id is None else group_id
         order_keys = {}
         for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered, strict=True):
@@ -301,6 +382,8 @@ class ExactAverager(DecentralizedAverager):
         return future.result(timeout=total_timeout_s)
 
     async def _load_state_from(self, donor: PeerID, timeout: float, future: MPFuture) -> None:
+        # mirrors the per-peer body of DecentralizedAverager._load_state_from_peers, for one given donor (hivemind
+        # picks donors itself) and with the opening of the stream bounded too
         try:
             stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
             stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)

@@ -1,0 +1,237 @@
+"""OrderedPartReducer offline (asyncio, no network): canonical order whatever the arrival order, and every
+kind of bad input failing only its sender."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+
+import pytest
+import torch
+from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.compression import NoCompression
+
+from peer.allreduce import OrderedPartReducer, encode_once
+from peer.outer import average_contributions, tensors_sha256
+
+PART_SIZE = 1000
+NUM_PARTS = 3
+WEIGHTS = (1.0, 2.5, 0.7)
+ORDER_KEYS = (b"\x03", b"\x01", b"\x02")  # canonical order: sender 1, 2, 0 (not the sender indices)
+
+
+def make_parts(num_senders: int = 3) -> list[list[torch.Tensor]]:
+    """parts[sender][part]: values spanning six orders of magnitude, so that a sum depends on its order."""
+    generator = torch.Generator().manual_seed(7)
+    return [
+        [
+            torch.randn(PART_SIZE, generator=generator)
+            * 10.0 ** torch.randint(-3, 4, (PART_SIZE,), generator=generator)
+            for _ in range(NUM_PARTS)
+        ]
+        for _ in range(num_senders)
+    ]
+
+
+def make_reducer(num_senders: int = 3) -> OrderedPartReducer:
+    return OrderedPartReducer(
+        (torch.Size([PART_SIZE]),) * NUM_PARTS,
+        num_senders,
+        part_dtypes=(torch.float32,) * NUM_PARTS,
+        order_keys=ORDER_KEYS[:num_senders],
+        encode=functools.partial(encode_once, NoCompression()),
+    )
+
+
+def expected_average(parts, senders, part_index: int) -> torch.Tensor:
+    return average_contributions(
+        [parts[s][part_index] for s in senders],
+        [WEIGHTS[s] for s in senders],
+        [ORDER_KEYS[s] for s in senders],
+    )
+
+
+async def submit(reducer, arrivals):
+    """Hand in (sender, part, tensor, weight) in exactly this arrival order (each call runs until it waits for
+    the part's other senders); returns what each sender got back, or the exception it got."""
+    tasks = []
+    for sender, part_index, tensor, weight in arrivals:
+        tasks.append(asyncio.create_task(reducer.accumulate_part(sender, part_index, tensor, weight=weight)))
+        await asyncio.sleep(0)  # let it reach the reducer before the next one arrives
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_the_average_is_bit_identical_whatever_order_the_parts_arrive_in():
+    parts = make_parts()
+    permutations = list(itertools.permutations(range(3)))
+
+    async def run(first_permutation: int):
+        reducer = make_reducer()
+        averages = []
+        for part_index in range(NUM_PARTS):
+            order = permutations[(first_permutation + part_index) % len(permutations)]
+            results = await submit(
+                reducer, [(s, part_index, parts[s][part_index], WEIGHTS[s]) for s in order]
+            )
+            serialized, decoded = results[0]
+            assert all(result[0] is serialized for result in results), "every sender gets the same bytes"
+            averages.append(decoded)
+        assert reducer.finished.is_set()
+        return averages
+
+    runs = [asyncio.run(run(i)) for i in range(len(permutations))]
+    canonical = [expected_average(parts, range(3), p) for p in range(NUM_PARTS)]
+    for averages in runs:
+        assert tensors_sha256(averages) == tensors_sha256(canonical)
+
+    # the data really is order-sensitive: summing in arrival order would have made the runs disagree
+    def arrival_order_sum(order, part_index):
+        total = sum(WEIGHTS)
+        result = parts[order[0]][part_index] * (WEIGHTS[order[0]] / total)
+        for s in order[1:]:
+            result = result + parts[s][part_index] * (WEIGHTS[s] / total)
+        return result
+
+    naive = {tensors_sha256([arrival_order_sum(order, 0)]) for order in permutations}
+    assert len(naive) > 1
+
+
+def test_a_banned_sender_counts_only_for_the_parts_it_sent_before_the_ban():
+    parts = make_parts()
+
+    async def run():
+        reducer = make_reducer()
+        first = await submit(reducer, [(s, 0, parts[s][0], WEIGHTS[s]) for s in range(3)])
+        reducer.on_sender_failed(2)  # what AllReduceRunner._ban_sender does
+        second = await submit(reducer, [(s, 1, parts[s][1], WEIGHTS[s]) for s in range(3)])
+        return first, second, reducer
+
+    first, second, reducer = asyncio.run(run())
+    assert tensors_sha256([first[0][1]]) == tensors_sha256([expected_average(parts, range(3), 0)])
+    assert isinstance(second[2], BannedException)
+    assert tensors_sha256([second[0][1]]) == tensors_sha256([expected_average(parts, (0, 1), 1)])
+    assert tensors_sha256([second[1][1]]) == tensors_sha256([second[0][1]])
+
+
+def test_a_sender_banned_while_the_others_wait_does_not_hold_up_the_part():
+    parts = make_parts()
+
+    async def run():
+        reducer = make_reducer()
+        waiting = [
+            asyncio.create_task(reducer.accumulate_part(s, 0, parts[s][0], weight=WEIGHTS[s])) for s in (0, 1)
+        ]
+        await asyncio.sleep(0)
+        assert not any(task.done() for task in waiting)
+        reducer.on_sender_failed(2)  # sender 2 never sent anything
+        return await asyncio.gather(*waiting)
+
+    results = asyncio.run(run())
+    assert tensors_sha256([results[0][1]]) == tensors_sha256([expected_average(parts, (0, 1), 0)])
+
+
+def bad_parts():
+    good = torch.ones(PART_SIZE)
+    nan, inf = good.clone(), good.clone()
+    nan[17], inf[-1] = float("nan"), float("-inf")
+    return {
+        "nan": (nan, 1.0),
+        "inf": (inf, 1.0),
+        "weight-nan": (good, float("nan")),
+        "weight-inf": (good, float("inf")),
+        "weight-zero": (good, 0.0),
+        "weight-negative": (good, -1.0),
+        "too-short": (torch.ones(PART_SIZE - 1), 1.0),
+        "too-long": (torch.ones(PART_SIZE + 1), 1.0),
+        "wrong-rank": (torch.ones(10, PART_SIZE // 10), 1.0),
+        "scalar": (torch.tensor(1.0), 1.0),
+        "float64": (good.double(), 1.0),
+        "float16": (good.half(), 1.0),
+        "bfloat16": (good.bfloat16(), 1.0),
+        "int64": (good.long(), 1.0),
+        "not-a-tensor": (good.numpy(), 1.0),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(bad_parts()))
+def test_a_bad_part_fails_only_its_sender(kind):
+    parts = make_parts()
+    bad_tensor, bad_weight = bad_parts()[kind]
+
+    async def run():
+        reducer = make_reducer()
+        arrivals = [
+            (0, 0, parts[0][0], WEIGHTS[0]),
+            (1, 0, bad_tensor, bad_weight),
+            (2, 0, parts[2][0], WEIGHTS[2]),
+        ]
+        first = await asyncio.wait_for(submit_failing(reducer, arrivals, failing_sender=1), timeout=5)
+        rest = []
+        for part_index in range(1, NUM_PARTS):
+            rest.append(
+                await submit(reducer, [(s, part_index, parts[s][part_index], WEIGHTS[s]) for s in range(3)])
+            )
+        return first, rest, reducer
+
+    async def submit_failing(reducer, arrivals, failing_sender):
+        tasks = []
+        for sender, part_index, tensor, weight in arrivals:
+            task = asyncio.create_task(reducer.accumulate_part(sender, part_index, tensor, weight=weight))
+            tasks.append(task)
+            await asyncio.sleep(0)
+            if sender == failing_sender:
+                assert task.done() and isinstance(task.exception(), AllreduceException)
+                reducer.on_sender_failed(sender)  # the runner bans a sender whose part raised
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    first, rest, reducer = asyncio.run(run())
+    assert isinstance(first[1], AllreduceException) and not isinstance(first[1], BannedException)
+    assert tensors_sha256([first[0][1]]) == tensors_sha256([expected_average(parts, (0, 2), 0)])
+    for part_index, results in enumerate(rest, start=1):
+        assert isinstance(results[1], BannedException)
+        assert tensors_sha256([results[0][1]]) == tensors_sha256(
+            [expected_average(parts, (0, 2), part_index)]
+        )
+    assert reducer.finished.is_set()
+
+
+def test_a_sender_with_more_parts_than_expected_is_refused():
+    async def run():
+        reducer = make_reducer(num_senders=1)
+        for part_index in range(NUM_PARTS):
+            await reducer.accumulate_part(0, part_index, torch.ones(PART_SIZE), weight=1.0)
+        with pytest.raises(AllreduceException):
+            await reducer.accumulate_part(0, NUM_PARTS, torch.ones(PART_SIZE), weight=1.0)
+
+    asyncio.run(run())
+
+
+def test_a_part_that_every_sender_failed_fails_instead_of_crashing():
+    async def run():
+        reducer = make_reducer(num_senders=2)
+        part_future = reducer.current_part_future
+        results = await submit(reducer, [(0, 0, torch.full((PART_SIZE,), float("nan")), 1.0)])
+        reducer.on_sender_failed(0)
+        results += await submit(reducer, [(1, 0, torch.ones(PART_SIZE).double(), 1.0)])
+        reducer.on_sender_failed(1)
+        return results, part_future
+
+    results, part_future = asyncio.run(run())
+    assert all(isinstance(result, AllreduceException) for result in results)
+    assert isinstance(part_future.exception(), AllreduceException)
+
+
+def test_importing_next_to_another_hivemind_release_fails_with_one_line(monkeypatch):
+    import importlib.util
+
+    import hivemind
+
+    import peer.allreduce
+
+    monkeypatch.setattr(hivemind, "__version__", "1.1.11")
+    spec = importlib.util.spec_from_file_location("allreduce_copy", peer.allreduce.__file__)
+    with pytest.raises(ImportError) as raised:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    message = str(raised.value)
+    assert "\n" not in message and "1.1.11" in message and "pip install hivemind==1.1.12" in message
