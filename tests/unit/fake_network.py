@@ -25,6 +25,8 @@ class FakeScheduled:
     scheduled_time: float
     how: str
     lead_s: float
+    steps_done: int
+    """Inner steps of the round this peer had done when matchmaking started."""
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -135,7 +137,13 @@ class FakeNetwork:
         return {**companions, **self.swarm.other_hashes, ME: HashRecord(peer_id=ME, hashes=ours)}
 
     def schedule_averaging(self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str):
-        scheduled = FakeScheduled(round_index, scheduled_time, how, lead_s=scheduled_time - self.time())
+        scheduled = FakeScheduled(
+            round_index,
+            scheduled_time,
+            how,
+            lead_s=scheduled_time - self.time(),
+            steps_done=self.progress.inner_step,
+        )
         self.swarm.scheduled.append(scheduled)
         self.mark_averaging(round_index, scheduled_time)
         return scheduled

@@ -6,6 +6,7 @@ produces and checks what the loop did about it."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -114,6 +115,19 @@ def test_the_global_parameters_follow_the_averages_the_network_returned(tmp_path
     )
     assert [r["group_size"] for r in peer.records] == [2, 2, 2]
     assert [s.round_index for s in swarm.scheduled] == [0, 1, 2]  # one group per round, each triggered once
+
+
+def test_matchmaking_is_scheduled_while_the_last_inner_steps_run(tmp_path):
+    """With a companion in the round, the group time is chosen during the inner phase, ahead of its end."""
+    config = make_config(tmp_path, inner=InnerConfig(steps=20, warmup_steps=2, lr=1e-3), max_rounds=2)
+
+    def simulated_compute(peer, round_index, count):
+        time.sleep(0.05)  # a step of at least 50 ms: the phase lasts several of the loop's progress checks
+
+    swarm = FakeSwarm(companions=1)
+    run_peer(config, swarm, on_step=simulated_compute)
+    assert [(s.round_index, s.how) for s in swarm.scheduled] == [(0, "own"), (1, "own")]
+    assert all(0 < s.steps_done < 20 and s.lead_s > 0 for s in swarm.scheduled)
 
 
 def test_a_failed_allreduce_keeps_the_global_parameters_and_the_next_round_goes_on(tmp_path):
@@ -233,7 +247,9 @@ def test_a_late_joiner_starts_from_the_swarm_state_and_round(tmp_path):
     peer = run_peer(config, swarm)
     assert swarm.downloads == 1 and peer.records[0]["round"] == 6
     outer = OuterOptimizer(tensors[: len(tensors) // 2], config.outer)
-    outer.load_state_tensors_(tensors)  # the donated parameters and momentum, then our first outer step on them
+    outer.load_state_tensors_(
+        tensors
+    )  # the donated parameters and momentum, then our first outer step on them
     outer.step_(swarm.results[5].averaged)
     assert peer.records[0]["global_params_sha256"] == outer.params_hash()
     assert swarm.scheduled[0].round_index == 5
