@@ -1,4 +1,5 @@
-"""Everything hivemind: the DHT, signed progress and hash records, one all-reduce group per round, state sharing.
+"""The swarm on hivemind: the DHT, signed and schema-checked progress, hash and settings records, and (through
+peer/swarm_averaging.py) one all-reduce group per round and state downloads.
 
 `Swarm` implements `peer.network.SwarmNetwork` for the training loop. It only moves records and tensors; what to
 wait for and when to average is decided in peer/rounds.py and acted on in peer/coordination.py.
@@ -6,30 +7,25 @@ wait for and when to average is decided in peer/rounds.py and acted on in peer/c
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Optional
 
 import hivemind
 import torch
-from hivemind.averaging.control import AveragingStage, StepControl
-from hivemind.compression import BlockwiseQuantization, CompressionBase, Float16Compression, NoCompression
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
-from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 from pydantic.v1 import BaseModel  # hivemind's schemas are pydantic v1
 
 from peer.config import RunConfig, differing_settings
 from peer.network import AveragingAttempt
-from peer.outer import AveragingResult
 from peer.records import HashRecord, ProgressRecord, SettingsRecord
 from peer.rounds import remembered_peers, stale_after_s
+from peer.swarm_averaging import RoundAveraging, ScheduledStep, ensure_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -54,30 +50,6 @@ class RoundSchema(BaseModel):
 
 class RunSchema(BaseModel):
     settings: dict[BytesWithPublicKey, Optional[SettingsRecord]]  # noqa: UP045
-
-
-COMPRESSION: dict[str, CompressionBase] = {
-    "none": NoCompression(),
-    "fp16": Float16Compression(),
-    "int8": BlockwiseQuantization(),
-}
-
-
-@dataclass
-class ScheduledStep:
-    """A round's all-reduce whose matchmaking has started; it runs once triggered with the pseudo-gradient."""
-
-    control: StepControl
-    round_index: int
-    scheduled_time: float
-    how: str
-    """own (this peer chose the time), adopted (another peer of the round did), or after-inner (scheduled once
-    the inner phase was over)."""
-    lead_s: float
-    """How long before the group time matchmaking started."""
-
-    def cancel(self) -> None:
-        self.control.cancel()
 
 
 class Swarm:
@@ -130,7 +102,6 @@ class Swarm:
             self._settings_key = f"{swarm.run_id}_settings"
             self._averaging_round, self._scheduled_time = -1, 0.0
             self._last_live: tuple[float, dict[bytes, ProgressRecord]] = (0.0, {})
-            self._tokens_per_step = config.data.batch_size * config.data.seq_len
             self._progress = ProgressRecord(
                 peer_id=self._peer_id.to_bytes(),
                 round=-1,  # joining: not training any round yet
@@ -147,7 +118,9 @@ class Swarm:
             self._publish_now = threading.Event()
             self.check_run_settings()
 
-            self.averager = _make_averager(config, fingerprint, self.dht, averaged_tensors, state_provider)
+            self.averaging = RoundAveraging(
+                config, fingerprint, self.dht, averaged_tensors, state_provider, short_id=self.short_id
+            )
             self._publisher = threading.Thread(
                 target=self._publish_periodically, name="progress", daemon=True
             )
@@ -307,33 +280,11 @@ class Swarm:
     def schedule_averaging(
         self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str
     ) -> ScheduledStep:
-        """Start matchmaking for a round's all-reduce ahead of its end, so the group is ready when the
-        pseudo-gradient is (the all-reduce waits for `run_averaging` to trigger it)."""
-        now = get_dht_time()
-        scheduled_time = max(scheduled_time, now + 1.0)
-        # The round number is part of the group key, so peers of different rounds can never meet.
-        self.averager.set_group_bits(format(round_index % 2**16, "016b"), wait=False).result(
-            timeout=DHT_TIMEOUT_S
+        scheduled = self.averaging.schedule(
+            round_index, scheduled_time=scheduled_time, order_key=order_key, how=how
         )
-        self.mark_averaging(round_index, scheduled_time)
-        gather = {"round": round_index, "fingerprint": self.fingerprint, "order_key": order_key.hex()}
-        join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
-        # A client-mode peer cannot lead a group; it joins one, and hivemind's leaders refuse (for good) a join
-        # request whose time is earlier than their own group time. Peers that scheduled in the same instant may
-        # pick slightly different times, so a client asks with the latest time it could still be waited for.
-        request_time = scheduled_time + (join_window_s if self.config.swarm.client_mode else 0.0)
-        control = self.averager.step(
-            gather=gather,
-            weight=1.0,  # the real weight (our tokens) is set when the all-reduce is triggered
-            scheduled_time=request_time,
-            # bounds matchmaking only (hivemind bounds the all-reduce itself with allreduce_timeout):
-            # a peer that finds no group soon after the scheduled time has missed this round
-            timeout=scheduled_time - now + join_window_s,
-            allow_retries=False,
-            require_trigger=True,
-            wait=False,
-        )
-        return ScheduledStep(control, round_index, scheduled_time, how=how, lead_s=scheduled_time - now)
+        self.mark_averaging(round_index, scheduled.scheduled_time)
+        return scheduled
 
     def run_averaging(
         self,
@@ -344,47 +295,8 @@ class Swarm:
         should_stop: Callable[[], bool],
         during_allreduce: Callable[[], None] | None = None,
     ) -> AveragingAttempt:
-        round_index, control = scheduled.round_index, scheduled.control
-        with self.averager.get_tensors() as tensors:
-            for dst, src in zip(tensors, pseudo_grads, strict=True):
-                dst.copy_(src)
-        control.weight = float(tokens)
-        control.allow_allreduce()
-        try:
-            gathered = _wait_cancellable(
-                control,
-                should_stop,
-                timeout_s=max(0.0, scheduled.scheduled_time - get_dht_time())
-                + 2 * self.config.swarm.allreduce_timeout_s,
-                during_allreduce=during_allreduce,
-            )
-        except Exception as e:  # hivemind raises many types for a failed group; all mean "round failed"
-            logger.warning(
-                f"[{self.short_id}] round {round_index + 1}: all-reduce failed: {type(e).__name__}: {e} "
-                f"(matchmaking {scheduled.how}, started {scheduled.lead_s:.1f}s before the group time)"
-            )
-            return AveragingAttempt(None, began_transfer=bool(control.began_allreduce))
-        if gathered is None:
-            return AveragingAttempt(None)
-        rounds = {meta.get("round") for meta in gathered.values() if isinstance(meta, dict)}
-        if rounds != {round_index}:
-            logger.warning(
-                f"[{self.short_id}] round {round_index}: group mixed rounds {sorted(rounds)}; discarded"
-            )
-            return AveragingAttempt(None)
-        with self.averager.get_tensors() as tensors:
-            averaged = [t.clone() for t in tensors]
-        return AveragingAttempt(
-            AveragingResult(
-                averaged=averaged,
-                group_size=len(gathered),
-                tokens=tokens,
-                info={
-                    **self.averager.last_transport_stats(),
-                    "matchmaking": scheduled.how,
-                    "matchmaking_lead_s": scheduled.lead_s,
-                },
-            )
+        return self.averaging.run(
+            scheduled, pseudo_grads, tokens=tokens, should_stop=should_stop, during_allreduce=during_allreduce
         )
 
     # ---- agreement (I1/I3) -----------------------------------------------------------------------------------
@@ -407,19 +319,9 @@ class Swarm:
         return self._read_records(self._hashes_key, HashRecord)
 
     # ---- state sharing ---------------------------------------------------------------------------------------
+    # ---- state sharing ---------------------------------------------------------------------------------------
     def download_state(self, donors: list[bytes]) -> tuple[dict, list[torch.Tensor]] | None:
-        """Try donors in turn; the first that sends a complete state wins."""
-        swarm = self.config.swarm
-        for donor in donors:
-            result = self.averager.load_state_from(
-                PeerID(donor),
-                chunk_timeout_s=swarm.chunk_timeout_s,
-                total_timeout_s=swarm.state_timeout_s,
-            )
-            if result is not None:
-                return result
-            logger.warning(f"[{self.short_id}] state download from {PeerID(donor)} failed; trying next")
-        return None
+        return self.averaging.download_state(donors)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -432,58 +334,7 @@ class Swarm:
                 expiration_time=get_dht_time() + RECORD_TTL_S,
             )
         self._publisher.join(timeout=DHT_TIMEOUT_S)
-        self.averager.shutdown()
-        _ensure_stopped(self.averager)
+        self.averaging.shutdown()
         with self._dht_lock:
             self.dht.shutdown()
-            _ensure_stopped(self.dht)
-
-
-def _ensure_stopped(process) -> None:
-    """SIGKILL a hivemind child process that outlived its graceful shutdown: the interpreter joins its children
-    at exit, so one that hangs (e.g. on a pipe message whose file descriptors can no longer be fetched) would
-    keep this peer from exiting."""
-    if process.is_alive():
-        with contextlib.suppress(Exception):
-            process.kill()
-            process.join(timeout=5)
-
-
-def _wait_cancellable(control, should_stop, *, timeout_s: float, during_allreduce=None):
-    """Wait for a StepControl's result, cancelling it if the peer is asked to stop.
-    `during_allreduce()` (a test hook) is called once the data transfer has begun."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if during_allreduce is not None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
-            during_allreduce()
-        try:
-            return control.result(timeout=0.01 if during_allreduce else 0.25)
-        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError on Python 3.10
-            if should_stop():
-                control.cancel()
-                raise RuntimeError("stopped by the user") from None
-            if time.monotonic() > deadline:
-                control.cancel()
-                raise TimeoutError(f"all-reduce did not finish in {timeout_s:.0f}s") from None
-
-
-def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_provider):
-    from peer.allreduce import ExactAverager
-
-    swarm = config.swarm
-    return ExactAverager(
-        averaged_tensors,
-        dht,
-        prefix=prefix,
-        start=True,
-        target_group_size=None,  # one global group per round: DiLoCo, not Moshpit averaging
-        min_group_size=2,
-        min_matchmaking_time=swarm.matchmaking_s,
-        request_timeout=min(3.0, swarm.matchmaking_s / 2),
-        allreduce_timeout=swarm.allreduce_timeout_s,
-        next_chunk_timeout=swarm.chunk_timeout_s,
-        compression=COMPRESSION[config.outer.compression],
-        client_mode=swarm.client_mode,
-        state_provider=state_provider,
-        shutdown_timeout=3,
-    )
+            ensure_stopped(self.dht)

@@ -378,7 +378,9 @@ class Peer:
         pseudo_grads = self.state.outer.pseudo_gradient(self.params)
         if all_finite(pseudo_grads) and tokens > 0:
             return pseudo_grads
-        if tokens > 0:  # diverged: the inner AdamW moments are poisoned too; restart them with the global parameters
+        if (
+            tokens > 0
+        ):  # diverged: the inner AdamW moments are poisoned too; restart them with the global parameters
             self.inner_opt = build_inner_optimizer(self.model, self.config.inner)
         self.log.warning(f"round {round_index + 1}: local update is not finite or empty; not contributing")
         return None
