@@ -32,6 +32,16 @@ class Agreement:
         self.swarm, self.inner_steps, self.log = swarm, inner_steps, log
         self.resyncs = 0
 
+    def adopt_swarm_state_on_join(self) -> None:
+        """I4: a newcomer (or a peer resuming behind the swarm) starts from the swarm's current state."""
+        view = coordination.latest_view(self.network)
+        if view is None or view.majority_hash is None or view.round_index < self.state.round:
+            return
+        if self.load_swarm_state(view.donors, min_round=view.round_index):
+            self.log.info(f"joined the swarm at round {self.state.round}, inner step {self.state.inner_step}")
+        else:
+            self.log.warning("could not download the swarm's state; starting from our own")
+
     def check_round(self, result: AveragingResult | None) -> bool:
         """Publish our hash of the round just completed; if the majority of its peers holds another one, adopt their
         state. Returns True if we resynced."""

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from peer.config import RunConfig
 from peer.records import HashRecord, ProgressRecord
 
 # a peer joins a scheduled group only if it can start matchmaking this long before the group forms
@@ -32,6 +33,17 @@ class Timing:
     round_tokens: int = 0
     """--round-tokens (0: every peer does H steps)."""
     overlap: bool = False
+
+    @classmethod
+    def of(cls, config: RunConfig) -> Timing:
+        swarm = config.swarm
+        return cls(
+            matchmaking_s=swarm.matchmaking_s,
+            progress_period_s=swarm.progress_period_s,
+            chunk_timeout_s=swarm.chunk_timeout_s,
+            round_tokens=config.inner.round_tokens,
+            overlap=config.outer.overlap,
+        )
 
 
 # ---- who is live --------------------------------------------------------------------------------------------

@@ -10,17 +10,16 @@ import collections
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from peer import checkpoint, coordination, rounds
 from peer.agreement import Agreement
 from peer.config import RunConfig, fingerprint, fingerprint_settings
 from peer.data import Tokenizer, data_seed, eval_batches, load_corpus, train_batches
 from peer.faults import FaultPlan
-from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step, schedule_step
+from peer.inner import evaluate
+from peer.inner_phase import CHECK_PERIOD_S, InnerPhase, LocalTrainer
 from peer.metrics import JsonlMetrics, RoundStats, round_record, summary_line
 from peer.model import architecture, build_model, count_parameters, load_model_config
 from peer.network import NetworkFactory, ScheduledAveraging, SwarmNetwork
@@ -32,20 +31,6 @@ from peer.state import ReplicatedState
 logger = logging.getLogger(__name__)
 
 RESYNC_RETRY_S = 2.0  # pause before retrying a failed state download
-CHECK_PERIOD_S = 0.5  # how often the inner phase reads the swarm's progress (DHT lookups cost milliseconds)
-
-
-@dataclass
-class InnerPhase:
-    """What one inner phase produced."""
-
-    losses: list[float]
-    tokens: int
-    tokens_per_s: float
-    scheduled: ScheduledAveraging | None = None
-    """This round's all-reduce, if its matchmaking was started during the inner phase."""
-    resynced: bool = False
-    """The peer adopted the swarm's state during the phase (--overlap): nothing to contribute this round."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,8 +76,7 @@ class Peer:
         self.corpus = load_corpus(config.data, tokenizer)
         self.params = list(self.model.parameters())
         self.state = ReplicatedState(self.params, config.outer, fingerprint=self.fingerprint)
-        self.inner_opt_state: dict | None = None
-        self.batches_drawn = 0  # so that a resumed peer continues its data stream exactly
+        self.resumed: dict = {}  # the inner optimizer and data position of a resumed checkpoint
         self.recent_inner_s: collections.deque[float] = collections.deque(maxlen=5)
         self.faults = FaultPlan.parse(config.test_fault)
         self.total_tokens = self.rounds_done = self.rounds_started = self.failed_rounds = 0
@@ -119,7 +103,7 @@ class Peer:
             self.log.warning("interrupted twice: leaving without waiting")
         finally:
             self.wait_for_pending()
-            if config.checkpoint_dir and hasattr(self, "inner_opt") and self.rounds_done > 0:
+            if config.checkpoint_dir and hasattr(self, "trainer") and self.rounds_done > 0:
                 self.save_checkpoint("shutdown")
             if hasattr(self, "network"):
                 self.network.shutdown()
@@ -222,33 +206,31 @@ class Peer:
                 should_stop=lambda: bool(self.stop),
             )
             self.log.info(f"{live} peers live; starting")
-        # I4: a newcomer (or a peer resuming behind the swarm) starts from the swarm's current state
-        view = coordination.latest_view(self.network)
-        if view is not None and view.majority_hash is not None and view.round_index >= self.state.round:
-            if self.agreement.load_swarm_state(view.donors, min_round=view.round_index):
-                self.log.info(
-                    f"joined the swarm at round {self.state.round}, inner step {self.state.inner_step}"
-                )
-            else:
-                self.log.warning("could not download the swarm's state; starting from our own")
+        self.agreement.adopt_swarm_state_on_join()
 
     def prepare_training(self) -> None:
         config = self.config
         self.model.to(self.device)
         self.state.outer.copy_to_(self.params)
-        self.inner_opt = build_inner_optimizer(self.model, config.inner)
-        if self.inner_opt_state is not None:
-            self.inner_opt.load_state_dict(self.inner_opt_state)
         stream_id = config.data.data_shard or self.network.peer_id
         seed = data_seed(config.seed, stream_id)
         self.order_key = seed.to_bytes(8, "big")  # this peer's place in the canonical summation order
-        self.batches = train_batches(
+        batches = train_batches(
             self.corpus.train,
-            skip=self.batches_drawn,
+            skip=self.resumed.get("batches_drawn", 0),
             batch_size=config.data.batch_size,
             seq_len=config.data.seq_len,
             seed=seed,
             shard=config.data.shard,
+        )
+        self.trainer = LocalTrainer(
+            self.model,
+            batches,
+            config=config,
+            device=self.device,
+            faults=self.faults,
+            batches_drawn=self.resumed.get("batches_drawn", 0),
+            optimizer_state=self.resumed.get("inner_optimizer"),
         )
         self.held_out = eval_batches(
             self.corpus.eval,
@@ -265,77 +247,30 @@ class Peer:
         return self.state.round + (1 if self.pending is not None else 0)
 
     def inner_phase(self, round_index: int) -> InnerPhase:
-        """Inner AdamW steps until the round ends: H steps, or with --round-tokens until the swarm has processed the
-        budget. Meanwhile: apply a finished background all-reduce (--overlap) and schedule this round's matchmaking so
-        that the group is ready when the inner steps end."""
-        config, H = self.config, self.config.inner.steps
-        budget = config.inner.round_tokens
-        tokens_per_step = config.data.batch_size * config.data.seq_len
-        first_step = step = self.state.inner_step
-        phase = InnerPhase(losses=[], tokens=0, tokens_per_s=0.0)
-        started = time.perf_counter()
-        next_check = started + CHECK_PERIOD_S
-        bar = tqdm(desc=f"[{self.network.short_id}] round {round_index + 1}", leave=False, disable=None)
-        while not self.stop and (step < H if not budget else phase.tokens < budget):
-            lr = inner_lr(
-                schedule_step(round_index, step, steps_per_round=H),
-                config=config.inner,
-                total_steps=config.total_inner_steps,
-            )
-            step_started = time.perf_counter()
-            batch = next(self.batches).to(self.device)
-            self.batches_drawn += 1
-            phase.losses.append(
-                inner_step(self.model, self.inner_opt, batch, lr=lr, grad_clip=config.inner.grad_clip)
-            )
-            step += 1
-            phase.tokens += tokens_per_step
-            self.state.set_inner_step(step)
-            if self.faults:
-                self.faults.after_inner_step(time.perf_counter() - step_started)
-            now = time.perf_counter()
-            phase.tokens_per_s = phase.tokens / (now - started)
-            steps_left = H - step if not budget else max(0, budget - phase.tokens) // tokens_per_step
-            self.network.report_progress(
-                round_index=round_index,
-                inner_step=step,
-                tokens=phase.tokens,
-                done=False,
-                tokens_per_s=phase.tokens_per_s,
-                eta=rounds.inner_eta(
-                    now=self.network.time(),
-                    steps_done=len(phase.losses),
-                    steps_left=steps_left,
-                    elapsed_s=now - started,
-                ),
-                now=step == first_step + 1,
-            )
-            bar.update()
-            bar.set_postfix(loss=f"{phase.losses[-1]:.3f}")
-            if self.pending is not None and self.pending.finished.is_set() and self.finish_pending():
-                phase.resynced = True  # the swarm's state replaced ours: this round's steps are void
-                break
-            if now >= next_check:
-                next_check = now + CHECK_PERIOD_S
-                if self.watch_round_end(round_index, phase):
-                    break
-        bar.close()
-        self.network.report_progress(
-            round_index=round_index,
-            inner_step=step,
-            tokens=phase.tokens,
-            done=True,
-            tokens_per_s=phase.tokens_per_s,
-            eta=self.network.time(),
-            now=True,
+        """Inner AdamW steps until the round ends. Meanwhile: apply a finished background all-reduce (--overlap) and
+        schedule this round's matchmaking so that the group is ready when the inner steps end."""
+        return self.trainer.run_phase(
+            round_index,
+            first_step=self.state.inner_step,
+            network=self.network,
+            should_stop=lambda: bool(self.stop),
+            on_step=self.state.set_inner_step,
+            between_steps=self.apply_finished_average,
+            every_check=lambda phase: self.watch_round_end(round_index, phase),
         )
-        return phase
+
+    def apply_finished_average(self, phase: InnerPhase) -> bool:
+        """--overlap: apply the previous round's average once it arrived; True if the swarm's state then replaced
+        ours (this round's steps are void)."""
+        if self.pending is not None and self.pending.finished.is_set() and self.finish_pending():
+            phase.resynced = True
+        return phase.resynced
 
     def watch_round_end(self, round_index: int, phase: InnerPhase) -> bool:
         """Pre-schedule this round's matchmaking once its end is near; True to end the inner phase now: with
         --round-tokens when the swarm reached the budget (or another peer ended the round), and whenever our global
         parameters turn out to differ from the swarm's (train_one_round then resyncs us)."""
-        timing = self.round_timing()
+        timing = rounds.Timing.of(self.config)
         now = self.network.time()
         progress = rounds.round_progress(
             self.network.live_peers(),
@@ -360,16 +295,6 @@ class Peer:
             )
         return bool(timing.round_tokens) and progress.closed
 
-    def round_timing(self) -> rounds.Timing:
-        swarm = self.config.swarm
-        return rounds.Timing(
-            matchmaking_s=swarm.matchmaking_s,
-            progress_period_s=swarm.progress_period_s,
-            chunk_timeout_s=swarm.chunk_timeout_s,
-            round_tokens=self.config.inner.round_tokens,
-            overlap=self.config.outer.overlap,
-        )
-
     def straggler_wait_s(self) -> float:
         return rounds.straggler_wait_s(self.config.swarm.straggler_wait_s, self.recent_inner_s)
 
@@ -381,7 +306,7 @@ class Peer:
         if (
             tokens > 0
         ):  # diverged: the inner AdamW moments are poisoned too; restart them with the global parameters
-            self.inner_opt = build_inner_optimizer(self.model, self.config.inner)
+            self.trainer.restart_optimizer()
         self.log.warning(f"round {round_index + 1}: local update is not finite or empty; not contributing")
         return None
 
@@ -522,8 +447,7 @@ class Peer:
             )
         self.state.outer.load_state_tensors_(saved["outer_state"])
         self.state.round = saved["round"]
-        self.inner_opt_state = saved.get("inner_optimizer")
-        self.batches_drawn = saved.get("batches_drawn", 0)
+        self.resumed = saved
         logger.info(f"resumed from checkpoint at round {self.state.round}")
 
     def save_checkpoint(self, reason: str) -> None:
@@ -531,11 +455,11 @@ class Peer:
             state = {
                 "round": self.state.round,
                 "outer_state": [t.clone() for t in self.state.outer.state_tensors()],
-                "inner_optimizer": self.inner_opt.state_dict(),
+                "inner_optimizer": self.trainer.optimizer.state_dict(),
                 "config": self.config.to_dict(),
                 "fingerprint": self.fingerprint,
                 "params_sha256": self.state.outer.params_hash(),
-                "batches_drawn": self.batches_drawn,
+                "batches_drawn": self.trainer.batches_drawn,
             }
         path = checkpoint.save_checkpoint(
             self.config.checkpoint_dir, state, round_index=self.state.round, keep=self.config.keep_checkpoints

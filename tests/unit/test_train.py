@@ -50,7 +50,7 @@ class ScriptedPeer(Peer):
 
     def prepare_training(self) -> None:
         super().prepare_training()
-        batches, peer = self.batches, self
+        batches, peer = self.trainer.batches, self
 
         def scripted():
             for count, batch in enumerate(batches, start=1):
@@ -58,7 +58,7 @@ class ScriptedPeer(Peer):
                     peer.on_step(peer, peer.training_round, count)
                 yield batch
 
-        self.batches = scripted()
+        self.trainer.batches = scripted()
         self.metrics.log_round, log = (
             (lambda record: (self.records.append(record), log(record))),
             self.metrics.log_round,
