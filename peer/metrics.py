@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from dataclasses import dataclass
 from typing import Protocol
+
+from peer.config import RunConfig
+from peer.inner import inner_lr, schedule_step
+from peer.outer import AveragingResult
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,70 @@ class JsonlMetrics:
         if self.path:
             with open(self.path, "a", encoding="utf-8") as file:
                 file.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+@dataclass
+class RoundStats:
+    """One round's measurements, logged once its outer step is applied."""
+
+    round_index: int
+    losses: list[float]
+    tokens: int
+    tokens_per_s: float
+    inner_s: float
+    inner_started_at: float
+    inner_ended_at: float
+    outer_started: float
+    allreduce_s: float = 0.0
+
+
+def round_record(
+    stats: RoundStats,
+    result: AveragingResult | None,
+    *,
+    config: RunConfig,
+    round_number: int,
+    peer_id: str,
+    fingerprint: str,
+    params_sha256: str,
+    total_tokens: int,
+    num_params: int,
+    counters: dict,
+) -> dict:
+    """The JSONL record of one round (README "Metrics" lists the keys)."""
+    H = config.inner.steps
+    record = {
+        "round": round_number,
+        "peer_id": peer_id,
+        "fingerprint": fingerprint,
+        "loss": sum(stats.losses) / max(1, len(stats.losses)),
+        "group_size": result.group_size if result else 0,
+        "global_params_sha256": params_sha256,
+        "tokens": total_tokens,
+        "round_tokens": stats.tokens,
+        "inner_steps": len(stats.losses),
+        "num_params": num_params,
+        "tokens_per_s": stats.tokens_per_s,
+        "inner_s": stats.inner_s,
+        "inner_started_at": stats.inner_started_at,
+        "allreduce_s": stats.allreduce_s,
+        "overlap": config.outer.overlap,
+        "lr": inner_lr(  # the round's last schedule position
+            schedule_step(stats.round_index, H - 1, steps_per_round=H),
+            config=config.inner,
+            total_steps=config.total_inner_steps,
+        ),
+        "failed": result is None,
+        **counters,
+        "time": time.time(),
+        "bytes_sent": 0,
+        "bytes_received": 0,
+        **(result.info if result else {}),
+    }
+    # time from our last inner step to the start of the data transfer (waiting for peers, matchmaking)
+    started_at = record.pop("transfer_started_at", None)
+    record["sync_wait_s"] = max(0.0, started_at - stats.inner_ended_at) if started_at else None
+    return record
 
 
 def summary_line(record: dict) -> str:

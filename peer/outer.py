@@ -1,6 +1,6 @@
 """Global parameters, pseudo-gradients, the exact weighted average and the replicated Nesterov outer step.
 
-Knows nothing about networking: the swarm reaches it through the `Averager` protocol.
+Knows nothing about networking: the loop hands it the average the swarm computed (peer/network.py).
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
@@ -63,19 +62,6 @@ class AveragingResult:
     (hivemind does not report the group's total weight)."""
     info: dict = field(default_factory=dict)
     """Transport details (bytes sent and received, timings) for the metrics."""
-
-
-class Averager(Protocol):
-    """Averages pseudo-gradients across the peers of a round."""
-
-    def average(
-        self, pseudo_grads: list[torch.Tensor], *, round_index: int, tokens: int, order_key: bytes
-    ) -> AveragingResult | None:
-        """Return the group's token-weighted average, or None if this round's all-reduce failed for this peer.
-
-        `order_key` places this peer's contribution in the canonical summation order.
-        """
-        ...
 
 
 class OuterOptimizer:

@@ -71,7 +71,7 @@ def step_timeout_s(num_values: int, compression: str) -> float:
 
 def make_averager(tensors, dht, *, prefix: str, compression: str, num_peers: int, matchmaking_s: float):
     from peer.allreduce import ExactAverager
-    from peer.swarm import COMPRESSION
+    from peer.swarm_averaging import COMPRESSION
 
     return ExactAverager(
         tensors,

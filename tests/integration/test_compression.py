@@ -17,7 +17,7 @@ import torch
 
 from peer.allreduce import ExactAverager
 from peer.outer import average_contributions, contribution_key, tensors_sha256
-from peer.swarm import COMPRESSION
+from peer.swarm_averaging import COMPRESSION
 
 NUM_PEERS = 3
 SHAPES = [(600, 500), (777,)]  # 300,777 values: two tensors, several parts per shard, a ragged tail

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import statistics
 
 import pytest
 
@@ -64,19 +63,21 @@ def test_overlapping_and_plain_peers_share_a_swarm(local_swarm):
 
 @pytest.mark.timeout(300)
 def test_matchmaking_is_scheduled_before_the_inner_steps_end(local_swarm):
-    """The group forms while the last inner steps run, so little time passes between a peer's last inner step
-    and the start of the data transfer (without pre-scheduling it is at least --matchmaking-s)."""
+    """The group is matched while the last inner steps run: the metrics say each successful round's matchmaking was
+    scheduled ahead (by this peer or adopted from the other) for a group time after the matchmaking started, and the
+    round still had both peers. How much time that saves is measured by scripts/bench_wan.py, not asserted here."""
     local_swarm.start_bootstrap()
     args = ["--max-rounds", "4", "--wait-for-peers", "2", "--inner-steps", "40", "--matchmaking-s", "3"]
     peers = [local_swarm.start_peer(f"peer{i}", *args) for i in range(2)]
     local_swarm.wait_rounds(peers, 4, timeout_s=240)
-    # The peer that finishes a round last waits for nobody: only for the transfer to start. (The other one
-    # may wait for it, which is a straggler wait, not matchmaking.) Round 1 has no timing history yet; a round
-    # whose all-reduce failed for a peer (a lost reducer stream, rare) has no transfer to time.
-    waits_by_round = [[peer.records()[r]["sync_wait_s"] for peer in peers] for r in range(1, 4)]
-    last_finisher_waits = [min(waits) for waits in waits_by_round if None not in waits]
-    assert len(last_finisher_waits) >= 2, waits_by_round
-    assert statistics.median(last_finisher_waits) < 0.5 * 3, [peer.log()[-1500:] for peer in peers]
+    # Round 1 has no timing history yet; a round whose all-reduce failed for a peer (a lost reducer stream, rare)
+    # says nothing about scheduling.
+    later = [[peer.records()[r] for peer in peers] for r in range(1, 4)]
+    succeeded = [pair for pair in later if all(r["group_size"] == 2 for r in pair)]
+    assert len(succeeded) >= 2, [[(r["group_size"], r.get("matchmaking")) for r in pair] for pair in later]
+    for pair in succeeded:
+        assert {r["matchmaking"] for r in pair} <= {"own", "adopted"}, [peer.log()[-1500:] for peer in peers]
+        assert all(r["matchmaking_lead_s"] > 0 for r in pair)
     assert_agreement(peers)
 
 

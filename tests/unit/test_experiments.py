@@ -25,7 +25,7 @@ def setup():
 
 @pytest.mark.parametrize("compression", ["fp16", "int8"])
 def test_encode_decode_is_what_hivemind_decodes(compression):
-    """The emulation gives bit for bit what hivemind's codec (the swarm's COMPRESSION table) gives a receiver."""
+    """The emulation gives bit for bit what hivemind's codec (the COMPRESSION table of peer/swarm_averaging.py) gives a receiver."""
     from hivemind.compression import BlockwiseQuantization, Float16Compression
     from hivemind.compression.base import CompressionInfo
 

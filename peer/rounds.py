@@ -1,0 +1,253 @@
+"""The round's decisions as pure functions of settings, the peers' records and the time.
+
+Whom a peer waits for, when it schedules matchmaking and for what time, when a --round-tokens round ends, which
+group time it adopts, which hash is the majority and who may donate state. Nothing here touches the network or
+a clock: callers pass `now` (DHT time) and the records they read, so unit tests feed hand-made cases.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from peer.config import RunConfig
+from peer.records import HashRecord, ProgressRecord
+
+# a peer joins a scheduled group only if it can start matchmaking this long before the group forms
+JOIN_MARGIN_S = 1.0
+# a peer whose last progress publication is older than this many periods (and at least STALE_MIN_S) counts as
+# gone: a killed peer stops blocking the others' waits within seconds, not after its record's whole lifetime
+STALE_AFTER_PERIODS, STALE_MIN_S = 4, 6.0
+# the adaptive straggler wait: one median inner phase of ours, at least this long; before any is measured, the default
+MIN_STRAGGLER_WAIT_S, FIRST_STRAGGLER_WAIT_S = 10.0, 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timing:
+    """The settings the round's timing decisions depend on."""
+
+    matchmaking_s: float
+    progress_period_s: float
+    chunk_timeout_s: float
+    round_tokens: int = 0
+    """--round-tokens (0: every peer does H steps)."""
+    overlap: bool = False
+
+    @classmethod
+    def of(cls, config: RunConfig) -> Timing:
+        swarm = config.swarm
+        return cls(
+            matchmaking_s=swarm.matchmaking_s,
+            progress_period_s=swarm.progress_period_s,
+            chunk_timeout_s=swarm.chunk_timeout_s,
+            round_tokens=config.inner.round_tokens,
+            overlap=config.outer.overlap,
+        )
+
+
+# ---- who is live --------------------------------------------------------------------------------------------
+def stale_after_s(progress_period_s: float) -> float:
+    """A progress record published longer ago than this belongs to a peer that is gone."""
+    return max(STALE_AFTER_PERIODS * progress_period_s, STALE_MIN_S)
+
+
+def remembered_peers(
+    last_seen: Mapping[bytes, ProgressRecord], *, age_s: float, record_ttl_s: float
+) -> dict[bytes, ProgressRecord]:
+    """What to believe when a lookup of the live peers timed out: the last view, for one record lifetime. A slow
+    lookup under load must not make a peer think it is alone (it would take a lonely outer step and fork)."""
+    return dict(last_seen) if age_s < record_ttl_s else {}
+
+
+# ---- the end of a round -------------------------------------------------------------------------------------
+def group_time(records: Iterable[ProgressRecord], round_index: int, *, after: float) -> float:
+    """The earliest group time after `after` that peers of this round published for its all-reduce (0: none)."""
+    times = [r.scheduled_time for r in records if r.averaging == round_index and r.scheduled_time > after]
+    return min(times, default=0.0)
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """The swarm's combined progress in one round."""
+
+    tokens: int
+    """Tokens processed in the round by all live peers in it."""
+    closed: bool
+    """Some peer has ended the round (or, with --round-tokens, the swarm reached the budget)."""
+    end_eta: float
+    """DHT time at which the round's all-reduce should start."""
+    peers: int
+    all_in_round: bool
+    """Every live peer has reached this round (none is still finishing the previous one)."""
+    scheduled_time: float
+    """The group time another peer of this round already scheduled (0: none yet)."""
+    slowest_step_s: float
+    """The longest inner step among the round's peers: how late a peer may notice a scheduled group."""
+
+
+def round_progress(
+    live: Mapping[bytes, ProgressRecord],
+    *,
+    me: bytes,
+    round_index: int,
+    now: float,
+    round_tokens: int,
+    straggler_wait_s: float,
+    tokens_per_step: int,
+) -> RoundProgress:
+    """The swarm's progress in a round from the live peers' records (`live` includes this peer's own record).
+
+    `end_eta` is when the round's all-reduce should start: with fixed H, when the slowest live peer of the round
+    expects to finish (but no later than straggler_wait_s after this peer); with --round-tokens, when the swarm's
+    combined throughput reaches the token budget."""
+    mine = live[me]
+    records = [r for r in live.values() if r.round == round_index]
+    others = [r for pid, r in live.items() if pid != me]
+    tokens = sum(r.tokens for r in records)
+    closed = any(r.done for r in records)
+    if round_tokens:
+        closed = closed or tokens >= round_tokens
+        rate = sum(r.tokens_per_s for r in records if not r.done)
+        end_eta = now + max(0, round_tokens - tokens) / rate if rate > 0 else mine.eta
+    else:
+        end_eta = max([r.eta for r in records if not r.done] + [mine.eta])
+        end_eta = min(end_eta, mine.eta + straggler_wait_s)
+    return RoundProgress(
+        tokens=tokens,
+        closed=closed,
+        end_eta=end_eta,
+        peers=len(records),
+        all_in_round=all(r.round == round_index or r.averaging == round_index for r in live.values()),
+        scheduled_time=group_time(others, round_index, after=0.0),
+        slowest_step_s=max(
+            (tokens_per_step / r.tokens_per_s for r in records if r.tokens_per_s > 0), default=0.0
+        ),
+    )
+
+
+def schedule_slack_s(progress: RoundProgress, timing: Timing) -> float:
+    """How far ahead of its group time the first peer starts matchmaking: long enough for hivemind to match, and for
+    every other peer of the round to see the chosen time (after its current inner step and the next progress
+    publication) and still join."""
+    return timing.matchmaking_s + timing.progress_period_s + progress.slowest_step_s + JOIN_MARGIN_S
+
+
+def should_schedule(
+    progress: RoundProgress, *, now: float, my_eta: float, timing: Timing, check_period_s: float
+) -> bool:
+    """Start this round's matchmaking now, during the inner phase? Never with --overlap (there the all-reduce runs
+    behind the next round's compute anyway, and the robust way, waiting until every peer is done, costs nothing),
+    only once every live peer has reached the round, and only if we will be done by the group's time."""
+    if timing.overlap or progress.peers < 2 or not progress.all_in_round:
+        return False
+    if progress.scheduled_time and timing.round_tokens:  # the round ends for all at once
+        return progress.scheduled_time > now + JOIN_MARGIN_S
+    if progress.scheduled_time:  # another peer chose the group's time: join if we can make it
+        return (
+            progress.scheduled_time > now + JOIN_MARGIN_S
+            and my_eta <= progress.scheduled_time + timing.chunk_timeout_s / 2
+        )
+    return progress.end_eta - now <= schedule_slack_s(progress, timing) + 2 * check_period_s
+
+
+def scheduled_group_time(progress: RoundProgress, *, now: float, timing: Timing) -> tuple[float, str]:
+    """The group time to schedule for, and how it was chosen: adopted (another peer of the round chose it) or own."""
+    if progress.scheduled_time:
+        return progress.scheduled_time, "adopted"
+    return max(progress.end_eta, now + schedule_slack_s(progress, timing)), "own"
+
+
+def inner_eta(*, now: float, steps_done: int, steps_left: int, elapsed_s: float) -> float:
+    """When the inner phase will end, extrapolated from the steps done so far."""
+    return now + steps_left * elapsed_s / max(1, steps_done)
+
+
+def straggler_wait_s(configured_s: float, recent_inner_s: Sequence[float]) -> float:
+    """How long to wait for slower peers: the flag, or one median inner phase of ours (at least 10 s)."""
+    if configured_s > 0:
+        return configured_s
+    recent = sorted(recent_inner_s)
+    return max(MIN_STRAGGLER_WAIT_S, recent[len(recent) // 2]) if recent else FIRST_STRAGGLER_WAIT_S
+
+
+@dataclass(frozen=True)
+class RoundCompany:
+    """The other peers a peer averages with at the end of a round."""
+
+    peers: list[ProgressRecord]
+    """Live peers in the round, or one round behind and on their way to it (empty: a round of one)."""
+    ready: bool
+    """Nobody is still training this round (or a group of it is already scheduled): average now."""
+    moved_on: bool = False
+    """Every other live peer is past this round: no group will form; resync instead of a lonely outer step."""
+
+
+def round_company(
+    live: Mapping[bytes, ProgressRecord], *, me: bytes, round_index: int, now: float
+) -> RoundCompany:
+    """Whom to wait for after our inner steps. Peers still finishing the previous round (its outer step, or a slow
+    inner phase) are on their way to this one and count as company; a peer takes an outer step alone only when no
+    other live peer is at or just behind its round."""
+    others = [r for pid, r in live.items() if pid != me]
+    in_round = [r for r in others if r.round == round_index or r.averaging == round_index]
+    coming = [r for r in others if r.round == round_index - 1 and r not in in_round]
+    if not in_round and not coming and any(r.round > round_index for r in others):
+        return RoundCompany([], ready=True, moved_on=True)
+    pending = coming + [r for r in in_round if r.round == round_index and not r.done]
+    # a group already scheduled by others of this round: join it now instead of waiting it out
+    joinable = group_time(in_round, round_index, after=now + JOIN_MARGIN_S) > 0
+    return RoundCompany(in_round + coming, ready=not pending or joinable)
+
+
+def after_inner_group_time(
+    company: Sequence[ProgressRecord], *, round_index: int, now: float, matchmaking_s: float
+) -> float:
+    """The group time of a round whose matchmaking starts after the inner phase: a group the others already
+    scheduled if it is still joinable, else one matchmaking period from now."""
+    return group_time(company, round_index, after=now + JOIN_MARGIN_S) or now + matchmaking_s
+
+
+# ---- agreement (I1/I3) --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SwarmView:
+    """What the live peers agree on for a round, from their published hash records."""
+
+    round_index: int
+    majority_hash: str | None
+    donors: list[bytes]
+    """Live peers other than us that hold the majority hash: whom to download state from."""
+    num_records: int
+
+
+def round_hashes(
+    hash_records: Mapping[bytes, HashRecord], *, live: Iterable[bytes], round_index: int
+) -> dict[bytes, str]:
+    """The hash each live peer published for a round; a peer that left (or was killed) neither votes nor donates."""
+    live = set(live)
+    key = str(round_index)
+    return {pid: r.hashes[key] for pid, r in hash_records.items() if key in r.hashes and pid in live}
+
+
+def majority_view(hashes: Mapping[bytes, str], *, round_index: int, me: bytes) -> SwarmView:
+    """The majority hash of a round; ties are broken by the hash value so that every peer picks the same winner."""
+    counts = Counter(hashes.values())
+    if not counts:
+        return SwarmView(round_index, None, [], 0)
+    majority = max(counts, key=lambda h: (counts[h], h))
+    donors = [pid for pid, h in hashes.items() if h == majority and pid != me]
+    return SwarmView(round_index, majority, donors, len(hashes))
+
+
+def newest_hashed_round(
+    hash_records: Mapping[bytes, HashRecord], *, live: Iterable[bytes], me: bytes
+) -> int | None:
+    """The newest round for which a live peer other than us published a hash (where a newcomer joins)."""
+    others = set(live) - {me}
+    rounds = [int(rnd) for pid, r in hash_records.items() if pid in others for rnd in r.hashes]
+    return max(rounds, default=None)
+
+
+def should_resync(view: SwarmView, my_hash: str) -> bool:
+    """Our global parameters differ from the majority's and someone can give us theirs."""
+    return view.majority_hash not in (None, my_hash) and bool(view.donors)

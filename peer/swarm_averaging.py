@@ -1,0 +1,209 @@
+"""One all-reduce group per round on hivemind: matchmaking scheduled for a group time, triggered with the
+pseudo-gradient, and the group checked; plus state downloads from a chosen donor. Used by peer/swarm.py."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.compression import BlockwiseQuantization, CompressionBase, Float16Compression, NoCompression
+from hivemind.p2p import PeerID
+from hivemind.utils.timed_storage import get_dht_time
+
+from peer.config import RunConfig
+from peer.network import AveragingAttempt
+from peer.outer import AveragingResult
+
+logger = logging.getLogger(__name__)
+
+DHT_TIMEOUT_S = 10.0  # bound on setting the group key
+
+COMPRESSION: dict[str, CompressionBase] = {
+    "none": NoCompression(),
+    "fp16": Float16Compression(),
+    "int8": BlockwiseQuantization(),
+}
+
+
+@dataclass
+class ScheduledStep:
+    """A round's all-reduce whose matchmaking has started; it runs once triggered with the pseudo-gradient."""
+
+    control: StepControl
+    round_index: int
+    scheduled_time: float
+    how: str
+    """own (this peer chose the time), adopted (another peer of the round did), or after-inner (scheduled once
+    the inner phase was over)."""
+    lead_s: float
+    """How long before the group time matchmaking started."""
+
+    def cancel(self) -> None:
+        self.control.cancel()
+
+
+class RoundAveraging:
+    """This peer's averager (peer/allreduce.py's ExactAverager): one group per round, keyed by the round number."""
+
+    def __init__(
+        self, config: RunConfig, prefix: str, dht, averaged_tensors, state_provider, *, short_id: str
+    ):
+        self.config, self.short_id = config, short_id
+        self.fingerprint = prefix
+        self.averager = _make_averager(config, prefix, dht, averaged_tensors, state_provider)
+
+    def schedule(
+        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str
+    ) -> ScheduledStep:
+        """Start matchmaking for a round's all-reduce ahead of its end, so the group is ready when the
+        pseudo-gradient is (the all-reduce waits for `run_averaging` to trigger it)."""
+        now = get_dht_time()
+        scheduled_time = max(scheduled_time, now + 1.0)
+        # The round number is part of the group key, so peers of different rounds can never meet.
+        self.averager.set_group_bits(format(round_index % 2**16, "016b"), wait=False).result(
+            timeout=DHT_TIMEOUT_S
+        )
+        gather = {"round": round_index, "fingerprint": self.fingerprint, "order_key": order_key.hex()}
+        join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
+        # A client-mode peer cannot lead a group; it joins one, and hivemind's leaders refuse (for good) a join
+        # request whose time is earlier than their own group time. Peers that scheduled in the same instant may
+        # pick slightly different times, so a client asks with the latest time it could still be waited for.
+        request_time = scheduled_time + (join_window_s if self.config.swarm.client_mode else 0.0)
+        control = self.averager.step(
+            gather=gather,
+            weight=1.0,  # the real weight (our tokens) is set when the all-reduce is triggered
+            scheduled_time=request_time,
+            # bounds matchmaking only (hivemind bounds the all-reduce itself with allreduce_timeout):
+            # a peer that finds no group soon after the scheduled time has missed this round
+            timeout=scheduled_time - now + join_window_s,
+            allow_retries=False,
+            require_trigger=True,
+            wait=False,
+        )
+        return ScheduledStep(control, round_index, scheduled_time, how=how, lead_s=scheduled_time - now)
+
+    def run(
+        self,
+        scheduled: ScheduledStep,
+        pseudo_grads: list[torch.Tensor],
+        *,
+        tokens: int,
+        should_stop: Callable[[], bool],
+        during_allreduce: Callable[[], None] | None = None,
+    ) -> AveragingAttempt:
+        round_index, control = scheduled.round_index, scheduled.control
+        with self.averager.get_tensors() as tensors:
+            for dst, src in zip(tensors, pseudo_grads, strict=True):
+                dst.copy_(src)
+        control.weight = float(tokens)
+        control.allow_allreduce()
+        try:
+            gathered = _wait_cancellable(
+                control,
+                should_stop,
+                timeout_s=max(0.0, scheduled.scheduled_time - get_dht_time())
+                + 2 * self.config.swarm.allreduce_timeout_s,
+                during_allreduce=during_allreduce,
+            )
+        except Exception as e:  # hivemind raises many types for a failed group; all mean "round failed"
+            logger.warning(
+                f"[{self.short_id}] round {round_index + 1}: all-reduce failed: {type(e).__name__}: {e} "
+                f"(matchmaking {scheduled.how}, started {scheduled.lead_s:.1f}s before the group time)"
+            )
+            return AveragingAttempt(None, began_transfer=bool(control.began_allreduce))
+        if gathered is None:
+            return AveragingAttempt(None)
+        rounds = {meta.get("round") for meta in gathered.values() if isinstance(meta, dict)}
+        if rounds != {round_index}:
+            logger.warning(
+                f"[{self.short_id}] round {round_index}: group mixed rounds {sorted(rounds)}; discarded"
+            )
+            return AveragingAttempt(None)
+        with self.averager.get_tensors() as tensors:
+            averaged = [t.clone() for t in tensors]
+        return AveragingAttempt(
+            AveragingResult(
+                averaged=averaged,
+                group_size=len(gathered),
+                tokens=tokens,
+                info={
+                    **self.averager.last_transport_stats(),
+                    "matchmaking": scheduled.how,
+                    "matchmaking_lead_s": scheduled.lead_s,
+                },
+            )
+        )
+
+    def download_state(self, donors: list[bytes]) -> tuple[dict, list[torch.Tensor]] | None:
+        """Try donors in turn; the first that sends a complete state wins."""
+        swarm = self.config.swarm
+        for donor in donors:
+            result = self.averager.load_state_from(
+                PeerID(donor),
+                chunk_timeout_s=swarm.chunk_timeout_s,
+                total_timeout_s=swarm.state_timeout_s,
+            )
+            if result is not None:
+                return result
+            logger.warning(f"[{self.short_id}] state download from {PeerID(donor)} failed; trying next")
+        return None
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()
+        ensure_stopped(self.averager)
+
+
+def ensure_stopped(process) -> None:
+    """SIGKILL a hivemind child process that outlived its graceful shutdown: the interpreter joins its children
+    at exit, so one that hangs (e.g. on a pipe message whose file descriptors can no longer be fetched) would
+    keep this peer from exiting."""
+    if process.is_alive():
+        with contextlib.suppress(Exception):
+            process.kill()
+            process.join(timeout=5)
+
+
+def _wait_cancellable(control, should_stop, *, timeout_s: float, during_allreduce=None):
+    """Wait for a StepControl's result, cancelling it if the peer is asked to stop.
+    `during_allreduce()` (a test hook) is called once the data transfer has begun."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if during_allreduce is not None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
+            during_allreduce()
+        try:
+            return control.result(timeout=0.01 if during_allreduce else 0.25)
+        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError on Python 3.10
+            if should_stop():
+                control.cancel()
+                raise RuntimeError("stopped by the user") from None
+            if time.monotonic() > deadline:
+                control.cancel()
+                raise TimeoutError(f"all-reduce did not finish in {timeout_s:.0f}s") from None
+
+
+def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_provider):
+    from peer.allreduce import ExactAverager
+
+    swarm = config.swarm
+    return ExactAverager(
+        averaged_tensors,
+        dht,
+        prefix=prefix,
+        start=True,
+        target_group_size=None,  # one global group per round: DiLoCo, not Moshpit averaging
+        min_group_size=2,
+        min_matchmaking_time=swarm.matchmaking_s,
+        request_timeout=min(3.0, swarm.matchmaking_s / 2),
+        allreduce_timeout=swarm.allreduce_timeout_s,
+        next_chunk_timeout=swarm.chunk_timeout_s,
+        compression=COMPRESSION[config.outer.compression],
+        client_mode=swarm.client_mode,
+        state_provider=state_provider,
+        shutdown_timeout=3,
+    )
