@@ -48,7 +48,7 @@ from hivemind.compression import (
     CompressionInfo,
     deserialize_torch_tensor,
 )
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_logger
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
@@ -58,6 +58,7 @@ from peer.outer import average_contributions
 
 logger = get_logger(__name__)
 
+HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
 EncodedPart = tuple[object, torch.Tensor]  # (serialized runtime_pb2.Tensor, its decoded value)
 
 
@@ -202,17 +203,18 @@ class ExactAllReduceRunner(AllReduceRunner):
         self._all_streams_served.set()
 
     async def wait_until_served(self, timeout: float | None) -> None:
-        """Wait (bounded) until every stream of averaged parts this peer reduces for others has been handed to the
-        network. Our own result can be complete while the last part we owe another peer is still being written;
-        a peer that then left the swarm (its last round) cut that part off and failed the round for the others."""
+        """Wait (bounded) until every sender of the shard this peer reduces has received its averaged parts and
+        hung up. Our own result can be complete while the last part we owe another peer is still in flight; a
+        peer that then left the swarm (its last round) cut that part off and failed the round for the others."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._all_streams_served.wait(), timeout)
 
     async def _communicate_with_peer(self, peer_id: PeerID) -> None:
         """Send our part to one reducer and register the averaged part it returns (ours: decode our own encoding)."""
         # mirrors AllReduceRunner._communicate_with_peer; differs: our own shard's parts go through the codec like
-        # everyone else's; what is registered is the averaged part itself, not a delta; opening the stream is
-        # bounded by the reducer timeout; received bytes are counted; a failure is logged as a warning
+        # everyone else's; what is registered is the averaged part itself, not a delta, checked for the shape and
+        # dtype of our own part; opening the stream is bounded by the reducer timeout; we hang up as soon as the
+        # last expected part arrived (see rpc_aggregate_part); received bytes are counted; a failure is logged
         peer_index = self.ordered_peer_ids.index(peer_id)
         if peer_id == self.peer_id:
             sender_index = self.sender_peer_ids.index(peer_id)
@@ -228,6 +230,8 @@ class ExactAllReduceRunner(AllReduceRunner):
                 self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
             return
         part_index, expected = 0, self.tensor_part_container.num_parts_by_peer[peer_index]
+        own_parts = [part for part, _ in self.tensor_part_container._input_parts_by_peer[peer_index]]
+        stream = None
         try:
             done_sending = asyncio.Event()
             inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
@@ -245,18 +249,32 @@ class ExactAllReduceRunner(AllReduceRunner):
                 self.bytes_received += msg.ByteSize()
                 return deserialize_torch_tensor(msg.tensor_part)
 
-            async for averaged_part in amap_in_executor(
+            parts = amap_in_executor(
                 _deserialize, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=1
-            ):
-                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
-                part_index += 1
+            )
+            async with contextlib.aclosing(parts):
+                async for averaged_part in parts:
+                    own = own_parts[part_index]
+                    if averaged_part.shape != own.shape or averaged_part.dtype != own.dtype:
+                        raise AllreduceException(
+                            f"{peer_id} sent part {part_index} as {averaged_part.dtype}{tuple(averaged_part.shape)}"
+                        )
+                    self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
+                    part_index += 1
+                    if part_index == expected:
+                        break  # everything arrived: hang up now, the reducer waits for that before it closes
             if part_index != expected:
-                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected more")
+                raise AllreduceException(f"peer {peer_id} sent {part_index} parts, expected {expected}")
         except BaseException as e:
-            if isinstance(e, Exception):  # a rare failure under load; say exactly where it happened
+            if isinstance(e, Exception):  # say exactly where it happened
                 logger.warning(f"reducer {peer_id} failed after {part_index} of {expected} parts: {e!r}")
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
+        finally:
+            if stream is not None:
+                await (
+                    stream.aclose()
+                )  # closes our end of the p2p stream (hivemind's reader closes its writer)
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         # wraps AllReduceRunner._generate_input_for_peer unchanged, counting the bytes sent
@@ -264,15 +282,44 @@ class ExactAllReduceRunner(AllReduceRunner):
             self.bytes_sent += message.ByteSize()
             yield message
 
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """Serve one sender (AllReduceRunner.rpc_aggregate_part), then keep the stream open until it hangs up.
+
+        hivemind's p2p daemon (go-libp2p-daemon v0.5.0.hivemind1, stream.go `doStreamPipe`) pipes each stream
+        between a unix socket and a yamux stream, and the side whose socket closes first calls Close(), i.e.
+        CloseRead() then CloseWrite(). CloseRead wakes the daemon's other pipe goroutine, whose blocked Read now
+        fails with ErrStreamReset, and it calls Reset(). If that goroutine wins the race against CloseWrite
+        (likely when the machine is loaded), the stream is reset instead of half-closed: the RST overtakes the
+        last data, and yamux discards whatever the receiving daemon had buffered but not yet forwarded; the
+        receiver sees a clean end one part short. So the reducer never closes first: the sender hangs up once
+        it has every averaged part (`_communicate_with_peer`), which makes hivemind's stream handler cancel us;
+        only then does our side close, with nothing left in flight in either direction."""
+        # extends AllReduceRunner.rpc_aggregate_part (unchanged inside): the wait for the hang-up; streams are
+        # counted for wait_until_served, so the all-reduce returns only once every sender received its parts
+        self._streams_serving += 1
+        self._all_streams_served.clear()
+        served = 0
+        try:
+            async for message in super().rpc_aggregate_part(stream, context):
+                served += message.code == averaging_pb2.AVERAGED_PART
+                yield message
+            if served and served == self.tensor_part_reducer.num_parts:
+                # bounded like the sender's own wait for each part; cancelled when the sender hangs up
+                await asyncio.sleep(self.reducer_timeout or HANG_UP_TIMEOUT_S)
+        finally:
+            self._streams_serving -= 1
+            if not self._streams_serving:
+                self._all_streams_served.set()
+
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
     ):
         # mirrors AllReduceRunner._accumulate_parts_streaming; differs: each reply is the averaged part encoded
         # once by the reducer (the same bytes for every sender) instead of "average minus this sender's part"
-        # encoded per sender; bytes are counted; open streams are tracked for wait_until_served
+        # encoded per sender; bytes are counted
         part_index = 0
-        self._streams_serving += 1
-        self._all_streams_served.clear()
 
         def _deserialize(msg: averaging_pb2.AveragingData) -> tuple[torch.Tensor, float]:
             self.bytes_received += msg.ByteSize()
@@ -293,9 +340,6 @@ class ExactAllReduceRunner(AllReduceRunner):
                 self.bytes_sent += message.ByteSize()
                 yield message
         finally:
-            self._streams_serving -= 1
-            if not self._streams_serving:
-                self._all_streams_served.set()
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
