@@ -66,19 +66,20 @@ def _help(field: dataclasses.Field, doc: str) -> str:
     return text.replace("%", "%%")  # argparse formats help strings with %
 
 
-def _flags_of(cls: type, section: str | None) -> list[Flag]:
+def flags_of(cls: type, section: str | None = None) -> list[Flag]:
+    """The flags of a settings dataclass, recursing into dataclass fields (their name is the section)."""
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     flags = []
     for field in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[field.name]):
-            flags += _flags_of(hints[field.name], field.name)
-            continue
-        name = field.metadata.get("flag", field.name)
-        flags.append(Flag(name, section, field, _kind(hints[field.name]), _help(field, docs[field.name])))
+            flags += flags_of(hints[field.name], field.name)
+        elif field.metadata.get("cli", True):
+            name = field.metadata.get("flag", field.name)
+            flags.append(Flag(name, section, field, _kind(hints[field.name]), _help(field, docs[field.name])))
     return flags
 
 
-FLAGS: dict[str, Flag] = {flag.name: flag for flag in _flags_of(RunConfig, None)}
+FLAGS: dict[str, Flag] = {flag.name: flag for flag in flags_of(RunConfig)}
 SECTIONS: dict[str, type] = {
     name: cls for name, cls in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(cls)
 }
@@ -88,28 +89,43 @@ def _section_doc(section: str | None) -> str:
     return RUN_SECTION_DOC if section is None else SECTIONS[section].__doc__
 
 
+def add_flags(group: argparse._ActionsContainer, flags: list[Flag]) -> None:
+    """Add the flags to a parser or group; an unset flag parses as None (so the field's default applies)."""
+    for flag in flags:
+        metadata = flag.field.metadata
+        options: dict = {"help": argparse.SUPPRESS if metadata.get("hidden") else flag.help, "default": None}
+        if flag.kind is bool:
+            options.update(action="store_const", const=True)
+        else:
+            options.update(metavar=metadata.get("metavar"), choices=metadata.get("choices"))
+            if "parse" in metadata:
+                options["type"] = str  # parsed with the field's own function, which says what is wrong
+            elif flag.kind is tuple:
+                options["nargs"] = "+"
+            else:
+                options["type"] = flag.kind
+        group.add_argument(flag.option, dest=flag.name, **options)
+
+
+def given_values(args: argparse.Namespace, flags: list[Flag]) -> dict:
+    """Field name -> value of the flags given on the command line, converted to the fields' types."""
+    values = {}
+    for flag in flags:
+        value = getattr(args, flag.name)
+        if value is not None:
+            parse = flag.field.metadata.get("parse")
+            values[flag.field.name] = parse(value) if parse else tuple(value) if flag.kind is tuple else value
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m peer", description=HELP_DESCRIPTION, argument_default=None
     )
     parser.add_argument("--config", help="TOML file with settings (flat keys named like the flags)")
-    groups = {}
-    for flag in FLAGS.values():
-        if flag.section not in groups:
-            groups[flag.section] = parser.add_argument_group(
-                flag.section or "run", _section_doc(flag.section)
-            )
-        metadata = flag.field.metadata
-        options: dict = {"help": argparse.SUPPRESS if metadata.get("hidden") else flag.help}
-        if flag.kind is bool:
-            options.update(action="store_const", const=True)
-        else:
-            options.update(metavar=metadata.get("metavar"), choices=metadata.get("choices"))
-            if flag.kind is tuple:
-                options["nargs"] = "+"
-            else:
-                options["type"] = flag.kind
-        groups[flag.section].add_argument(flag.option, dest=flag.name, **options)
+    for section in dict.fromkeys(flag.section for flag in FLAGS.values()):
+        group = parser.add_argument_group(section or "run", _section_doc(section))
+        add_flags(group, [flag for flag in FLAGS.values() if flag.section == section])
     return parser
 
 

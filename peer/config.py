@@ -22,11 +22,24 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def setting(default, *, flag: str | None = None, metavar: str | None = None, choices=None, hidden=False):
+def setting(
+    default,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    choices=None,
+    parse=None,
+    hidden: bool = False,
+    cli: bool = True,
+):
     """A field with command-line details: `flag` (name without dashes, default: the field's name; also the
-    TOML key), `metavar`, `choices`, `hidden` (kept out of --help)."""
-    metadata = {"flag": flag, "metavar": metavar, "choices": choices, "hidden": hidden}
-    return field(default=default, metadata={key: value for key, value in metadata.items() if value})
+    TOML key), `metavar`, `choices`, `parse` (text -> value, for values given as one string), `hidden` (kept
+    out of --help), `cli` (False: no flag, set by the program)."""
+    metadata = {"flag": flag, "metavar": metavar, "choices": choices, "parse": parse, "hidden": hidden}
+    metadata = {key: value for key, value in metadata.items() if value}
+    if not cli:
+        metadata["cli"] = False
+    return field(default=default, metadata=metadata)
 
 
 @functools.cache
