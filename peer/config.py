@@ -12,6 +12,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import re
 import textwrap
 from dataclasses import dataclass, field
@@ -64,12 +65,32 @@ def field_docs(cls: type) -> dict[str, str]:
 class ModelConfig:
     """Which causal language model the swarm trains."""
 
-    name: str = setting("tiny", flag="model")
-    """A preset (tiny, small, 10m, 60m, 150m, 400m, 1.1b) or a Hugging Face config.json."""
+    name: str | None = setting(None, flag="model")
+    """A preset (tiny, small, 10m, 60m, 150m, 400m, 1.1b), a Hugging Face config.json or model directory, or a
+    model id in the local Hugging Face cache: the architecture (the weights come from --init-from).
+    Default: the --init-from model, else tiny."""
+    init_from: str | None = setting(None, metavar="DIR")
+    """Start from the pretrained weights in this save_pretrained directory (or cached Hugging Face model id),
+    e.g. a model exported from a run; its architecture is the model's. The weights are part of the run's
+    fingerprint: every peer of the run starts from the same ones."""
 
     def __post_init__(self) -> None:
+        if self.name is None:
+            object.__setattr__(self, "name", self.init_from or DEFAULT_MODEL)
+        elif self.init_from and not _same_model(self.name, self.init_from):
+            raise ValueError(
+                f"--model {self.name} and --init-from {self.init_from} differ: the model's architecture is "
+                "the one in --init-from (leave out --model)"
+            )
         if not self.name:
-            raise ValueError("--model must be a preset name or a path to a Hugging Face config.json")
+            raise ValueError("--model must be a preset, a config file, a model directory or a model id")
+
+
+DEFAULT_MODEL = "tiny"
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -326,9 +347,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def fingerprint_settings(config: RunConfig, *, model_arch: dict, tokenizer_id: str) -> dict:
-    """The settings that must match for peers to average together (I5)."""
+def fingerprint_settings(
+    config: RunConfig, *, model_arch: dict, tokenizer_id: str, init_params_sha256: str | None = None
+) -> dict:
+    """The settings that must match for peers to average together (I5). `init_params_sha256`: the hash of
+    the pretrained initial parameters (--init-from), which replace the seed's."""
+    init = {} if init_params_sha256 is None else {"init_params_sha256": init_params_sha256}
     return {
+        **init,
         "run_id": config.swarm.run_id,
         "model": model_arch,
         "tokenizer": tokenizer_id,

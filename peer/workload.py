@@ -4,13 +4,17 @@ held-out batches and the run fingerprint. The peer, the simulation and the exper
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig
 
 from peer.config import RunConfig, fingerprint, fingerprint_settings
 from peer.data import TokenCorpus, Tokenizer, eval_batches, load_corpus
-from peer.model import architecture, build_model, load_model_config
+from peer.model import architecture, build_model, load_model_config, load_pretrained
+from peer.outer import tensors_sha256
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig  # only peer.model imports transformers at run time
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,7 @@ class Workload:
     tokenizer: Tokenizer
     model_config: PretrainedConfig
     model: torch.nn.Module
-    """The initial model, fp32 on the CPU: the same weights on every peer."""
+    """The initial model, fp32 on the CPU: the same weights on every peer (from the seed, or --init-from)."""
     corpus: TokenCorpus
     held_out: list[torch.Tensor]
     """Fixed held-out batches (batch, seq_len), the same on every peer."""
@@ -42,10 +46,18 @@ def build_workload(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     tokenizer = Tokenizer(config.data.tokenizer)
+    pretrained = config.model.init_from
     model_config = load_model_config(
-        config.model.name, vocab_size=tokenizer.vocab_size, max_seq_len=config.data.seq_len
+        config.model.name,
+        vocab_size=tokenizer.vocab_size,
+        max_seq_len=config.data.seq_len,
+        pretrained=pretrained is not None,
     )
-    model = build_model(model_config, seed=config.seed)
+    if pretrained is None:
+        model, init_params_sha256 = build_model(model_config, seed=config.seed), None
+    else:
+        model = load_pretrained(pretrained, model_config)
+        init_params_sha256 = tensors_sha256(list(model.parameters()))
     corpus = load_corpus(config.data, tokenizer)
     held_out = eval_batches(
         corpus.eval,
@@ -53,7 +65,12 @@ def build_workload(
         seq_len=config.data.seq_len,
         num_batches=config.eval_batches if num_eval_batches is None else num_eval_batches,
     )
-    settings = fingerprint_settings(config, model_arch=architecture(model_config), tokenizer_id=tokenizer.id)
+    settings = fingerprint_settings(
+        config,
+        model_arch=architecture(model_config),
+        tokenizer_id=tokenizer.id,
+        init_params_sha256=init_params_sha256,
+    )
     return Workload(
         tokenizer=tokenizer,
         model_config=model_config,

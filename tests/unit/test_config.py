@@ -63,7 +63,8 @@ def test_the_dataclass_defaults_are_the_command_line_defaults():
 
 # One value per flag, none of them the default: adding a setting means adding it here too.
 SAMPLE_VALUES = {
-    "model": "small",
+    "model": "org/pretrained",
+    "init_from": "org/pretrained",
     "dataset": "corpus.txt",
     "tokenizer": "tok.json",
     "batch_size": 3,
@@ -177,6 +178,17 @@ def test_config_file_numbers_and_single_addresses_are_converted(tmp_path):
         )[0]
     )
     assert isinstance(config.outer.momentum, float) and config.swarm.initial_peers == ("/ip4/1.2.3.4/tcp/5",)
+
+
+def test_the_model_defaults_to_the_init_from_model_and_may_not_contradict_it(tmp_path):
+    assert RunConfig().model.name == "tiny"
+    config = build_config({"init_from": str(tmp_path)})
+    assert config.model.name == str(tmp_path) and config.outer.momentum == 0.9  # not a CPU preset
+    assert build_config({"init_from": str(tmp_path), "model": f"{tmp_path}/."}).model.init_from == str(
+        tmp_path
+    )
+    with pytest.raises(ValueError, match="--model 150m and --init-from .* differ"):
+        build_config({"init_from": str(tmp_path), "model": "150m"})
 
 
 def test_build_config_takes_flat_settings_named_like_the_flags():

@@ -216,3 +216,22 @@ def test_adam_outer_first_step_moves_each_parameter_by_about_lr():
     adam = AdamOuter(params, config.outer)
     adam.step_([torch.tensor([1e-3, -2.0, 5.0])])
     assert torch.allclose(adam.global_params[0], torch.tensor([-0.01, 0.01, -0.01]), atol=1e-6)
+
+
+def test_a_run_started_from_saved_weights_continues_from_them(tmp_path):
+    """--init-from: round 1 of a run from a model saved after some training starts where that model was."""
+    from peer.replicas import run_replicas
+
+    config = _config("--inner-steps 8 --max-rounds 2 --inner-lr 0.003 --eval-every 0")
+    workload = experiment_workload(config, ExperimentConfig(eval_windows=4))
+    trained = run_replicas(config, ExperimentConfig(replicas=1), workload)
+    trained.outer.copy_to_(list(workload.model.parameters()))
+    workload.model.save_pretrained(tmp_path)
+    fresh = simulate(config, num_replicas=1)
+    args = f"{TINY_RUN} --inner-steps 8 --max-rounds 2 --inner-lr 0.003 --eval-every 0".replace(
+        "--model tiny", ""
+    )
+    warm, _ = config_from_args([*args.split(), "--init-from", str(tmp_path)])
+    started = simulate(warm, num_replicas=1)
+    assert started[0]["loss"] < fresh[0]["loss"] - 1.0, (started[0]["loss"], fresh[0]["loss"])
+    assert started[0]["loss"] < trained.rounds[-1]["loss"]  # it goes on from there

@@ -10,9 +10,7 @@ from peer.model import architecture
 from peer.outer import tensors_sha256
 from peer.workload import build_workload
 
-TINY = [
-    "--model",
-    "tiny",
+TINY = [  # the tiny preset: the default
     "--seq-len",
     "16",
     "--batch-size",
@@ -50,3 +48,24 @@ def test_workload_is_the_runs_model_data_and_fingerprint():
     assert tensors_sha256(list(other_workload.model.parameters())) != tensors_sha256(
         list(workload.model.parameters())
     )
+
+
+def test_init_from_starts_from_the_saved_weights_and_is_part_of_the_fingerprint(tmp_path):
+    config, _ = config_from_args(TINY)
+    fresh = build_workload(config)
+    with torch.no_grad():  # "pretrained": the fresh model, moved
+        for p in fresh.model.parameters():
+            p.add_(0.01)
+    fresh.model.save_pretrained(tmp_path / "a")
+    started, _ = config_from_args([*TINY, "--init-from", str(tmp_path / "a")])
+    workload = build_workload(started)
+    assert tensors_sha256(list(workload.model.parameters())) == tensors_sha256(list(fresh.model.parameters()))
+    assert workload.settings["init_params_sha256"] == tensors_sha256(list(fresh.model.parameters()))
+    assert workload.settings["model"] == fresh.settings["model"]  # same architecture, other weights
+    assert workload.fingerprint != fresh.fingerprint
+    assert "init_params_sha256" not in fresh.settings  # runs from the seed keep their fingerprint
+    with torch.no_grad():
+        next(fresh.model.parameters()).add_(1.0)
+    fresh.model.save_pretrained(tmp_path / "b")
+    other = build_workload(config_from_args([*TINY, "--init-from", str(tmp_path / "b")])[0])
+    assert other.fingerprint != workload.fingerprint
