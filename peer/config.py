@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 COMPRESSIONS = ("none", "fp16", "int8")
 INNER_OPTIMIZERS = ("adamw", "adamw8bit")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -105,6 +106,10 @@ class DataConfig:
     name."""
     batch_size: int = 8
     """Sequences per inner step on this peer."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward pass: a step accumulates the gradients of batch_size / micro_batch_size
+    micro-batches, to fit a large batch in memory (0: the whole batch at once). A local choice: the step is
+    the same up to float rounding."""
     seq_len: int = 256
     """Tokens per sequence."""
     data_shard: str | None = setting(None, metavar="I/N")
@@ -116,6 +121,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise ValueError(
+                f"--micro-batch-size must divide --batch-size {self.batch_size}, got {self.micro_batch_size}"
+            )
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.eval_tokens < 0:
@@ -296,7 +305,10 @@ class RunConfig:
     max_rounds: int = 0
     """Stop after this many rounds (0: run until stopped)."""
     device: str = "auto"
-    """auto (cuda if available), cpu or cuda."""
+    """auto (the first CUDA device if there is one), cpu, cuda or cuda:N."""
+    precision: str = setting("auto", choices=PRECISIONS)
+    """Inner steps in fp32, or with bf16 autocast over fp32 weights; auto: bf16 on CUDA, fp32 on the CPU. TF32
+    matmuls are on for CUDA. A local choice: the global parameters stay fp32 and identical on every peer."""
     num_threads: int = 0
     """CPU threads for torch (0: torch's default). Use 1 when several peers share one machine."""
     metrics_file: str | None = None
@@ -326,6 +338,12 @@ class RunConfig:
             raise ValueError(f"--max-rounds must be non-negative, got {self.max_rounds}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.inner.optimizer == "adamw8bit" and self.device == "cpu":
+            raise ValueError(
+                "--inner-optimizer adamw8bit needs a CUDA device (bitsandbytes); use adamw on the CPU"
+            )
         if self.num_threads < 0:
             raise ValueError(f"--num-threads must be non-negative, got {self.num_threads}")
         if self.eval_every < 0 or self.eval_batches < 1:
