@@ -13,12 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
-import torch
-
 from peer.config import RunConfig
 from peer.data import data_seed, train_batches
-from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
-from peer.replicas import MODES, ExperimentConfig, parse_pool, run_replicas
+from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step, inner_step_options
+from peer.replicas import CPU, MODES, ExperimentConfig, parse_pool, run_replicas
 from peer.workload import Workload, build_workload
 
 __all__ = [  # ExperimentConfig, MODES and parse_pool live with the loop; experiments is where callers find them
@@ -83,12 +81,12 @@ def run_plain(
     curve = []
     for step in range(num_steps):
         lr = inner_lr(step, config=config.inner, total_steps=num_steps)
-        inner_step(model, optimizer, next(batches), lr=lr, grad_clip=config.inner.grad_clip)
+        inner_step(model, optimizer, next(batches), lr=lr, **inner_step_options(config, CPU))
         if (step + 1) % exp.eval_every_steps == 0 or step + 1 == num_steps:
             point = {
                 "step": step + 1,
                 "tokens": (step + 1) * batch_size * config.data.seq_len,
-                "eval_loss": evaluate(model, workload.held_out, torch.device("cpu")),
+                "eval_loss": evaluate(model, workload.held_out, CPU),
             }
             curve.append(point)
             if on_eval is not None:

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from peer.config import InnerConfig
-from peer.device import autocast
+from peer.config import InnerConfig, RunConfig
+from peer.device import autocast, autocast_dtype
 
 
 def build_inner_optimizer(model: torch.nn.Module, config: InnerConfig) -> torch.optim.Optimizer:
@@ -48,6 +48,15 @@ def schedule_step(round_index: int, step: int, *, steps_per_round: int) -> int:
 def set_lr_(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def inner_step_options(config: RunConfig, device: torch.device) -> dict:
+    """The settings' keyword arguments of inner_step on `device` (everything but the lr)."""
+    return {
+        "grad_clip": config.inner.grad_clip,
+        "micro_batch_size": config.data.micro_batch_size,
+        "autocast_dtype": autocast_dtype(config.precision, device),
+    }
 
 
 def inner_step(

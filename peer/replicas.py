@@ -17,10 +17,11 @@ import torch
 
 from peer.config import COMPRESSIONS, OuterConfig, RunConfig, setting
 from peer.data import data_seed, train_batches
-from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
+from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step, inner_step_options
 from peer.outer import AveragingResult, OuterOptimizer, average_contributions
 from peer.workload import Workload
 
+CPU = torch.device("cpu")  # the simulation runs on the CPU
 MODES = ("diloco", "data-parallel", "single")
 SHARDS = ("contiguous", "iid")
 OUTER_OPTIMIZERS = ("nesterov", "adam")
@@ -238,7 +239,7 @@ def train_inner_steps_(
         lr = inner_lr(first_global_step + step, config=config.inner, total_steps=total_steps)
         batch = next(replica.batches)
         losses.append(
-            inner_step(replica.model, replica.optimizer, batch, lr=lr, grad_clip=config.inner.grad_clip)
+            inner_step(replica.model, replica.optimizer, batch, lr=lr, **inner_step_options(config, CPU))
         )
     return losses
 
@@ -258,14 +259,14 @@ def warm_start_(
     total = exp.warm_start_steps + config.total_inner_steps
     for step in range(exp.warm_start_steps):
         lr = inner_lr(step, config=config.inner, total_steps=total)
-        inner_step(model, optimizer, next(batches), lr=lr, grad_clip=config.inner.grad_clip)
+        inner_step(model, optimizer, next(batches), lr=lr, **inner_step_options(config, CPU))
     for replica in replicas:  # each replica gets the warm model and a copy of its AdamW state
         replica.model.load_state_dict(model.state_dict())
         replica.optimizer.load_state_dict(optimizer.state_dict())
     return {
         "step": exp.warm_start_steps,
         "tokens": exp.warm_start_steps * config.data.batch_size * exp.replicas * config.data.seq_len,
-        "eval_loss": evaluate(model, workload.held_out, torch.device("cpu")),
+        "eval_loss": evaluate(model, workload.held_out, CPU),
     }
 
 
@@ -346,7 +347,7 @@ def run_replicas(
             point = {
                 "step": per_replica_step,
                 "tokens": record["tokens"],
-                "eval_loss": evaluate(eval_model, workload.held_out, torch.device("cpu")),
+                "eval_loss": evaluate(eval_model, workload.held_out, CPU),
                 "sim_time": round_clock[index],
             }
             record["eval_loss"] = point["eval_loss"]

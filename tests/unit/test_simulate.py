@@ -235,3 +235,12 @@ def test_a_run_started_from_saved_weights_continues_from_them(tmp_path):
     started = simulate(warm, num_replicas=1)
     assert started[0]["loss"] < fresh[0]["loss"] - 1.0, (started[0]["loss"], fresh[0]["loss"])
     assert started[0]["loss"] < trained.rounds[-1]["loss"]  # it goes on from there
+
+
+def test_the_simulation_takes_the_peers_micro_batches():
+    plain = simulate(_config("--inner-steps 2 --max-rounds 1 --eval-every 0"), num_replicas=1)
+    micro = simulate(
+        _config("--inner-steps 2 --max-rounds 1 --eval-every 0 --micro-batch-size 1"), num_replicas=1
+    )
+    assert micro[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert micro[0]["global_params_sha256"] != plain[0]["global_params_sha256"]  # it did split the batch
