@@ -94,6 +94,9 @@ def test_a_model_id_comes_from_the_local_hugging_face_cache_only(tmp_path, monke
         load_model_config("nobody/nothing", vocab_size=100, max_seq_len=32)
     # the cache's layout: models--ORG--NAME/refs/main names a snapshot holding the files
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    from transformers.utils import hub
+
+    monkeypatch.setattr(hub, "TRANSFORMERS_CACHE", str(tmp_path), raising=False)  # transformers < 5 reads this
     snapshot = tmp_path / "models--someone--tiny-llama" / "snapshots" / ("0" * 40)
     _saved_model(snapshot, vocab_size=100, seed=1)
     (tmp_path / "models--someone--tiny-llama" / "refs").mkdir()
