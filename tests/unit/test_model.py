@@ -96,7 +96,9 @@ def test_a_model_id_comes_from_the_local_hugging_face_cache_only(tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     from transformers.utils import hub
 
-    monkeypatch.setattr(hub, "TRANSFORMERS_CACHE", str(tmp_path), raising=False)  # transformers < 5 reads this
+    monkeypatch.setattr(
+        hub, "TRANSFORMERS_CACHE", str(tmp_path), raising=False
+    )  # transformers < 5 reads this
     snapshot = tmp_path / "models--someone--tiny-llama" / "snapshots" / ("0" * 40)
     _saved_model(snapshot, vocab_size=100, seed=1)
     (tmp_path / "models--someone--tiny-llama" / "refs").mkdir()
