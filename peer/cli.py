@@ -1,226 +1,139 @@
-"""Flags and TOML config files -> RunConfig (shared by the peer CLI and the simulation)."""
+"""Flags and TOML config files -> RunConfig (shared by the peer CLI and the simulation).
+
+The flags are generated from the fields of peer.config's dataclasses: a field's name (or its `setting(flag=)`)
+is the flag and the TOML key, its type the flag's type, its docstring and default the help.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
 
-from peer.config import (
-    COMPRESSIONS,
-    DEVICES,
-    DataConfig,
-    InnerConfig,
-    ModelConfig,
-    OuterConfig,
-    RunConfig,
-    SwarmConfig,
-    default_outer_momentum,
+from peer.config import RunConfig, field_docs
+
+HELP_DESCRIPTION = (
+    "Join (or start) a DiLoCo training swarm. Every flag can also be set in --config FILE.toml "
+    "(keys are flag names without dashes, e.g. inner_steps = 50); flags override the file."
 )
 
-# flag name -> (config section, field name); section None means a RunConfig field
-FLAGS: dict[str, tuple[str | None, str]] = {
-    "initial_peers": ("swarm", "initial_peers"),
-    "host_maddrs": ("swarm", "host_maddrs"),
-    "announce_maddrs": ("swarm", "announce_maddrs"),
-    "identity_path": ("swarm", "identity_path"),
-    "maddrs_file": ("swarm", "maddrs_file"),
-    "client_mode": ("swarm", "client_mode"),
-    "run_id": ("swarm", "run_id"),
-    "matchmaking_s": ("swarm", "matchmaking_s"),
-    "straggler_wait_s": ("swarm", "straggler_wait_s"),
-    "allreduce_timeout_s": ("swarm", "allreduce_timeout_s"),
-    "chunk_timeout_s": ("swarm", "chunk_timeout_s"),
-    "state_timeout_s": ("swarm", "state_timeout_s"),
-    "wait_for_peers": ("swarm", "wait_for_peers"),
-    "progress_period_s": ("swarm", "progress_period_s"),
-    "model": ("model", "name"),
-    "dataset": ("data", "dataset"),
-    "tokenizer": ("data", "tokenizer"),
-    "batch_size": ("data", "batch_size"),
-    "seq_len": ("data", "seq_len"),
-    "data_shard": ("data", "data_shard"),
-    "eval_tokens": ("data", "eval_tokens"),
-    "inner_steps": ("inner", "steps"),
-    "inner_lr": ("inner", "lr"),
-    "weight_decay": ("inner", "weight_decay"),
-    "warmup_steps": ("inner", "warmup_steps"),
-    "total_steps": ("inner", "total_steps"),
-    "min_lr_ratio": ("inner", "min_lr_ratio"),
-    "grad_clip": ("inner", "grad_clip"),
-    "inner_optimizer": ("inner", "optimizer"),
-    "round_tokens": ("inner", "round_tokens"),
-    "outer_lr": ("outer", "lr"),
-    "outer_momentum": ("outer", "momentum"),
-    "compression": ("outer", "compression"),
-    "overlap": ("outer", "overlap"),
-    "seed": (None, "seed"),
-    "max_rounds": (None, "max_rounds"),
-    "device": (None, "device"),
-    "num_threads": (None, "num_threads"),
-    "metrics_file": (None, "metrics_file"),
-    "eval_every": (None, "eval_every"),
-    "eval_batches": (None, "eval_batches"),
-    "checkpoint_dir": (None, "checkpoint_dir"),
-    "checkpoint_every": (None, "checkpoint_every"),
-    "keep_checkpoints": (None, "keep_checkpoints"),
-    "resume": (None, "resume"),
-    "test_fault": (None, "test_fault"),
+
+RUN_SECTION_DOC = "This peer's run: seed, length, device, evaluation, checkpoints, logging."
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One setting as the command line and the TOML file see it."""
+
+    name: str
+    """The flag without dashes, e.g. inner_steps: also the TOML key."""
+    section: str | None
+    """The RunConfig field holding it (model, data, inner, outer, swarm), None for RunConfig's own fields."""
+    field: dataclasses.Field
+    kind: type
+    """str, int, float, bool or tuple (of strings)."""
+    help: str
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _kind(annotation) -> type:
+    """The value type of a field annotation: `str | None` -> str, `tuple[str, ...]` -> tuple."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (annotation,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    kind = typing.get_origin(annotation) or annotation
+    assert kind in (str, int, float, bool, tuple), f"no command-line type for {annotation}"
+    return kind
+
+
+def _help(field: dataclasses.Field, doc: str) -> str:
+    default = field.default
+    if default is None or default is False or default == ():
+        text = doc
+    else:
+        shown = (
+            " ".join(default)
+            if isinstance(default, tuple)
+            else f"{default:g}"
+            if isinstance(default, float)
+            else default
+        )
+        text = f"{doc.removesuffix('.')} (default {shown})."
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+def flags_of(cls: type, section: str | None = None) -> list[Flag]:
+    """The flags of a settings dataclass, recursing into dataclass fields (their name is the section)."""
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    flags = []
+    for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[field.name]):
+            flags += flags_of(hints[field.name], field.name)
+        elif field.metadata.get("cli", True):
+            name = field.metadata.get("flag", field.name)
+            flags.append(Flag(name, section, field, _kind(hints[field.name]), _help(field, docs[field.name])))
+    return flags
+
+
+FLAGS: dict[str, Flag] = {flag.name: flag for flag in flags_of(RunConfig)}
+SECTIONS: dict[str, type] = {
+    name: cls for name, cls in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(cls)
 }
 
 
+def _section_doc(section: str | None) -> str:
+    return RUN_SECTION_DOC if section is None else SECTIONS[section].__doc__
+
+
+def add_flags(group: argparse._ActionsContainer, flags: list[Flag]) -> None:
+    """Add the flags to a parser or group; an unset flag parses as None (so the field's default applies)."""
+    for flag in flags:
+        metadata = flag.field.metadata
+        options: dict = {"help": argparse.SUPPRESS if metadata.get("hidden") else flag.help, "default": None}
+        if flag.kind is bool:
+            options.update(action="store_const", const=True)
+        else:
+            options.update(metavar=metadata.get("metavar"), choices=metadata.get("choices"))
+            if "parse" in metadata:
+                options["type"] = str  # parsed with the field's own function, which says what is wrong
+            elif flag.kind is tuple:
+                options["nargs"] = "+"
+            else:
+                options["type"] = flag.kind
+        group.add_argument(flag.option, dest=flag.name, **options)
+
+
+def given_values(args: argparse.Namespace, flags: list[Flag]) -> dict:
+    """Field name -> value of the flags given on the command line, converted to the fields' types."""
+    values = {}
+    for flag in flags:
+        value = getattr(args, flag.name)
+        if value is not None:
+            parse = flag.field.metadata.get("parse")
+            values[flag.field.name] = parse(value) if parse else tuple(value) if flag.kind is tuple else value
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m peer",
-        description="Join (or start) a DiLoCo training swarm. Every flag can also be set in --config FILE.toml "
-        "(keys are flag names without dashes, e.g. inner_steps = 50); flags override the file.",
-        argument_default=None,
+    parser = argparse.ArgumentParser(
+        prog="python -m peer", description=HELP_DESCRIPTION, argument_default=None
     )
-    p.add_argument("--config", help="TOML file with settings (flat keys named like the flags)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG shows every inner step (default INFO)")
-    net = p.add_argument_group("swarm")
-    net.add_argument(
-        "--initial-peers",
-        nargs="+",
-        metavar="MADDR",
-        help="multiaddrs of a bootstrap node or any live peer; tried in turn. "
-        "None: start a new swarm and print this peer's multiaddrs",
-    )
-    net.add_argument(
-        "--host-maddrs",
-        nargs="+",
-        metavar="MADDR",
-        help="listen addresses (default /ip4/0.0.0.0/tcp/0: all interfaces, a random port)",
-    )
-    net.add_argument(
-        "--announce-maddrs",
-        nargs="+",
-        metavar="MADDR",
-        help="public addresses to advertise, e.g. /ip4/PUBLIC_IP/tcp/PORT",
-    )
-    net.add_argument(
-        "--identity-path", help="private key file that keeps this peer's id stable across restarts"
-    )
-    net.add_argument(
-        "--maddrs-file", help="write this peer's multiaddrs here once ready (others can join via them)"
-    )
-    net.add_argument(
-        "--client-mode",
-        action="store_const",
-        const=True,
-        help="behind NAT: make only outgoing connections (needs --initial-peers)",
-    )
-    net.add_argument("--run-id", help="name of the training run (default diloco)")
-    net.add_argument("--matchmaking-s", type=float, help="minimum time to gather a round's group (default 5)")
-    net.add_argument(
-        "--straggler-wait-s",
-        type=float,
-        help="longest wait for slower peers of the same round; 0 (default) adapts it to the measured inner-phase time",
-    )
-    net.add_argument(
-        "--allreduce-timeout-s", type=float, help="give up on an all-reduce after this long (default 120)"
-    )
-    net.add_argument(
-        "--chunk-timeout-s",
-        type=float,
-        help="drop a peer that sends nothing for this long mid-transfer (default 10)",
-    )
-    net.add_argument(
-        "--state-timeout-s", type=float, help="longest state download when joining (default 300)"
-    )
-    net.add_argument(
-        "--wait-for-peers",
-        type=int,
-        metavar="N",
-        help="when starting a fresh run, wait until N peers are live before round 1 (default 1)",
-    )
-    net.add_argument(
-        "--progress-period-s",
-        type=float,
-        help="how often this peer publishes its progress to the DHT (default 2)",
-    )
-    mod = p.add_argument_group("model and data")
-    mod.add_argument(
-        "--model",
-        help="preset (tiny, small, 10m, 60m, 150m, 400m, 1.1b) or a Hugging Face config.json (default tiny)",
-    )
-    mod.add_argument(
-        "--dataset", help="'embedded' (default), a local .txt/.jsonl file, or a Hugging Face dataset name"
-    )
-    mod.add_argument(
-        "--tokenizer", help="'embedded' (default), a tokenizer.json, or a Hugging Face tokenizer name"
-    )
-    mod.add_argument("--batch-size", type=int, help="sequences per inner step (default 8)")
-    mod.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
-    mod.add_argument(
-        "--data-shard",
-        metavar="I/N",
-        help="train on the i-th of n disjoint slices (default: whole corpus in a per-peer order)",
-    )
-    mod.add_argument("--eval-tokens", type=int, help="size of the held-out slice (default 65536)")
-    inner = p.add_argument_group("inner optimizer (per peer)")
-    inner.add_argument("--inner-steps", type=int, help="H, inner steps per round (default 500)")
-    inner.add_argument("--inner-lr", type=float, help="peak AdamW learning rate (default 4e-4)")
-    inner.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
-    inner.add_argument("--warmup-steps", type=int, help="linear warmup in global steps (default 1000)")
-    inner.add_argument(
-        "--total-steps", type=int, help="cosine horizon in global steps (default max_rounds x H)"
-    )
-    inner.add_argument(
-        "--min-lr-ratio", type=float, help="cosine floor as a fraction of the peak (default 0.1)"
-    )
-    inner.add_argument("--grad-clip", type=float, help="gradient norm clip, 0 disables (default 1.0)")
-    inner.add_argument(
-        "--inner-optimizer",
-        choices=("adamw", "adamw8bit"),
-        help="adamw (default) or bitsandbytes adamw8bit (CUDA)",
-    )
-    inner.add_argument(
-        "--round-tokens",
-        type=int,
-        help="end a round when the swarm has processed this many tokens (fast peers do more steps); "
-        "0 (default): H steps per peer",
-    )
-    outer = p.add_argument_group("outer optimizer (replicated on every peer)")
-    outer.add_argument("--outer-lr", type=float, help="outer learning rate (default 0.7)")
-    outer.add_argument(
-        "--outer-momentum",
-        type=float,
-        help="Nesterov momentum (default 0.5 for the tiny, small and 10m presets, 0.9 otherwise)",
-    )
-    outer.add_argument("--compression", choices=COMPRESSIONS, help="pseudo-gradient encoding (default none)")
-    outer.add_argument(
-        "--overlap",
-        action="store_const",
-        const=True,
-        help="all-reduce round r in the background while training round r+1 (hides communication)",
-    )
-    run = p.add_argument_group("run")
-    run.add_argument("--seed", type=int, help="initial model seed, must match across peers (default 0)")
-    run.add_argument(
-        "--max-rounds", type=int, help="stop after this many rounds; 0 runs until stopped (default 0)"
-    )
-    run.add_argument("--device", choices=DEVICES, help="auto (default: cuda if available), cpu or cuda")
-    run.add_argument(
-        "--num-threads",
-        type=int,
-        help="CPU threads for torch; 0 keeps torch's default. Use 1 for several peers on one machine",
-    )
-    run.add_argument("--metrics-file", help="append one JSON record per round to this file")
-    run.add_argument(
-        "--eval-every", type=int, help="held-out evaluation every N rounds, 0 disables (default 5)"
-    )
-    run.add_argument("--eval-batches", type=int, help="held-out batches per evaluation (default 8)")
-    run.add_argument("--checkpoint-dir", help="save checkpoints here")
-    run.add_argument("--checkpoint-every", type=int, help="checkpoint every N rounds (default 10)")
-    run.add_argument("--keep-checkpoints", type=int, help="keep the newest N checkpoints (default 3)")
-    run.add_argument("--resume", action="store_const", const=True, help="continue from the newest checkpoint")
-    run.add_argument("--test-fault", help=argparse.SUPPRESS)  # fault injection for tests, see peer/faults.py
-    return p
+    parser.add_argument("--config", help="TOML file with settings (flat keys named like the flags)")
+    for section in dict.fromkeys(flag.section for flag in FLAGS.values()):
+        group = parser.add_argument_group(section or "run", _section_doc(section))
+        add_flags(group, [flag for flag in FLAGS.values() if flag.section == section])
+    return parser
 
 
 def read_toml(path: str) -> dict:
+    """The settings of a TOML file (flat keys named like the flags), each checked against its field's type."""
     try:
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10
+    except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
         import tomli as tomllib  # type: ignore[no-redef]
     try:
         with open(path, "rb") as file:
@@ -233,34 +146,71 @@ def read_toml(path: str) -> dict:
     unknown = sorted(set(values) - set(FLAGS))
     if unknown:
         raise ValueError(f"config file {path}: unknown settings {', '.join(unknown)}")
-    return values
+    return {key: _checked(FLAGS[key], value, path) for key, value in values.items()}
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _checked(flag: Flag, value, path: str):
+    """A TOML value converted to its field's type, or one clear error naming the key."""
+    if flag.kind is tuple:
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(item, str) for item in items):
+            return tuple(items)
+        expected = "a string or a list of strings"
+    elif flag.kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif type(value) is flag.kind:  # type(): true is not an integer
+        return value
+    else:
+        expected = _TYPE_NAMES[flag.kind]
+    raise ValueError(f"config file {path}: {flag.name} must be {expected}, got {value!r}")
+
+
+def build_config(values: dict) -> RunConfig:
+    """RunConfig from flat settings named like the flags (flag name -> value); unset ones keep their default."""
+    sections: dict[str | None, dict] = {}
+    for key, value in values.items():
+        flag = FLAGS[key]
+        sections.setdefault(flag.section, {})[flag.field.name] = value
+    nested = {name: SECTIONS[name](**fields) for name, fields in sections.items() if name is not None}
+    return RunConfig(**nested, **sections.get(None, {}))
 
 
 def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, str]:
+    """Parse flags (over an optional --config file); returns the config and its log level."""
     args = build_parser().parse_args(argv)
     values = read_toml(args.config) if args.config else {}
-    values.update({key: value for key, value in vars(args).items() if key in FLAGS and value is not None})
-    sections: dict[str | None, dict] = {
-        None: {},
-        "model": {},
-        "data": {},
-        "inner": {},
-        "outer": {},
-        "swarm": {},
-    }
-    for key, value in values.items():
-        section, field = FLAGS[key]
-        if field in ("initial_peers", "host_maddrs", "announce_maddrs"):
-            value = tuple([value] if isinstance(value, str) else value)
-        sections[section][field] = value
-    model = ModelConfig(**sections["model"])
-    sections["outer"].setdefault("momentum", default_outer_momentum(model.name))
-    config = RunConfig(
-        model=model,
-        data=DataConfig(**sections["data"]),
-        inner=InnerConfig(**sections["inner"]),
-        outer=OuterConfig(**sections["outer"]),
-        swarm=SwarmConfig(**sections["swarm"]),
-        **sections[None],
-    )
-    return config, args.log_level
+    for key, value in vars(args).items():
+        if key in FLAGS and value is not None:
+            values[key] = tuple(value) if FLAGS[key].kind is tuple else value
+    config = build_config(values)
+    return config, config.log_level
+
+
+def flag_tables_markdown() -> str:
+    """The README's flag tables, one per section (scripts/flag_tables.py writes them into README.md)."""
+    lines = ["**general**", "", "| flag | meaning |", "|---|---|"]
+    lines.append("| `--config FILE` | TOML file with settings (flat keys named like the flags) |")
+    section = "general"
+    for flag in FLAGS.values():
+        metadata = flag.field.metadata
+        if metadata.get("hidden"):
+            continue
+        if flag.section != section:
+            section = flag.section
+            lines += [
+                "",
+                f"**{section or 'run'}**: {_section_doc(section)}",
+                "",
+                "| flag | meaning |",
+                "|---|---|",
+            ]
+        metavar = metadata.get("metavar") or flag.name.upper()
+        usage = {bool: flag.option, tuple: f"{flag.option} {metavar} ..."}.get(
+            flag.kind, f"{flag.option} {metavar}"
+        )
+        meaning = flag.help.replace("%%", "%").replace("|", "\\|")
+        lines.append(f"| `{usage}` | {meaning} |")
+    return "\n".join(lines) + "\n"

@@ -1,26 +1,97 @@
-"""Every setting of a peer as frozen dataclasses, validated on construction, and the run fingerprint."""
+"""Every setting of a peer as frozen dataclasses, validated on construction, and the run fingerprint.
+
+Each field is written once, here: its default, its docstring (the flag's help) and, through `setting()`,
+what the command line needs beyond its name and type (peer.cli generates the flags and the TOML keys).
+"""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
+import os
+import re
+import textwrap
 from dataclasses import dataclass, field
 
 COMPRESSIONS = ("none", "fp16", "int8")
-DEVICES = ("auto", "cpu", "cuda")
+INNER_OPTIMIZERS = ("adamw", "adamw8bit")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def setting(
+    default,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    choices=None,
+    parse=None,
+    hidden: bool = False,
+    cli: bool = True,
+):
+    """A field with command-line details: `flag` (name without dashes, default: the field's name; also the
+    TOML key), `metavar`, `choices`, `parse` (text -> value, for values given as one string), `hidden` (kept
+    out of --help), `cli` (False: no flag, set by the program)."""
+    metadata = {"flag": flag, "metavar": metavar, "choices": choices, "parse": parse, "hidden": hidden}
+    metadata = {key: value for key, value in metadata.items() if value}
+    if not cli:
+        metadata["cli"] = False
+    return field(default=default, metadata=metadata)
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass, whitespace collapsed (the flags' help)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Which causal language model the swarm trains."""
 
-    name: str = "tiny"
-    """A preset name (see peer.model.PRESETS) or a path to a Hugging Face config.json."""
+    name: str | None = setting(None, flag="model")
+    """A preset (tiny, small, 10m, 60m, 150m, 400m, 1.1b), a Hugging Face config.json or model directory, or a
+    model id in the local Hugging Face cache: the architecture (the weights come from --init-from).
+    Default: the --init-from model, else tiny."""
+    init_from: str | None = setting(None, metavar="DIR")
+    """Start from the pretrained weights in this save_pretrained directory (or cached Hugging Face model id),
+    e.g. a model exported from a run; its architecture is the model's. The weights are part of the run's
+    fingerprint: every peer of the run starts from the same ones."""
 
     def __post_init__(self) -> None:
+        if self.name is None:
+            object.__setattr__(self, "name", self.init_from or DEFAULT_MODEL)
+        elif self.init_from and not _same_model(self.name, self.init_from):
+            raise ValueError(
+                f"--model {self.name} and --init-from {self.init_from} differ: the model's architecture is "
+                "the one in --init-from (leave out --model)"
+            )
         if not self.name:
-            raise ValueError("--model must be a preset name or a path to a Hugging Face config.json")
+            raise ValueError("--model must be a preset, a config file, a model directory or a model id")
+
+
+DEFAULT_MODEL = "tiny"
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,22 +99,32 @@ class DataConfig:
     """Where tokens come from and how they are cut into batches."""
 
     dataset: str = "embedded"
-    """'embedded' (the corpus shipped with the package), a local text/jsonl file, or a Hugging Face dataset name."""
+    """'embedded' (the corpus shipped with the package), a local .txt/.jsonl file, or a Hugging Face dataset
+    name."""
     tokenizer: str = "embedded"
-    """'embedded' (the BPE tokenizer shipped with the package), a tokenizer.json path, or a Hugging Face name."""
+    """'embedded' (the BPE tokenizer shipped with the package), a tokenizer.json, or a Hugging Face tokenizer
+    name."""
     batch_size: int = 8
     """Sequences per inner step on this peer."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward pass: a step accumulates the gradients of batch_size / micro_batch_size
+    micro-batches, to fit a large batch in memory (0: the whole batch at once). A local choice: the step is
+    the same up to float rounding."""
     seq_len: int = 256
     """Tokens per sequence."""
-    data_shard: str | None = None
-    """'i/n': train only on the i-th of n disjoint slices (experiments). Default: the whole corpus,
-    sampled in an order derived from the peer id."""
+    data_shard: str | None = setting(None, metavar="I/N")
+    """Train only on the i-th of n disjoint slices (experiments). Default: the whole corpus, in an order
+    derived from the peer id."""
     eval_tokens: int = 65536
     """Size of the held-out slice (taken from the end of the corpus, never trained on)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise ValueError(
+                f"--micro-batch-size must divide --batch-size {self.batch_size}, got {self.micro_batch_size}"
+            )
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.eval_tokens < 0:
@@ -72,12 +153,12 @@ def parse_shard(text: str) -> tuple[int, int]:
 class InnerConfig:
     """The local optimizer each peer runs for H steps per round (paper defaults)."""
 
-    steps: int = 500
+    steps: int = setting(500, flag="inner_steps")
     """H: inner steps per round."""
-    lr: float = 4e-4
+    lr: float = setting(4e-4, flag="inner_lr")
     """Peak AdamW learning rate."""
     weight_decay: float = 0.1
-    """AdamW weight decay."""
+    """AdamW weight decay (matrices only)."""
     warmup_steps: int = 1000
     """Linear warmup length in global steps (round x H + inner step)."""
     total_steps: int = 0
@@ -86,12 +167,12 @@ class InnerConfig:
     """The cosine schedule decays to this fraction of the peak learning rate."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this value (0 disables)."""
-    optimizer: str = "adamw"
-    """'adamw' (torch) or 'adamw8bit' (bitsandbytes, CUDA only)."""
-    round_tokens: int = 0
-    """Heterogeneous rounds: a round ends once the whole swarm has processed this many tokens since the last
-    sync, so fast peers do more inner steps and slow peers fewer. 0: every peer does H steps. H still sets
-    the learning-rate schedule's steps per round."""
+    optimizer: str = setting("adamw", flag="inner_optimizer", choices=INNER_OPTIMIZERS)
+    """adamw (torch) or adamw8bit (bitsandbytes, CUDA only)."""
+    round_tokens: int = setting(0, metavar="N")
+    """Heterogeneous rounds: a round ends once the whole swarm has processed N tokens since the last sync, so
+    fast peers do more inner steps and slow peers fewer. 0: every peer does H steps. H still sets the
+    learning-rate schedule's steps per round."""
 
     def __post_init__(self) -> None:
         if self.round_tokens < 0:
@@ -110,8 +191,10 @@ class InnerConfig:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip < 0:
             raise ValueError(f"--grad-clip must be non-negative, got {self.grad_clip}")
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            raise ValueError(f"--inner-optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
+        if self.optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(
+                f"--inner-optimizer must be one of {', '.join(INNER_OPTIMIZERS)}, got {self.optimizer!r}"
+            )
 
 
 # The outer momentum default per model preset. The paper's 0.9 was tuned for 60M-400M models with 100+ outer
@@ -129,21 +212,22 @@ def default_outer_momentum(model_name: str) -> float:
 class OuterConfig:
     """How peers combine their work at the end of a round."""
 
-    lr: float = 0.7
+    lr: float = setting(0.7, flag="outer_lr")
     """Outer learning rate applied to the averaged pseudo-gradient."""
-    momentum: float = PAPER_OUTER_MOMENTUM
-    """Nesterov momentum; 0 turns the outer step into plain averaging (with lr 1). The command line's default
-    depends on the model preset (default_outer_momentum)."""
-    compression: str = "none"
-    """Encoding of pseudo-gradients on the wire: none, fp16 or int8."""
+    momentum: float | None = setting(None, flag="outer_momentum")
+    """Nesterov momentum; 0 turns the outer step into plain averaging (with lr 1). Default: 0.5 for the tiny,
+    small and 10m presets, the paper's 0.9 otherwise (measured, see docs/RESULTS.md)."""
+    # None until RunConfig resolves it from the model preset (default_outer_momentum)
+    compression: str = setting("none", choices=COMPRESSIONS)
+    """Pseudo-gradient encoding on the wire: none, fp16 or int8 (blockwise 8-bit)."""
     overlap: bool = False
-    """Run round r's all-reduce and outer step in the background while round r+1's inner steps run. A local
-    choice (not part of the fingerprint): the global parameters are the same either way."""
+    """All-reduce round r in the background while round r+1's inner steps run (hides communication). A local
+    choice, not part of the fingerprint: peers with and without it can train together."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"--outer-lr must be positive, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"--outer-momentum must be in [0, 1), got {self.momentum}")
         if self.compression not in COMPRESSIONS:
             raise ValueError(
@@ -155,18 +239,20 @@ class OuterConfig:
 class SwarmConfig:
     """How this peer finds and talks to the others."""
 
-    initial_peers: tuple[str, ...] = ()
-    """Multiaddrs of any live swarm member (bootstrap node or peer); empty starts a new swarm."""
-    host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
-    """Addresses to listen on."""
-    announce_maddrs: tuple[str, ...] = ()
-    """Public addresses to advertise (needed behind port forwarding / on cloud machines)."""
+    initial_peers: tuple[str, ...] = setting((), metavar="MADDR")
+    """Multiaddrs of a bootstrap node or any live peer, tried in turn. None: start a new swarm and print this
+    peer's multiaddrs."""
+    host_maddrs: tuple[str, ...] = setting(("/ip4/0.0.0.0/tcp/0",), metavar="MADDR")
+    """Addresses to listen on; the default listens on all interfaces at a random port."""
+    announce_maddrs: tuple[str, ...] = setting((), metavar="MADDR")
+    """Public addresses to advertise, e.g. /ip4/PUBLIC_IP/tcp/PORT (behind port forwarding, on cloud
+    machines)."""
     identity_path: str | None = None
-    """Private key file; keeps this peer's id and multiaddrs stable across restarts."""
+    """Private key file that keeps this peer's id and multiaddrs stable across restarts."""
     maddrs_file: str | None = None
-    """Write this peer's multiaddrs here once it is ready (others may join through them)."""
+    """Write this peer's multiaddrs here once it is ready (others can join through them)."""
     client_mode: bool = False
-    """Do not accept incoming connections (behind NAT); still contributes to averaging."""
+    """Behind NAT: make only outgoing connections (needs --initial-peers); still contributes to averaging."""
     run_id: str = "diloco"
     """Name of the training run; peers only average with peers of the same run and fingerprint."""
     matchmaking_s: float = 5.0
@@ -177,13 +263,13 @@ class SwarmConfig:
     allreduce_timeout_s: float = 120.0
     """Give up on an all-reduce that has not finished after this long."""
     chunk_timeout_s: float = 10.0
-    """A peer that sends no data for this long during all-reduce or state download is dropped."""
+    """Drop a peer that sends no data for this long during an all-reduce or a state download."""
     state_timeout_s: float = 300.0
     """Longest time to download the swarm's state when joining or resyncing."""
     progress_period_s: float = 2.0
     """How often this peer publishes its progress record to the DHT."""
-    wait_for_peers: int = 1
-    """A peer that starts a fresh run waits (up to state_timeout_s) until this many peers are live."""
+    wait_for_peers: int = setting(1, metavar="N")
+    """When starting a fresh run, wait (up to --state-timeout-s) until N peers are live before round 1."""
 
     def __post_init__(self) -> None:
         if not self.run_id or any(ch in self.run_id for ch in ". \t\n"):
@@ -219,13 +305,16 @@ class RunConfig:
     max_rounds: int = 0
     """Stop after this many rounds (0: run until stopped)."""
     device: str = "auto"
-    """auto (cuda if available), cpu or cuda."""
+    """auto (the first CUDA device if there is one), cpu, cuda or cuda:N."""
+    precision: str = setting("auto", choices=PRECISIONS)
+    """Inner steps in fp32, or with bf16 autocast over fp32 weights; auto: bf16 on CUDA, fp32 on the CPU. TF32
+    matmuls are on for CUDA. A local choice: the global parameters stay fp32 and identical on every peer."""
     num_threads: int = 0
     """CPU threads for torch (0: torch's default). Use 1 when several peers share one machine."""
     metrics_file: str | None = None
-    """Append one JSON record per round here."""
+    """Append one JSON record per round to this file."""
     eval_every: int = 5
-    """Evaluate held-out loss every this many rounds (0 disables)."""
+    """Evaluate the held-out loss every this many rounds (0 disables)."""
     eval_batches: int = 8
     """Batches of the held-out slice per evaluation."""
     checkpoint_dir: str | None = None
@@ -236,14 +325,25 @@ class RunConfig:
     """Keep only the newest few checkpoints."""
     resume: bool = False
     """Continue from the newest checkpoint in --checkpoint-dir."""
-    test_fault: str | None = None
-    """Test-only fault injection (see peer/faults.py); hidden from --help."""
+    log_level: str = "INFO"
+    """DEBUG (every inner step), INFO (once per round), WARNING or ERROR."""
+    test_fault: str | None = setting(None, hidden=True)
+    """Test-only fault injection (see peer/faults.py)."""
 
     def __post_init__(self) -> None:
+        if self.outer.momentum is None:  # the one place where the preset's outer momentum is chosen
+            momentum = default_outer_momentum(self.model.name)
+            object.__setattr__(self, "outer", dataclasses.replace(self.outer, momentum=momentum))
         if self.max_rounds < 0:
             raise ValueError(f"--max-rounds must be non-negative, got {self.max_rounds}")
-        if self.device not in DEVICES:
-            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.inner.optimizer == "adamw8bit" and self.device == "cpu":
+            raise ValueError(
+                "--inner-optimizer adamw8bit needs a CUDA device (bitsandbytes); use adamw on the CPU"
+            )
         if self.num_threads < 0:
             raise ValueError(f"--num-threads must be non-negative, got {self.num_threads}")
         if self.eval_every < 0 or self.eval_batches < 1:
@@ -252,6 +352,9 @@ class RunConfig:
             raise ValueError("--checkpoint-every and --keep-checkpoints must be at least 1")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("--resume needs --checkpoint-dir")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        object.__setattr__(self, "log_level", self.log_level.upper())
 
     @property
     def total_inner_steps(self) -> int:
@@ -262,9 +365,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def fingerprint_settings(config: RunConfig, *, model_arch: dict, tokenizer_id: str) -> dict:
-    """The settings that must match for peers to average together (I5)."""
+def fingerprint_settings(
+    config: RunConfig, *, model_arch: dict, tokenizer_id: str, init_params_sha256: str | None = None
+) -> dict:
+    """The settings that must match for peers to average together (I5). `init_params_sha256`: the hash of
+    the pretrained initial parameters (--init-from), which replace the seed's."""
+    init = {} if init_params_sha256 is None else {"init_params_sha256": init_params_sha256}
     return {
+        **init,
         "run_id": config.swarm.run_id,
         "model": model_arch,
         "tokenizer": tokenizer_id,

@@ -1,244 +1,46 @@
-"""Convergence experiments in one process: DiLoCo variants (ablations, simulated heterogeneous peers) and the
-data-parallel and single-peer baselines, all evaluated on the same held-out windows at equal tokens.
+"""Convergence experiments in one process: DiLoCo variants (peer.replicas: ablations, simulated heterogeneous
+peers) and the data-parallel and single-peer baselines, all evaluated on the same held-out windows at equal
+tokens.
 
 `python -m peer.simulate --mode ...` is the command line; docs/RESULTS.md lists the JSON keys.
-With `ExperimentConfig(replicas=k)` and nothing else set, the DiLoCo loop here does exactly what
-peer.simulate.simulate does (and so what k networked peers with `--data-shard i/k` do): a unit test checks
-that the global parameters hash the same.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 
-import torch
+from peer.config import RunConfig
+from peer.data import data_seed, train_batches
+from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step, inner_step_options
+from peer.replicas import CPU, MODES, ExperimentConfig, parse_pool, run_replicas
+from peer.workload import Workload, build_workload
 
-from peer.config import COMPRESSIONS, OuterConfig, RunConfig
-from peer.data import Tokenizer, data_seed, eval_batches, load_corpus, train_batches
-from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step
-from peer.model import build_model, load_model_config
-from peer.outer import AveragingResult, OuterOptimizer
-from peer.simulate import InMemoryAverager, train_inner_steps_
+__all__ = [  # ExperimentConfig, MODES and parse_pool live with the loop; experiments is where callers find them
+    "MODES",
+    "ExperimentConfig",
+    "experiment_workload",
+    "parse_pool",
+    "plot_loss_vs_tokens",
+    "run_diloco",
+    "run_experiment",
+    "run_plain",
+]
 
-MODES = ("diloco", "data-parallel", "single")
-SHARDS = ("contiguous", "iid")
-OUTER_OPTIMIZERS = ("nesterov", "adam")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ExperimentConfig:
-    """What to run on top of a RunConfig (which gives the model, data, H, rounds and optimizers)."""
-
-    mode: str = "diloco"
-    """diloco (k replicas, H inner steps per round), data-parallel (one model, k x batch, a step is a sync),
-    or single (one model, the per-peer batch, the same number of steps as one replica)."""
-    replicas: int = 2
-    """k: simulated peers (DiLoCo) or the batch multiplier (data-parallel)."""
-    shards: str = "contiguous"
-    """contiguous: replica i trains on the i-th contiguous slice (= `--data-shard i/k`; the corpus is ordered
-    by work, so this is non-i.i.d.); iid: every replica samples the whole corpus in its own order."""
-    outer_optimizer: str = "nesterov"
-    """nesterov (the project's OuterOptimizer, SGD with Nesterov momentum) or adam (simulation only)."""
-    pool: tuple[tuple[int, int], ...] = ()
-    """Changing compute pool: (active replicas, rounds) phases; replaces `replicas` x `max_rounds`."""
-    drop_prob: float = 0.0
-    """Probability that a replica's pseudo-gradient is lost in a round (it then restarts from the new θ)."""
-    warm_start_steps: int = 0
-    """Data-parallel steps (k x batch) before DiLoCo starts, counted in the same token budget and schedule."""
-    speeds: tuple[float, ...] = ()
-    """Simulated relative speed of each replica (inner steps per time unit); empty: all 1."""
-    round_tokens: int = 0
-    """Heterogeneous rounds (simulated): a round ends once the swarm has processed this many tokens; fast
-    replicas do more inner steps. 0: fixed H per replica."""
-    eval_every_steps: int = 100
-    """Evaluate whenever the per-replica step count crosses a multiple of this (and at the end)."""
-    eval_windows: int = 128
-    """Held-out windows of seq_len tokens per evaluation (the same windows in every mode)."""
-    seed_drop: int = 0
-    """Seed of the dropped-update draws."""
-    compression: str = "none"
-    """Pseudo-gradient encoding as in the networked all-reduce (none, fp16, int8): each replica's
-    pseudo-gradient is encoded and decoded, the decoded parts are averaged, and the average is encoded and
-    decoded once more; every replica uses those decoded values. (`python -m peer.simulate --compression`.)"""
-    overlap_delay_steps: int = -1
-    """Overlapped outer step: round r's average is applied after the replicas already did this many inner
-    steps of round r+1 (it arrived in the background); each replica then keeps the progress it made since
-    its end-of-round snapshot (`OuterOptimizer.rebase_`). 0 gives exactly the non-overlapped run; -1: off."""
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.replicas < 1:
-            raise ValueError(f"--replicas must be at least 1, got {self.replicas}")
-        if self.shards not in SHARDS:
-            raise ValueError(f"--shards must be one of {', '.join(SHARDS)}, got {self.shards!r}")
-        if self.outer_optimizer not in OUTER_OPTIMIZERS:
-            raise ValueError(f"--outer-optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}")
-        if any(k < 1 or r < 1 for k, r in self.pool):
-            raise ValueError("--pool phases need at least 1 replica and 1 round each, e.g. 2:5,4:5")
-        if not 0.0 <= self.drop_prob < 1.0:
-            raise ValueError(f"--drop-prob must be in [0, 1), got {self.drop_prob}")
-        if self.warm_start_steps < 0 or self.round_tokens < 0:
-            raise ValueError("--warm-start-steps and --round-tokens must be non-negative")
-        if self.speeds and (len(self.speeds) != self.max_replicas or min(self.speeds) <= 0):
-            raise ValueError(f"--speeds needs {self.max_replicas} positive values, one per replica")
-        if self.eval_every_steps < 1 or self.eval_windows < 1:
-            raise ValueError("--eval-every-steps and --eval-windows must be at least 1")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(
-                f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
-            )
-        if self.overlap_delay_steps < -1:
-            raise ValueError(
-                f"--overlap-delay-steps must be -1 (off) or at least 0, got {self.overlap_delay_steps}"
-            )
-
-    @property
-    def max_replicas(self) -> int:
-        return max(k for k, _ in self.pool) if self.pool else self.replicas
+# The experiments evaluate 32 held-out windows per forward pass: the same windows in every mode, efficiently.
+EVAL_BATCH_SIZE = 32
 
 
-def parse_pool(text: str) -> tuple[tuple[int, int], ...]:
-    """'2:5,4:5' -> ((2, 5), (4, 5)): 2 replicas for 5 rounds, then 4 for 5 rounds."""
-    try:
-        return tuple((int(k), int(r)) for k, r in (phase.split(":") for phase in text.split(",")))
-    except ValueError:
-        raise ValueError(f"--pool must look like K:ROUNDS[,K:ROUNDS...], got {text!r}") from None
-
-
-class AdamOuter(OuterOptimizer):
-    """Adam on the averaged pseudo-gradient (the paper's Adam ablation); same interface, simulation only."""
-
-    betas = (0.9, 0.999)
-    eps = 1e-8
-
-    def __init__(self, params: Sequence[torch.Tensor], config: OuterConfig):
-        super().__init__(params, config)
-        self.second_moment = [torch.zeros_like(p) for p in self.global_params]
-        self.num_steps = 0
-
-    @torch.no_grad()
-    def step_(self, averaged_pseudo_grads: Sequence[torch.Tensor]) -> None:
-        self.num_steps += 1
-        beta1, beta2 = self.betas
-        bias1, bias2 = 1 - beta1**self.num_steps, 1 - beta2**self.num_steps
-        for theta, m, v, grad in zip(
-            self.global_params, self.momentum, self.second_moment, averaged_pseudo_grads, strict=True
-        ):
-            m.mul_(beta1).add_(grad, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            theta.sub_((m / bias1) / ((v / bias2).sqrt() + self.eps) * self.config.lr)
-
-
-def encode_decode(tensor: torch.Tensor, compression: str) -> torch.Tensor:
-    """What a receiver decodes from `tensor` sent with the swarm's pseudo-gradient compression (fp32 out)."""
-    if compression == "none":
-        return tensor
-    if compression == "fp16":  # hivemind's Float16Compression: a cast and back
-        return tensor.to(torch.float16).to(torch.float32)
-    # int8 = hivemind's BlockwiseQuantization: bitsandbytes' dynamic 8-bit codebook with one absmax per block
-    # of 4096 values. Here the blocks run over each whole tensor; the networked all-reduce quantizes the parts
-    # it splits the flattened pseudo-gradient into, so its block boundaries (and the rounding of values near
-    # them) differ slightly. Imported here: bitsandbytes is optional and slow to import.
-    from bitsandbytes.functional import dequantize_blockwise, quantize_blockwise
-
-    quantized, state = quantize_blockwise(tensor.contiguous(), blocksize=4096, nested=False)
-    return dequantize_blockwise(quantized, state).reshape(tensor.shape)
-
-
-def compressed_average(
-    pseudo_grads: list[list[torch.Tensor]], *, tokens: list[int], order_keys: list[bytes], compression: str
-) -> AveragingResult:
-    """The networked all-reduce's values under compression: senders encode their parts, the reducer averages
-    the decoded parts and encodes the average once, and every peer (the reducer too) uses its decoding."""
-    if compression == "none":
-        return InMemoryAverager().average_round(pseudo_grads, tokens=tokens, order_keys=order_keys)
-    sent = [[encode_decode(g, compression) for g in grads] for grads in pseudo_grads]
-    result = InMemoryAverager().average_round(sent, tokens=tokens, order_keys=order_keys)
-    result.averaged = [encode_decode(a, compression) for a in result.averaged]
-    return result
-
-
-@dataclass
-class _Setup:
-    base_model: torch.nn.Module
-    train_tokens: torch.Tensor
-    held_out: list[torch.Tensor]
-    tokens_per_step: int
-
-
-def _setup(config: RunConfig, exp: ExperimentConfig) -> _Setup:
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    tokenizer = Tokenizer(config.data.tokenizer)
-    model_config = load_model_config(
-        config.model.name, vocab_size=tokenizer.vocab_size, max_seq_len=config.data.seq_len
+def experiment_workload(config: RunConfig, exp: ExperimentConfig) -> Workload:
+    """The run's workload with exp.eval_windows held-out windows in batches of EVAL_BATCH_SIZE."""
+    return build_workload(
+        config,
+        eval_batch_size=EVAL_BATCH_SIZE,
+        num_eval_batches=math.ceil(exp.eval_windows / EVAL_BATCH_SIZE),
     )
-    corpus = load_corpus(config.data, tokenizer)
-    # 32 windows per forward pass: the same windows in every mode, evaluated efficiently
-    held_out = eval_batches(
-        corpus.eval,
-        batch_size=32,
-        seq_len=config.data.seq_len,
-        num_batches=math.ceil(exp.eval_windows / 32),
-    )
-    return _Setup(
-        base_model=build_model(model_config, seed=config.seed),
-        train_tokens=corpus.train,
-        held_out=held_out,
-        tokens_per_step=config.data.batch_size * config.data.seq_len,
-    )
-
-
-@dataclass
-class _Replica:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    batches: object
-    order_key: bytes
-    speed: float = 1.0
-    busy_time: float = 0.0
-
-
-def _make_replicas(config: RunConfig, exp: ExperimentConfig, setup: _Setup) -> list[_Replica]:
-    k = exp.max_replicas
-    replicas = []
-    for i in range(k):
-        # contiguous: exactly peer.simulate.make_replicas (= a networked peer with --data-shard i/k)
-        stream_id = f"{i}/{k}" if exp.shards == "contiguous" else f"iid:{i}"
-        seed = data_seed(config.seed, stream_id)
-        model = copy.deepcopy(setup.base_model)
-        batches = train_batches(
-            setup.train_tokens,
-            batch_size=config.data.batch_size,
-            seq_len=config.data.seq_len,
-            seed=seed,
-            shard=(i, k) if exp.shards == "contiguous" else None,
-        )
-        speed = exp.speeds[i] if exp.speeds else 1.0
-        replicas.append(
-            _Replica(
-                model, build_inner_optimizer(model, config.inner), batches, seed.to_bytes(8, "big"), speed
-            )
-        )
-    return replicas
-
-
-def _round_steps(replicas: list[_Replica], *, H: int, round_tokens: int, tokens_per_step: int) -> list[int]:
-    """Inner steps of each active replica this round; with round_tokens, the first replicas to finish a step
-    (in simulated time) take the swarm's budget, so a replica twice as fast does twice the steps."""
-    if not round_tokens:
-        return [H] * len(replicas)
-    steps = [0] * len(replicas)
-    for _ in range(math.ceil(round_tokens / tokens_per_step)):
-        i = min(range(len(replicas)), key=lambda j: ((steps[j] + 1) / replicas[j].speed, j))
-        steps[i] += 1
-    return steps
 
 
 def _finish(result: dict, curve: list[dict], started: float) -> dict:
@@ -256,18 +58,22 @@ def _finish(result: dict, curve: list[dict], started: float) -> dict:
 
 
 def run_plain(
-    config: RunConfig, exp: ExperimentConfig, setup: _Setup | None = None, *, on_eval: Callable | None = None
+    config: RunConfig,
+    exp: ExperimentConfig,
+    workload: Workload | None = None,
+    *,
+    on_eval: Callable | None = None,
 ) -> dict:
     """The baselines: one model, AdamW every step, batch k x B (data-parallel) or B (single)."""
     started = time.perf_counter()
-    setup = setup or _setup(config, exp)
+    workload = workload or experiment_workload(config, exp)
     multiplier = exp.replicas if exp.mode == "data-parallel" else 1
     batch_size = config.data.batch_size * multiplier
     num_steps = config.total_inner_steps
-    model = copy.deepcopy(setup.base_model)
+    model = copy.deepcopy(workload.model)
     optimizer = build_inner_optimizer(model, config.inner)
     batches = train_batches(
-        setup.train_tokens,
+        workload.corpus.train,
         batch_size=batch_size,
         seq_len=config.data.seq_len,
         seed=data_seed(config.seed, exp.mode),
@@ -275,12 +81,12 @@ def run_plain(
     curve = []
     for step in range(num_steps):
         lr = inner_lr(step, config=config.inner, total_steps=num_steps)
-        inner_step(model, optimizer, next(batches), lr=lr, grad_clip=config.inner.grad_clip)
+        inner_step(model, optimizer, next(batches), lr=lr, **inner_step_options(config, CPU))
         if (step + 1) % exp.eval_every_steps == 0 or step + 1 == num_steps:
             point = {
                 "step": step + 1,
                 "tokens": (step + 1) * batch_size * config.data.seq_len,
-                "eval_loss": evaluate(model, setup.held_out, torch.device("cpu")),
+                "eval_loss": evaluate(model, workload.held_out, CPU),
             }
             curve.append(point)
             if on_eval is not None:
@@ -296,178 +102,31 @@ def run_plain(
     return _finish(result, curve, started)
 
 
-def _warm_start_(config: RunConfig, exp: ExperimentConfig, setup: _Setup, replicas: list[_Replica]) -> dict:
-    """The paper's warm start: train one model data-parallel first, then every replica starts from it."""
-    model = copy.deepcopy(setup.base_model)
-    optimizer = build_inner_optimizer(model, config.inner)
-    batches = train_batches(
-        setup.train_tokens,
-        batch_size=config.data.batch_size * exp.replicas,
-        seq_len=config.data.seq_len,
-        seed=data_seed(config.seed, "warm-start"),
-    )
-    total = exp.warm_start_steps + config.total_inner_steps
-    for step in range(exp.warm_start_steps):
-        lr = inner_lr(step, config=config.inner, total_steps=total)
-        inner_step(model, optimizer, next(batches), lr=lr, grad_clip=config.inner.grad_clip)
-    for replica in replicas:  # each replica gets the warm model and a copy of its AdamW state
-        replica.model.load_state_dict(model.state_dict())
-        replica.optimizer.load_state_dict(optimizer.state_dict())
-    return {
-        "step": exp.warm_start_steps,
-        "tokens": exp.warm_start_steps * config.data.batch_size * exp.replicas * config.data.seq_len,
-        "eval_loss": evaluate(model, setup.held_out, torch.device("cpu")),
-    }
-
-
 def run_diloco(
-    config: RunConfig, exp: ExperimentConfig, setup: _Setup | None = None, *, on_eval: Callable | None = None
+    config: RunConfig,
+    exp: ExperimentConfig,
+    workload: Workload | None = None,
+    *,
+    on_eval: Callable | None = None,
 ) -> dict:
-    """DiLoCo with the project's inner step, exact averaging and outer step, plus the ablation knobs."""
+    """DiLoCo with k replicas (peer.replicas.run_replicas) and the experiment's knobs, as a result document."""
     started = time.perf_counter()
-    setup = setup or _setup(config, exp)
-    H, tps = config.inner.steps, setup.tokens_per_step
-    phases = exp.pool or ((exp.replicas, config.max_rounds),)
-    num_rounds = sum(r for _, r in phases)
-    active_per_round = [k for k, r in phases for _ in range(r)]
-    replicas = _make_replicas(config, exp, setup)
-    curve, rounds, tokens_seen, step_offset = [], [], 0, 0
-    if exp.warm_start_steps:
-        curve.append(_warm_start_(config, exp, setup, replicas))
-        tokens_seen, step_offset = curve[-1]["tokens"], exp.warm_start_steps
-    outer_class = AdamOuter if exp.outer_optimizer == "adam" else OuterOptimizer
-    outer = outer_class(list(replicas[0].model.parameters()), config.outer)
-    total_steps = step_offset + (config.inner.total_steps or num_rounds * H)
-    drop_rng = random.Random(exp.seed_drop)
-    sim_time, idle_time, num_dropped = 0.0, 0.0, 0
-    overlap, delay = exp.overlap_delay_steps >= 0, exp.overlap_delay_steps
-    if delay > H:
-        raise ValueError(f"--overlap-delay-steps must be at most --inner-steps ({H}), got {delay}")
-    eval_model = copy.deepcopy(setup.base_model)  # replicas keep their local models (overlap trains on them)
-    # overlap: replica index -> its local params at the end of the last round; that round's average, pending
-    snapshots: dict[int, list[torch.Tensor]] = {}
-    pending: tuple[int, list[torch.Tensor] | None] | None = None
-    round_clock: list[float] = []  # simulated time at the end of each round
-
-    def finish_round(index: int, averaged: list[torch.Tensor] | None) -> None:
-        """Round `index`'s outer step, then its hash and (every eval_every_steps) its held-out loss."""
-        if averaged is not None:
-            outer.step_(averaged)
-        record = rounds[index]
-        record["global_params_sha256"] = outer.params_hash()
-        per_replica_step = step_offset + (index + 1) * H
-        crossed = (per_replica_step // exp.eval_every_steps) > (
-            (per_replica_step - H) // exp.eval_every_steps
-        )
-        if crossed or index + 1 == num_rounds:
-            outer.copy_to_(list(eval_model.parameters()))
-            point = {
-                "step": per_replica_step,
-                "tokens": record["tokens"],
-                "eval_loss": evaluate(eval_model, setup.held_out, torch.device("cpu")),
-                "sim_time": round_clock[index],
-            }
-            record["eval_loss"] = point["eval_loss"]
-            curve.append(point)
-            if on_eval is not None:
-                on_eval(point)
-
-    for round_index in range(num_rounds):
-        active = replicas[: active_per_round[round_index]]
-        steps = _round_steps(active, H=H, round_tokens=exp.round_tokens, tokens_per_step=tps)
-        losses, pseudo_grads, tokens, keys = [], [], [], []
-        first_steps = [min(delay, n) for n in steps] if overlap else [0] * len(active)
-        if overlap:
-            # the first `delay` inner steps run from the local params while last round's average is in flight
-            for i, (replica, num_steps) in enumerate(zip(active, first_steps, strict=True)):
-                params = list(replica.model.parameters())
-                if i not in snapshots:  # first round, or new to the pool: start from θ, carry progress over
-                    outer.copy_to_(params)
-                    if pending is not None:
-                        snapshots[i] = [g.clone() for g in outer.global_params]
-                losses += train_inner_steps_(
-                    replica.model,
-                    replica.optimizer,
-                    replica.batches,
-                    config=config,
-                    first_global_step=step_offset + round_index * H,
-                    num_steps=num_steps,
-                    total_steps=total_steps,
-                )
-            if pending is not None:  # it arrives: outer step, then local <- θ + (local - snapshot)
-                finish_round(*pending)
-                pending = None
-                for i, replica in enumerate(active):
-                    outer.rebase_(list(replica.model.parameters()), snapshots[i])
-        for replica, num_steps, done in zip(active, steps, first_steps, strict=True):
-            params = list(replica.model.parameters())
-            if not overlap:
-                outer.copy_to_(params)
-            losses += train_inner_steps_(
-                replica.model,
-                replica.optimizer,
-                replica.batches,
-                config=config,
-                first_global_step=step_offset + round_index * H + done,
-                num_steps=num_steps - done,
-                total_steps=total_steps,
-            )
-            if num_steps == 0:
-                continue
-            if exp.drop_prob and drop_rng.random() < exp.drop_prob:
-                num_dropped += 1  # the work is lost; the replica restarts from the new θ like the others
-                continue
-            pseudo_grads.append(outer.pseudo_gradient(params))
-            tokens.append(num_steps * tps)
-            keys.append(replica.order_key)
-        if overlap:
-            snapshots = {
-                i: [p.detach().clone() for p in replica.model.parameters()]
-                for i, replica in enumerate(active)
-            }
-        # simulated clock: compute time of each replica; the round ends when the slowest is done
-        busy = [n / r.speed for n, r in zip(steps, active, strict=True)]
-        # (with a token budget the round ends when the step that filled it completes; steps still in flight
-        # on other replicas are discarded and counted as idle)
-        round_time = max(busy)
-        sim_time += round_time
-        idle_time += sum(round_time - b for b in busy)
-        round_clock.append(sim_time)
-        averaged = None
-        if pseudo_grads:
-            averaged = compressed_average(
-                pseudo_grads, tokens=tokens, order_keys=keys, compression=exp.compression
-            ).averaged
-        tokens_seen += sum(steps) * tps
-        rounds.append(
-            {
-                "round": round_index + 1,
-                "loss": sum(losses) / max(1, len(losses)),
-                "group_size": len(pseudo_grads),
-                "inner_steps": steps,
-                "tokens": tokens_seen,
-            }
-        )
-        if overlap:
-            pending = (round_index, averaged)
-        else:
-            finish_round(round_index, averaged)
-    if pending is not None:  # every run ends on a θ that includes the last round's work
-        finish_round(*pending)
+    workload = workload or experiment_workload(config, exp)
+    run = run_replicas(config, exp, workload, on_eval=on_eval)
     result = {
         "mode": "diloco",
         "replicas": exp.max_replicas,
-        "inner_steps": H,
-        "num_syncs": num_rounds,
-        "num_dropped": num_dropped,
-        "sim_time": sim_time,
-        "idle_fraction": idle_time / max(1e-12, sim_time * exp.max_replicas),
-        "global_params_sha256": outer.params_hash(),
-        "rounds": rounds,
+        "inner_steps": config.inner.steps,
+        "num_syncs": len(run.rounds),
+        "num_dropped": run.num_dropped,
+        "sim_time": run.sim_time,
+        "idle_fraction": run.idle_time / max(1e-12, run.sim_time * exp.max_replicas),
+        "global_params_sha256": run.outer.params_hash(),
+        "rounds": run.rounds,
         "config": config.to_dict(),
         "experiment": asdict(exp),
     }
-    return _finish(result, curve, started)
+    return _finish(result, run.curve, started)
 
 
 def run_experiment(config: RunConfig, exp: ExperimentConfig, *, on_eval: Callable | None = None) -> dict:

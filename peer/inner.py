@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from peer.config import InnerConfig
+from peer.config import InnerConfig, RunConfig
+from peer.device import autocast, autocast_dtype
 
 
 def build_inner_optimizer(model: torch.nn.Module, config: InnerConfig) -> torch.optim.Optimizer:
@@ -18,6 +19,8 @@ def build_inner_optimizer(model: torch.nn.Module, config: InnerConfig) -> torch.
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if config.optimizer == "adamw8bit":
+        if any(p.device.type != "cuda" for p in model.parameters()):
+            raise ValueError("--inner-optimizer adamw8bit needs the model on a CUDA device (bitsandbytes)")
         import bitsandbytes as bnb  # lazy: only GPU peers that ask for it need bitsandbytes
 
         return bnb.optim.AdamW8bit(groups, lr=config.lr, betas=(0.9, 0.95))
@@ -47,6 +50,15 @@ def set_lr_(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def inner_step_options(config: RunConfig, device: torch.device) -> dict:
+    """The settings' keyword arguments of inner_step on `device` (everything but the lr)."""
+    return {
+        "grad_clip": config.inner.grad_clip,
+        "micro_batch_size": config.data.micro_batch_size,
+        "autocast_dtype": autocast_dtype(config.precision, device),
+    }
+
+
 def inner_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -54,22 +66,48 @@ def inner_step(
     *,
     lr: float,
     grad_clip: float,
+    micro_batch_size: int = 0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> float:
-    """One AdamW step on a (batch, seq) token tensor; returns the training loss."""
+    """One AdamW step on a (batch, seq) token tensor; returns the training loss.
+
+    With micro_batch_size (a divisor of the batch), the gradients of the micro-batches are accumulated, each
+    weighted by its share of the batch: the same step as the whole batch at once, up to float rounding."""
     set_lr_(optimizer, lr)
     model.train()
-    loss = model(input_ids=batch, labels=batch).loss  # causal LM: labels are shifted inside the model
-    loss.backward()
+    if not micro_batch_size or micro_batch_size >= len(batch):
+        with autocast(batch.device, autocast_dtype):
+            loss = model(input_ids=batch, labels=batch).loss  # causal LM: labels are shifted inside the model
+        loss.backward()
+        total = loss.detach()
+    else:
+        total = torch.zeros((), device=batch.device)
+        for micro in batch.split(micro_batch_size):  # (micro_batch_size, seq)
+            with autocast(batch.device, autocast_dtype):
+                loss = model(input_ids=micro, labels=micro).loss
+            share = len(micro) / len(batch)  # every sequence has the same number of tokens
+            (loss * share).backward()
+            total += loss.detach() * share
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return total.item()
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[torch.Tensor], device: torch.device) -> float:
+def evaluate(
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
     """Mean held-out loss over fixed batches."""
     model.eval()
-    losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.item() for b in batches]
+    losses = []
+    for batch in batches:
+        batch = batch.to(device)
+        with autocast(batch.device, autocast_dtype):
+            losses.append(model(input_ids=batch, labels=batch).loss.item())
     return sum(losses) / max(1, len(losses))

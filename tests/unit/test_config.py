@@ -5,10 +5,11 @@ import sys
 
 import pytest
 
-from peer.cli import config_from_args
+from peer.cli import FLAGS, build_config, config_from_args, flag_tables_markdown
 from peer.config import (
     DataConfig,
     InnerConfig,
+    ModelConfig,
     OuterConfig,
     RunConfig,
     SwarmConfig,
@@ -31,6 +32,8 @@ from peer.config import (
         (lambda: SwarmConfig(run_id="has.dot"), "--run-id"),
         (lambda: SwarmConfig(client_mode=True), "--client-mode"),
         (lambda: RunConfig(device="tpu"), "--device"),
+        (lambda: RunConfig(device="cuda:x"), "--device"),
+        (lambda: RunConfig(log_level="chatty"), "--log-level"),
         (lambda: RunConfig(resume=True), "--resume"),
     ],
 )
@@ -40,7 +43,7 @@ def test_bad_settings_raise_a_clear_value_error(factory, message):
 
 
 def test_defaults_are_the_papers():
-    config = RunConfig()
+    config = RunConfig(model=ModelConfig(name="60m"))
     assert (config.inner.lr, config.inner.weight_decay, config.inner.warmup_steps, config.inner.steps) == (
         4e-4,
         0.1,
@@ -48,6 +51,162 @@ def test_defaults_are_the_papers():
         500,
     )
     assert (config.outer.lr, config.outer.momentum) == (0.7, 0.9)
+
+
+def test_the_dataclass_defaults_are_the_command_line_defaults():
+    assert RunConfig() == config_from_args([])[0]
+    assert RunConfig(model=ModelConfig(name="60m")) == config_from_args(["--model", "60m"])[0]
+    assert RunConfig().outer.momentum == 0.5  # the tiny preset's, resolved in one place
+    assert OuterConfig().momentum is None  # until a RunConfig knows the model
+    assert RunConfig(outer=OuterConfig(momentum=0.0)).outer.momentum == 0.0  # given beats the preset's
+
+
+# One value per flag, none of them the default: adding a setting means adding it here too.
+SAMPLE_VALUES = {
+    "model": "org/pretrained",
+    "init_from": "org/pretrained",
+    "dataset": "corpus.txt",
+    "tokenizer": "tok.json",
+    "batch_size": 3,
+    "micro_batch_size": 1,
+    "seq_len": 9,
+    "data_shard": "1/3",
+    "eval_tokens": 100,
+    "inner_steps": 7,
+    "inner_lr": 0.001,
+    "weight_decay": 0.2,
+    "warmup_steps": 3,
+    "total_steps": 99,
+    "min_lr_ratio": 0.2,
+    "grad_clip": 0.5,
+    "inner_optimizer": "adamw8bit",
+    "round_tokens": 1000,
+    "outer_lr": 0.6,
+    "outer_momentum": 0.3,
+    "compression": "int8",
+    "overlap": True,
+    "initial_peers": ["/ip4/1.2.3.4/tcp/5", "/ip4/1.2.3.4/tcp/6"],
+    "host_maddrs": ["/ip4/127.0.0.1/tcp/0"],
+    "announce_maddrs": ["/ip4/1.1.1.1/tcp/1"],
+    "identity_path": "id.key",
+    "maddrs_file": "maddrs.txt",
+    "client_mode": True,
+    "run_id": "sample",
+    "matchmaking_s": 3.0,
+    "straggler_wait_s": 4.0,
+    "allreduce_timeout_s": 5.0,
+    "chunk_timeout_s": 6.0,
+    "state_timeout_s": 7.0,
+    "progress_period_s": 1.5,
+    "wait_for_peers": 2,
+    "seed": 4,
+    "max_rounds": 6,
+    "device": "cuda:1",
+    "precision": "bf16",
+    "num_threads": 2,
+    "metrics_file": "metrics.jsonl",
+    "eval_every": 2,
+    "eval_batches": 3,
+    "checkpoint_dir": "ckpt",
+    "checkpoint_every": 4,
+    "keep_checkpoints": 2,
+    "resume": True,
+    "log_level": "DEBUG",
+    "test_fault": "hang",
+}
+
+
+def _toml(values: dict) -> str:
+    import json
+
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+
+
+def _argv(values: dict) -> list[str]:
+    argv = []
+    for key, value in values.items():
+        option = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(option)
+        else:
+            argv += [option, *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
+def test_every_flag_works_on_the_command_line_and_in_the_file_alike(tmp_path):
+    assert set(SAMPLE_VALUES) == set(FLAGS)
+    path = tmp_path / "run.toml"
+    path.write_text(_toml(SAMPLE_VALUES))
+    from_file, log_level = config_from_args(["--config", str(path)])
+    from_flags, _ = config_from_args(_argv(SAMPLE_VALUES))
+    assert from_file == from_flags
+    assert log_level == "DEBUG"
+    defaults = RunConfig().to_dict()
+    for key, flag in FLAGS.items():  # every value arrived, and none of them is the default
+        section = from_file.to_dict() if flag.section is None else from_file.to_dict()[flag.section]
+        default = defaults if flag.section is None else defaults[flag.section]
+        expected = tuple(SAMPLE_VALUES[key]) if flag.kind is tuple else SAMPLE_VALUES[key]
+        assert section[flag.field.name] == expected != default[flag.field.name], key
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("batch_size = 8.5", "batch_size must be an integer, got 8.5"),
+        ("inner_lr = true", "inner_lr must be a number, got True"),
+        ('seed = "7"', "seed must be an integer, got '7'"),
+        ("run_id = 3", "run_id must be a string, got 3"),
+        ("overlap = 1", "overlap must be true or false, got 1"),
+        ("initial_peers = [1, 2]", "initial_peers must be a string or a list of strings"),
+    ],
+)
+def test_config_file_values_are_type_checked_with_the_key_in_the_message(tmp_path, line, message):
+    path = tmp_path / "run.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=message) as error:
+        config_from_args(["--config", str(path)])
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_config_file_numbers_and_single_addresses_are_converted(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('outer_momentum = 0\ninner_lr = 1\ninitial_peers = "/ip4/1.2.3.4/tcp/5"\n')
+    config, _ = config_from_args(["--config", str(path)])
+    # an integer in the file is the same float as on the command line (the fingerprint hashes its JSON)
+    assert (
+        config
+        == config_from_args(
+            ["--outer-momentum", "0", "--inner-lr", "1", "--initial-peers", "/ip4/1.2.3.4/tcp/5"]
+        )[0]
+    )
+    assert isinstance(config.outer.momentum, float) and config.swarm.initial_peers == ("/ip4/1.2.3.4/tcp/5",)
+
+
+def test_the_model_defaults_to_the_init_from_model_and_may_not_contradict_it(tmp_path):
+    assert RunConfig().model.name == "tiny"
+    config = build_config({"init_from": str(tmp_path)})
+    assert config.model.name == str(tmp_path) and config.outer.momentum == 0.9  # not a CPU preset
+    assert build_config({"init_from": str(tmp_path), "model": f"{tmp_path}/."}).model.init_from == str(
+        tmp_path
+    )
+    with pytest.raises(ValueError, match="--model 150m and --init-from .* differ"):
+        build_config({"init_from": str(tmp_path), "model": "150m"})
+
+
+def test_build_config_takes_flat_settings_named_like_the_flags():
+    config = build_config({"inner_steps": 20, "model": "60m", "overlap": True})
+    assert (config.inner.steps, config.model.name, config.outer.overlap) == (20, "60m", True)
+    assert config.outer.momentum == 0.9
+
+
+def test_readme_flag_tables_are_generated_from_the_settings():
+    """python scripts/flag_tables.py rewrites them; a new or changed setting shows up in the README."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert flag_tables_markdown() in readme
+    for flag in FLAGS.values():
+        assert (f"`{flag.option}" in readme) != bool(flag.field.metadata.get("hidden")), flag.name
 
 
 def test_parse_shard():
@@ -78,9 +237,18 @@ def test_fingerprint_changes_with_settings_that_must_match():
 
 
 @pytest.mark.parametrize(
-    "argv", [["--inner-steps", "0"], ["--config", "/nonexistent.toml"], ["--outer-lr", "x"]]
+    "argv",
+    [
+        ["--inner-steps", "0"],
+        ["--config", "/nonexistent.toml"],
+        ["--outer-lr", "x"],
+        ["--config", "BAD_TOML"],
+    ],
 )
-def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(argv):
+def test_cli_rejects_bad_input_with_one_line_and_nonzero_exit(argv, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("batch_size = 8.5\n")
+    argv = [str(bad) if arg == "BAD_TOML" else arg for arg in argv]
     result = subprocess.run([sys.executable, "-m", "peer", *argv], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

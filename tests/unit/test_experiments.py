@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from peer.cli import config_from_args
-from peer.experiments import ExperimentConfig, _setup, compressed_average, encode_decode, run_diloco
+from peer.experiments import experiment_workload, run_diloco
 from peer.outer import average_contributions
+from peer.replicas import ExperimentConfig, compressed_average, encode_decode
 
 TINY_RUN = "--model tiny --seq-len 16 --batch-size 2 --warmup-steps 2 --num-threads 1 --seed 3"
 
@@ -20,7 +21,7 @@ def _config(flags: str):
 
 @pytest.fixture(scope="module")
 def setup():
-    return _setup(_config("--max-rounds 1"), ExperimentConfig(eval_windows=4))
+    return experiment_workload(_config("--max-rounds 1"), ExperimentConfig(eval_windows=4))
 
 
 @pytest.mark.parametrize("compression", ["fp16", "int8"])

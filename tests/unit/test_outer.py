@@ -64,9 +64,9 @@ def test_average_weights_by_tokens_and_ignores_arrival_order():
 
 
 def test_state_round_trip():
-    outer = OuterOptimizer([torch.ones(2, 2)], OuterConfig())
+    outer = OuterOptimizer([torch.ones(2, 2)], OuterConfig(momentum=0.9))
     outer.step_([torch.full((2, 2), 0.5)])
-    other = OuterOptimizer([torch.zeros(2, 2)], OuterConfig())
+    other = OuterOptimizer([torch.zeros(2, 2)], OuterConfig(momentum=0.9))
     other.load_state_tensors_(outer.state_tensors())
     assert other.params_hash() == outer.params_hash()
     assert torch.equal(other.momentum[0], outer.momentum[0])

@@ -13,18 +13,11 @@ import torch
 
 from peer.cli import config_from_args
 from peer.data import data_seed, train_batches
-from peer.experiments import (
-    AdamOuter,
-    ExperimentConfig,
-    _Replica,
-    _round_steps,
-    _setup,
-    parse_pool,
-    run_diloco,
-)
+from peer.experiments import experiment_workload, run_diloco
 from peer.inner import build_inner_optimizer, inner_lr, inner_step
 from peer.outer import OuterOptimizer, average_contributions
-from peer.simulate import InMemoryAverager, main, simulate
+from peer.replicas import AdamOuter, ExperimentConfig, InMemoryAverager, Replica, parse_pool, round_steps
+from peer.simulate import main, simulate
 
 TINY_RUN = "--model tiny --seq-len 16 --batch-size 2 --warmup-steps 2 --num-threads 1 --seed 3"
 TINY = f"{TINY_RUN} --eval-windows 4"
@@ -83,7 +76,7 @@ def test_bad_flags_end_in_one_clear_error(capsys):
 @pytest.fixture(scope="module")
 def setup():
     """Tokenizer, corpus, held-out windows and the initial model, shared by the tests below."""
-    return _setup(_config("--max-rounds 1"), ExperimentConfig(eval_windows=4))
+    return experiment_workload(_config("--max-rounds 1"), ExperimentConfig(eval_windows=4))
 
 
 def _config(flags: str):
@@ -91,14 +84,50 @@ def _config(flags: str):
     return config
 
 
-def test_default_experiment_path_is_the_reference_simulation_bit_for_bit(setup):
-    """The runner's DiLoCo loop with no ablation knob = peer.simulate.simulate (= the networked peers)."""
-    config = _config("--inner-steps 2 --max-rounds 2 --eval-every 0")
-    reference = simulate(config, num_replicas=2)
-    result = run_diloco(config, ExperimentConfig(replicas=2, eval_every_steps=100), setup)
-    assert [r["global_params_sha256"] for r in result["rounds"]] == [
-        r["global_params_sha256"] for r in reference
+def test_simulate_is_the_experiments_diloco_loop_with_the_peers_records():
+    """simulate() (the networked swarm's reference) runs the one replica loop: contiguous shards, exact
+    averaging, and a networked peer's records with its --eval-every cadence on its own held-out batches."""
+    config = _config("--inner-steps 2 --max-rounds 3 --eval-every 2 --eval-batches 1")
+    seen = []
+    records = simulate(config, num_replicas=2, on_round=seen.append)
+    assert seen == records
+    assert [set(r) for r in records] == [
+        {"round", "loss", "group_size", "tokens", "global_params_sha256"},
+        {"round", "loss", "group_size", "tokens", "global_params_sha256", "eval_loss"},
+        {"round", "loss", "group_size", "tokens", "global_params_sha256"},
     ]
+    assert [r["tokens"] for r in records] == [2 * 2 * 2 * 16 * n for n in (1, 2, 3)]
+    result = run_diloco(
+        config,
+        ExperimentConfig(replicas=2, eval_every_steps=100),
+        experiment_workload(config, ExperimentConfig(eval_windows=2)),
+    )
+    assert [r["global_params_sha256"] for r in result["rounds"]] == [
+        r["global_params_sha256"] for r in records
+    ]
+    assert len(set(r["global_params_sha256"] for r in records)) == 3
+
+
+def test_simulation_modules_import_one_way():
+    """simulate -> experiments -> replicas -> workload, never back (the loop exists once, below its users)."""
+    import ast
+    import importlib
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse(open(importlib.import_module(module).__file__).read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        return names
+
+    order = ["peer.simulate", "peer.experiments", "peer.replicas", "peer.workload"]
+    for i, module in enumerate(order):
+        for above in order[:i]:
+            assert above not in imported(module), f"{module} imports {above}"
+    assert "peer.train" not in imported("peer.workload")
 
 
 def test_one_replica_one_step_plain_outer_step_is_plain_training(monkeypatch, setup):
@@ -120,10 +149,10 @@ def test_one_replica_one_step_plain_outer_step_is_plain_training(monkeypatch, se
     monkeypatch.setattr(OuterOptimizer, "step_", recording_step)
     result = run_diloco(config, exp, setup)
 
-    model = copy.deepcopy(setup.base_model)
+    model = copy.deepcopy(setup.model)
     optimizer = build_inner_optimizer(model, config.inner)
     batches = train_batches(  # replica 0 of 1 = a peer with --data-shard 0/1
-        setup.train_tokens, batch_size=2, seq_len=16, seed=data_seed(config.seed, "0/1"), shard=(0, 1)
+        setup.corpus.train, batch_size=2, seq_len=16, seed=data_seed(config.seed, "0/1"), shard=(0, 1)
     )
     for step, record in enumerate(result["rounds"]):
         lr = inner_lr(step, config=config.inner, total_steps=num_steps)
@@ -153,10 +182,10 @@ def test_token_weighted_averaging_weights_exactly_by_tokens():
 
 
 def test_heterogeneous_rounds_split_the_token_budget_by_speed():
-    replicas = [_Replica(None, None, None, b"", speed) for speed in (1.0, 1.0, 1.0, 0.5)]
-    assert _round_steps(replicas, H=5, round_tokens=0, tokens_per_step=10) == [5, 5, 5, 5]
-    assert _round_steps(replicas, H=5, round_tokens=70, tokens_per_step=10) == [2, 2, 2, 1]
-    assert sum(_round_steps(replicas, H=5, round_tokens=200, tokens_per_step=10)) == 20
+    replicas = [Replica(None, None, None, b"", speed) for speed in (1.0, 1.0, 1.0, 0.5)]
+    assert round_steps(replicas, H=5, round_tokens=0, tokens_per_step=10) == [5, 5, 5, 5]
+    assert round_steps(replicas, H=5, round_tokens=70, tokens_per_step=10) == [2, 2, 2, 1]
+    assert sum(round_steps(replicas, H=5, round_tokens=200, tokens_per_step=10)) == 20
 
 
 def test_heterogeneous_simulation_reports_idle_time(setup):
@@ -187,3 +216,31 @@ def test_adam_outer_first_step_moves_each_parameter_by_about_lr():
     adam = AdamOuter(params, config.outer)
     adam.step_([torch.tensor([1e-3, -2.0, 5.0])])
     assert torch.allclose(adam.global_params[0], torch.tensor([-0.01, 0.01, -0.01]), atol=1e-6)
+
+
+def test_a_run_started_from_saved_weights_continues_from_them(tmp_path):
+    """--init-from: round 1 of a run from a model saved after some training starts where that model was."""
+    from peer.replicas import run_replicas
+
+    config = _config("--inner-steps 8 --max-rounds 2 --inner-lr 0.003 --eval-every 0")
+    workload = experiment_workload(config, ExperimentConfig(eval_windows=4))
+    trained = run_replicas(config, ExperimentConfig(replicas=1), workload)
+    trained.outer.copy_to_(list(workload.model.parameters()))
+    workload.model.save_pretrained(tmp_path)
+    fresh = simulate(config, num_replicas=1)
+    args = f"{TINY_RUN} --inner-steps 8 --max-rounds 2 --inner-lr 0.003 --eval-every 0".replace(
+        "--model tiny", ""
+    )
+    warm, _ = config_from_args([*args.split(), "--init-from", str(tmp_path)])
+    started = simulate(warm, num_replicas=1)
+    assert started[0]["loss"] < fresh[0]["loss"] - 1.0, (started[0]["loss"], fresh[0]["loss"])
+    assert started[0]["loss"] < trained.rounds[-1]["loss"]  # it goes on from there
+
+
+def test_the_simulation_takes_the_peers_micro_batches():
+    plain = simulate(_config("--inner-steps 2 --max-rounds 1 --eval-every 0"), num_replicas=1)
+    micro = simulate(
+        _config("--inner-steps 2 --max-rounds 1 --eval-every 0 --micro-batch-size 1"), num_replicas=1
+    )
+    assert micro[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert micro[0]["global_params_sha256"] != plain[0]["global_params_sha256"]  # it did split the batch
