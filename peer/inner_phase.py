@@ -13,7 +13,7 @@ from tqdm import tqdm
 from peer import rounds
 from peer.config import RunConfig
 from peer.faults import FaultPlan
-from peer.inner import build_inner_optimizer, inner_lr, inner_step, schedule_step
+from peer.inner import build_inner_optimizer, inner_lr, inner_step, inner_step_options, schedule_step
 from peer.network import ScheduledAveraging, SwarmNetwork
 
 CHECK_PERIOD_S = 0.5  # how often the inner phase reads the swarm's progress (DHT lookups cost milliseconds)
@@ -55,6 +55,7 @@ class LocalTrainer:
             faults,
         )
         self.batches_drawn = batches_drawn
+        self.step_options = inner_step_options(config, device)  # gradient clipping, micro-batches, autocast
         """Batches taken from the stream so far: a resumed peer skips them to continue exactly."""
         self.optimizer = build_inner_optimizer(model, config.inner)
         if optimizer_state is not None:
@@ -95,9 +96,7 @@ class LocalTrainer:
             step_started = time.perf_counter()
             batch = next(self.batches).to(self.device)
             self.batches_drawn += 1
-            phase.losses.append(
-                inner_step(self.model, self.optimizer, batch, lr=lr, grad_clip=config.inner.grad_clip)
-            )
+            phase.losses.append(inner_step(self.model, self.optimizer, batch, lr=lr, **self.step_options))
             step += 1
             phase.tokens += tokens_per_step
             on_step(step)

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from peer.config import RunConfig
@@ -54,6 +54,8 @@ class RoundStats:
     inner_ended_at: float
     outer_started: float
     allreduce_s: float = 0.0
+    utilization: dict = field(default_factory=dict)
+    """peak_memory_bytes and mfu of the inner phase (peer.device.round_utilization)."""
 
 
 def round_record(
@@ -93,6 +95,7 @@ def round_record(
             total_steps=config.total_inner_steps,
         ),
         "failed": result is None,
+        **stats.utilization,
         **counters,
         "time": time.time(),
         "bytes_sent": 0,

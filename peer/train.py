@@ -15,30 +15,31 @@ import torch
 
 from peer import checkpoint, coordination, rounds
 from peer.agreement import Agreement
-from peer.config import RunConfig, fingerprint, fingerprint_settings
-from peer.data import Tokenizer, data_seed, eval_batches, load_corpus, train_batches
+from peer.config import RunConfig
+from peer.data import data_seed, train_batches
+from peer.device import (
+    autocast_dtype,
+    configure_,
+    flops_per_token,
+    reset_peak_memory_,
+    resolve_device,
+    round_utilization,
+)
 from peer.faults import FaultPlan
 from peer.inner import evaluate
 from peer.inner_phase import CHECK_PERIOD_S, InnerPhase, LocalTrainer
 from peer.metrics import JsonlMetrics, RoundStats, round_record, summary_line
-from peer.model import architecture, build_model, count_parameters, load_model_config
+from peer.model import count_parameters
 from peer.network import NetworkFactory, ScheduledAveraging, SwarmNetwork
 from peer.outer import AveragingResult, all_finite
 from peer.overlap import PendingAverage, start_in_background
 from peer.signals import StopFlag
 from peer.state import ReplicatedState
+from peer.workload import build_workload
 
 logger = logging.getLogger(__name__)
 
 RESYNC_RETRY_S = 2.0  # pause before retrying a failed state download
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def write_maddrs_file(path: str, maddrs: list[str]) -> None:
@@ -62,18 +63,12 @@ class Peer:
     ):
         self.config, self.stop, self.network_factory = config, stop, network_factory
         self.device = resolve_device(config.device)
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        tokenizer = Tokenizer(config.data.tokenizer)
-        model_config = load_model_config(
-            config.model.name, vocab_size=tokenizer.vocab_size, max_seq_len=config.data.seq_len
-        )
-        self.model = build_model(model_config, seed=config.seed)
-        self.settings = fingerprint_settings(
-            config, model_arch=architecture(model_config), tokenizer_id=tokenizer.id
-        )
-        self.fingerprint = fingerprint(self.settings)
-        self.corpus = load_corpus(config.data, tokenizer)
+        configure_(self.device)
+        workload = build_workload(config)
+        self.model, self.corpus, self.held_out = workload.model, workload.corpus, workload.held_out
+        self.settings, self.fingerprint = workload.settings, workload.fingerprint
+        self.autocast_dtype = autocast_dtype(config.precision, self.device)
+        self.flops_per_token = flops_per_token(self.model, seq_len=config.data.seq_len)
         self.params = list(self.model.parameters())
         self.state = ReplicatedState(self.params, config.outer, fingerprint=self.fingerprint)
         self.resumed: dict = {}  # the inner optimizer and data position of a resumed checkpoint
@@ -118,6 +113,7 @@ class Peer:
         mid-round. With --overlap the all-reduce and outer step are handed to a background thread instead."""
         round_index = self.training_round
         inner_started, inner_started_at = time.perf_counter(), time.time()
+        reset_peak_memory_(self.device)
         # 1. inner phase (meanwhile: matchmaking is scheduled, a finished background all-reduce is applied)
         phase = self.inner_phase(round_index)
         inner_s = time.perf_counter() - inner_started
@@ -148,6 +144,12 @@ class Peer:
             inner_started_at=inner_started_at,
             inner_ended_at=time.time(),
             outer_started=time.perf_counter(),
+            utilization=round_utilization(
+                self.device,
+                tokens_per_s=phase.tokens_per_s,
+                flops_per_token=self.flops_per_token,
+                dtype=self.autocast_dtype,
+            ),
         )
         # 3. pseudo-gradient (I6: never a non-finite one)
         pseudo_grads = self.pseudo_gradient_or_none(round_index, phase.tokens)
@@ -231,12 +233,6 @@ class Peer:
             faults=self.faults,
             batches_drawn=self.resumed.get("batches_drawn", 0),
             optimizer_state=self.resumed.get("inner_optimizer"),
-        )
-        self.held_out = eval_batches(
-            self.corpus.eval,
-            batch_size=config.data.batch_size,
-            seq_len=config.data.seq_len,
-            num_batches=config.eval_batches,
         )
         self.metrics = JsonlMetrics(config.metrics_file)
 
@@ -422,11 +418,11 @@ class Peer:
     def evaluate_global(self) -> float:
         """Held-out loss of the global parameters (with --overlap the local model is ahead of them)."""
         if self.pending is None and not self.config.outer.overlap:
-            return evaluate(self.model, self.held_out, self.device)
+            return evaluate(self.model, self.held_out, self.device, autocast_dtype=self.autocast_dtype)
         local = [p.detach().clone() for p in self.params]
         self.state.outer.copy_to_(self.params)
         try:
-            return evaluate(self.model, self.held_out, self.device)
+            return evaluate(self.model, self.held_out, self.device, autocast_dtype=self.autocast_dtype)
         finally:
             with torch.no_grad():
                 for p, saved in zip(self.params, local, strict=True):
