@@ -6,6 +6,7 @@ Effects only: each loop reads records, asks peer/rounds.py what they mean, and s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -16,8 +17,10 @@ from peer.outer import AveragingResult
 from peer.rounds import (
     RoundCompany,
     SwarmView,
+    Timing,
     after_inner_group_time,
     majority_view,
+    max_group_lead_s,
     newest_hashed_round,
     round_company,
     round_hashes,
@@ -42,14 +45,23 @@ def wait_for_peers(
 
 
 def wait_for_company(
-    network: SwarmNetwork, round_index: int, *, wait_s: float, should_stop: Callable[[], bool]
+    network: SwarmNetwork,
+    round_index: int,
+    *,
+    wait_s: float,
+    should_stop: Callable[[], bool],
+    max_lead_s: float = math.inf,
 ) -> RoundCompany:
     """Wait until every other live peer of this round has finished its inner steps (at most wait_s) or some of them
-    scheduled the round's group; returns the company found then."""
+    scheduled the round's group (at most max_lead_s ahead); returns the company found then."""
     deadline = time.monotonic() + wait_s
     while True:
         company = round_company(
-            network.live_peers(), me=network.my_key(), round_index=round_index, now=network.time()
+            network.live_peers(),
+            me=network.my_key(),
+            round_index=round_index,
+            now=network.time(),
+            max_lead_s=max_lead_s,
         )
         if company.moved_on or company.ready or time.monotonic() >= deadline or should_stop():
             return company
@@ -83,7 +95,7 @@ def average_round(
     tokens: int,
     order_key: bytes,
     scheduled: ScheduledAveraging | None,
-    matchmaking_s: float,
+    timing: Timing,
     straggler_wait_s: float,
     should_stop: Callable[[], bool],
     during_allreduce: Callable[[], None] | None = None,
@@ -93,10 +105,13 @@ def average_round(
     With `scheduled` the group is already forming; otherwise wait for the round's other live peers to finish their
     inner steps, then match with them. A peer alone in its round takes a round of one; a peer whose swarm has moved
     past the round gets None (the agreement check then resyncs it: never a lonely outer step behind the swarm)."""
+    max_lead_s = max_group_lead_s(timing, straggler_wait_s)
     try:
         network.mark_averaging(round_index)
         if scheduled is None:
-            company = wait_for_company(network, round_index, wait_s=straggler_wait_s, should_stop=should_stop)
+            company = wait_for_company(
+                network, round_index, wait_s=straggler_wait_s, should_stop=should_stop, max_lead_s=max_lead_s
+            )
             if company.moved_on:
                 logger.warning(
                     f"[{network.short_id}] round {round_index + 1}: the swarm has moved past this round"
@@ -105,7 +120,11 @@ def average_round(
             if not company.peers:
                 return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
             group_time = after_inner_group_time(
-                company.peers, round_index=round_index, now=network.time(), matchmaking_s=matchmaking_s
+                company.peers,
+                round_index=round_index,
+                now=network.time(),
+                matchmaking_s=timing.matchmaking_s,
+                max_lead_s=max_lead_s,
             )
             scheduled = network.schedule_averaging(
                 round_index, scheduled_time=group_time, order_key=order_key, how="after-inner"

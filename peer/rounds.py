@@ -7,6 +7,7 @@ a clock: callers pass `now` (DHT time) and the records they read, so unit tests 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ JOIN_MARGIN_S = 1.0
 # a peer whose last progress publication is older than this many periods (and at least STALE_MIN_S) counts as
 # gone: a killed peer stops blocking the others' waits within seconds, not after its record's whole lifetime
 STALE_AFTER_PERIODS, STALE_MIN_S = 4, 6.0
+# a peer's token claim counts up to this many times the median claim of its round (see robust_token_sum)
+TOKEN_CLAIM_FACTOR = 4
 # the adaptive straggler wait: one median inner phase of ours, at least this long; before any is measured, the default
 MIN_STRAGGLER_WAIT_S, FIRST_STRAGGLER_WAIT_S = 10.0, 60.0
 
@@ -61,10 +64,32 @@ def remembered_peers(
 
 
 # ---- the end of a round -------------------------------------------------------------------------------------
-def group_time(records: Iterable[ProgressRecord], round_index: int, *, after: float) -> float:
-    """The earliest group time after `after` that peers of this round published for its all-reduce (0: none)."""
-    times = [r.scheduled_time for r in records if r.averaging == round_index and r.scheduled_time > after]
+def group_time(
+    records: Iterable[ProgressRecord], round_index: int, *, after: float, before: float = math.inf
+) -> float:
+    """The earliest group time in (after, before] that peers of this round published for its all-reduce (0: none).
+    `before` bounds how far ahead a published time may be: one far in the future would stall everyone who adopted
+    it (I8), so such a time is ignored."""
+    times = [
+        r.scheduled_time for r in records if r.averaging == round_index and after < r.scheduled_time <= before
+    ]
     return min(times, default=0.0)
+
+
+def max_group_lead_s(timing: Timing, straggler_wait_s: float) -> float:
+    """The furthest ahead an honest peer can schedule a group: its matchmaking slack with the slowest step it
+    waits for (at most the straggler wait), plus one progress check."""
+    return timing.matchmaking_s + timing.progress_period_s + straggler_wait_s + 2 * JOIN_MARGIN_S + 1.0
+
+
+def robust_token_sum(tokens: Sequence[int]) -> int:
+    """The round's tokens with each peer's claim capped at TOKEN_CLAIM_FACTOR x the median claim, so that one peer
+    cannot end a --round-tokens round at once by claiming the whole budget (honest peers up to that many times
+    faster than the median are counted in full)."""
+    if not tokens:
+        return 0
+    cap = TOKEN_CLAIM_FACTOR * sorted(tokens)[(len(tokens) - 1) // 2]  # the lower median
+    return sum(min(t, cap) for t in tokens)
 
 
 @dataclass(frozen=True)
@@ -92,7 +117,7 @@ def round_progress(
     me: bytes,
     round_index: int,
     now: float,
-    round_tokens: int,
+    timing: Timing,
     straggler_wait_s: float,
     tokens_per_step: int,
 ) -> RoundProgress:
@@ -102,10 +127,12 @@ def round_progress(
     expects to finish (but no later than straggler_wait_s after this peer); with --round-tokens, when the swarm's
     combined throughput reaches the token budget."""
     mine = live[me]
+    round_tokens = timing.round_tokens
     records = [r for r in live.values() if r.round == round_index]
     others = [r for pid, r in live.items() if pid != me]
-    tokens = sum(r.tokens for r in records)
-    closed = any(r.done for r in records)
+    tokens = robust_token_sum([r.tokens for r in records])
+    # a peer ends the round for all only with the majority: one lying `done` must not cut everyone's round short
+    closed = 2 * sum(r.done for r in records) > len(records)
     if round_tokens:
         closed = closed or tokens >= round_tokens
         rate = sum(r.tokens_per_s for r in records if not r.done)
@@ -119,9 +146,13 @@ def round_progress(
         end_eta=end_eta,
         peers=len(records),
         all_in_round=all(r.round == round_index or r.averaging == round_index for r in live.values()),
-        scheduled_time=group_time(others, round_index, after=0.0),
-        slowest_step_s=max(
-            (tokens_per_step / r.tokens_per_s for r in records if r.tokens_per_s > 0), default=0.0
+        scheduled_time=group_time(
+            others, round_index, after=0.0, before=now + max_group_lead_s(timing, straggler_wait_s)
+        ),
+        # a peer slower per step than the whole straggler wait is not waited for anyway (and cannot claim to be)
+        slowest_step_s=min(
+            straggler_wait_s,
+            max((tokens_per_step / r.tokens_per_s for r in records if r.tokens_per_s > 0), default=0.0),
         ),
     )
 
@@ -184,7 +215,12 @@ class RoundCompany:
 
 
 def round_company(
-    live: Mapping[bytes, ProgressRecord], *, me: bytes, round_index: int, now: float
+    live: Mapping[bytes, ProgressRecord],
+    *,
+    me: bytes,
+    round_index: int,
+    now: float,
+    max_lead_s: float = math.inf,
 ) -> RoundCompany:
     """Whom to wait for after our inner steps. Peers still finishing the previous round (its outer step, or a slow
     inner phase) are on their way to this one and count as company; a peer takes an outer step alone only when no
@@ -196,16 +232,22 @@ def round_company(
         return RoundCompany([], ready=True, moved_on=True)
     pending = coming + [r for r in in_round if r.round == round_index and not r.done]
     # a group already scheduled by others of this round: join it now instead of waiting it out
-    joinable = group_time(in_round, round_index, after=now + JOIN_MARGIN_S) > 0
+    joinable = group_time(in_round, round_index, after=now + JOIN_MARGIN_S, before=now + max_lead_s) > 0
     return RoundCompany(in_round + coming, ready=not pending or joinable)
 
 
 def after_inner_group_time(
-    company: Sequence[ProgressRecord], *, round_index: int, now: float, matchmaking_s: float
+    company: Sequence[ProgressRecord],
+    *,
+    round_index: int,
+    now: float,
+    matchmaking_s: float,
+    max_lead_s: float = math.inf,
 ) -> float:
     """The group time of a round whose matchmaking starts after the inner phase: a group the others already
     scheduled if it is still joinable, else one matchmaking period from now."""
-    return group_time(company, round_index, after=now + JOIN_MARGIN_S) or now + matchmaking_s
+    joinable = group_time(company, round_index, after=now + JOIN_MARGIN_S, before=now + max_lead_s)
+    return joinable or now + matchmaking_s
 
 
 # ---- agreement (I1/I3) --------------------------------------------------------------------------------------

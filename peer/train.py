@@ -277,7 +277,7 @@ class Peer:
             me=self.network.my_key(),
             round_index=round_index,
             now=now,
-            round_tokens=timing.round_tokens,
+            timing=timing,
             straggler_wait_s=self.straggler_wait_s(),
             tokens_per_step=self.config.data.batch_size * self.config.data.seq_len,
         )
@@ -322,7 +322,7 @@ class Peer:
             tokens=stats.tokens,
             order_key=self.order_key,
             scheduled=scheduled,
-            matchmaking_s=self.config.swarm.matchmaking_s,
+            timing=rounds.Timing.of(self.config),
             straggler_wait_s=self.straggler_wait_s(),
             should_stop=lambda: bool(self.stop),
             during_allreduce=(lambda: self.faults.during_allreduce(round_index + 1)) if self.faults else None,
