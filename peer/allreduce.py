@@ -36,6 +36,7 @@ import ctypes
 import functools
 import multiprocessing as mp
 import time
+import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import torch
@@ -48,7 +49,7 @@ from hivemind.compression import (
     CompressionInfo,
     deserialize_torch_tensor,
 )
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_logger
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
@@ -306,8 +307,18 @@ class ExactAverager(DecentralizedAverager):
     `state_provider()` runs in the training process and returns (metadata dict, list of tensors).
     """
 
-    def __init__(self, *args, state_provider: Callable[[], tuple[dict, list[torch.Tensor]]], **kwargs):
+    def __init__(
+        self,
+        *args,
+        state_provider: Callable[[], tuple[dict, list[torch.Tensor]]],
+        max_state_requests: int = 2,
+        **kwargs,
+    ):
         self._state_provider = state_provider
+        # state downloads served at once: each one copies the whole state, so a crowd of requests (or one stranger
+        # asking over and over) must not exhaust this peer's memory or bandwidth (I8)
+        self._max_state_requests = max_state_requests
+        self._state_requests_serving: asyncio.Semaphore | None = None
         # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer] of the last all-reduce,
         # written by the averager process
         self._transport_stats = mp.Array(ctypes.c_double, 4)
@@ -373,32 +384,74 @@ class ExactAverager(DecentralizedAverager):
             started_at,
         ]
 
-    def load_state_from(self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float):
-        """Download (metadata, tensors) from one given peer; None if it refused or failed."""
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> typing.AsyncIterator[
+        averaging_pb2.DownloadData
+    ]:  # typing's: hivemind reads this hint to route the RPC
+        # wraps DecentralizedAverager.rpc_download_state: at most max_state_requests are served at once; a request
+        # beyond that is refused at once (the downloader moves on to its next donor)
+        if self._state_requests_serving is None:  # created in the averager process, on its event loop
+            self._state_requests_serving = asyncio.Semaphore(self._max_state_requests)
+        if self._state_requests_serving.locked():
+            return
+        async with self._state_requests_serving:
+            async for message in super().rpc_download_state(request, context):
+                yield message
+
+    def load_state_from(
+        self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float, max_bytes: int
+    ) -> tuple[dict, list[torch.Tensor]] | None:
+        """Download (metadata, tensors) from one given peer; None if it refused, failed, sent more than `max_bytes`
+        or took longer than `total_timeout_s` (a donor that trickles data is dropped, never waited for forever)."""
         future = MPFuture()
         self._outer_pipe.send(
-            ("_load_state_from", [], dict(donor=donor, timeout=chunk_timeout_s, future=future))
+            (
+                "_load_state_from",
+                [],
+                dict(
+                    donor=donor,
+                    timeout=chunk_timeout_s,
+                    total_timeout=total_timeout_s,
+                    max_bytes=max_bytes,
+                    future=future,
+                ),
+            )
         )
-        return future.result(timeout=total_timeout_s)
-
-    async def _load_state_from(self, donor: PeerID, timeout: float, future: MPFuture) -> None:
-        # mirrors the per-peer body of DecentralizedAverager._load_state_from_peers, for one given donor (hivemind
-        # picks donors itself) and with the opening of the stream bounded too
         try:
-            stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
-            stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
-            metadata, parts, tensors = None, [], []
-            async for message in aiter_with_timeout(stream, timeout=timeout):
-                if message.metadata:
-                    metadata = self.serializer.loads(message.metadata)
-                if message.tensor_part.dtype and parts:  # a dtype marks the first chunk of the next tensor
-                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    parts = []
-                parts.append(message.tensor_part)
-            if parts:
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-            future.set_result((metadata, tensors) if metadata else None)
+            return future.result(timeout=total_timeout_s + chunk_timeout_s)
+        except Exception:  # the averager gives up by total_timeout itself; this bounds a stuck pipe too
+            return None
+
+    async def _load_state_from(
+        self, donor: PeerID, timeout: float, total_timeout: float, max_bytes: int, future: MPFuture
+    ) -> None:
+        # mirrors the per-peer body of DecentralizedAverager._load_state_from_peers, for one given donor (hivemind
+        # picks donors itself), with the opening of the stream, the whole download and its size bounded too
+        try:
+            await asyncio.wait_for(self._download_state(donor, timeout, max_bytes, future), total_timeout)
         except Exception as e:
             logger.debug(f"state download from {donor} failed: {e!r}", exc_info=True)
+        finally:
             if not future.done():
                 future.set_result(None)
+
+    async def _download_state(self, donor: PeerID, timeout: float, max_bytes: int, future: MPFuture) -> None:
+        stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
+        stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
+        metadata, parts, tensors, received = None, [], [], 0
+        async for message in aiter_with_timeout(stream, timeout=timeout):
+            received += message.ByteSize()
+            if received > max_bytes:
+                raise AllreduceException(
+                    f"donor {donor} sent more than the {max_bytes} bytes a state can take"
+                )
+            if message.metadata:
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and parts:  # a dtype marks the first chunk of the next tensor
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(message.tensor_part)
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        future.set_result((metadata, tensors) if isinstance(metadata, dict) else None)

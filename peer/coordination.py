@@ -5,6 +5,7 @@ Effects only: each loop reads records, asks peer/rounds.py what they mean, and s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,9 +20,9 @@ from peer.rounds import (
     SwarmView,
     Timing,
     after_inner_group_time,
+    joining_round,
     majority_view,
     max_group_lead_s,
-    newest_hashed_round,
     round_company,
     round_hashes,
 )
@@ -69,22 +70,29 @@ def wait_for_company(
 
 
 def view_of_round(
-    network: SwarmNetwork, round_index: int, *, expected: int = 1, timeout_s: float = 5.0
+    network: SwarmNetwork,
+    round_index: int,
+    *,
+    expected: int = 1,
+    timeout_s: float = 5.0,
+    voters: frozenset[bytes] | None = None,
 ) -> SwarmView:
-    """The majority hash of a round among live peers once `expected` of them published theirs (or the timeout
-    passed)."""
+    """The majority state hash of a round among its voters (live peers; with `voters`, only those) once `expected`
+    of them published theirs (or the timeout passed). Donors are returned as network addresses."""
     deadline = time.monotonic() + timeout_s
     while True:
-        hashes = round_hashes(network.hash_records(), live=network.live_peers(), round_index=round_index)
+        records = network.hash_records()
+        hashes = round_hashes(records, live=network.live_peers(), round_index=round_index, voters=voters)
         if len(hashes) >= expected or time.monotonic() >= deadline:
-            return majority_view(hashes, round_index=round_index, me=network.my_key())
+            view = majority_view(hashes, round_index=round_index, me=network.my_key())
+            return dataclasses.replace(view, donors=[records[key].peer_id for key in view.donors])
         time.sleep(0.2)
 
 
-def latest_view(network: SwarmNetwork) -> SwarmView | None:
-    """The swarm's view of the newest round live peers published hashes for (where a newcomer joins)."""
-    newest = newest_hashed_round(network.hash_records(), live=network.live_peers(), me=network.my_key())
-    return None if newest is None else view_of_round(network, newest, timeout_s=0.0)
+def joining_view(network: SwarmNetwork) -> SwarmView | None:
+    """The swarm's view of the round a newcomer joins at (the lower median of live peers' newest rounds)."""
+    round_index = joining_round(network.hash_records(), live=network.live_peers(), me=network.my_key())
+    return None if round_index is None else view_of_round(network, round_index, timeout_s=0.0)
 
 
 def average_round(

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from peer.config import RunConfig
-from peer.records import HashRecord, ProgressRecord
+from peer.records import HashRecord, ProgressRecord, SettingsRecord
 
 # a peer joins a scheduled group only if it can start matchmaking this long before the group forms
 JOIN_MARGIN_S = 1.0
@@ -258,17 +258,28 @@ class SwarmView:
     round_index: int
     majority_hash: str | None
     donors: list[bytes]
-    """Live peers other than us that hold the majority hash: whom to download state from."""
+    """Peers other than us that hold the majority hash: whom to download state from (their record keys; the
+    caller maps them to network addresses)."""
     num_records: int
 
 
 def round_hashes(
-    hash_records: Mapping[bytes, HashRecord], *, live: Iterable[bytes], round_index: int
+    hash_records: Mapping[bytes, HashRecord],
+    *,
+    live: Iterable[bytes],
+    round_index: int,
+    voters: Iterable[bytes] | None = None,
 ) -> dict[bytes, str]:
-    """The hash each live peer published for a round; a peer that left (or was killed) neither votes nor donates."""
-    live = set(live)
+    """The state hash each voter published for a round: one vote per record-signing key, from live peers only (a peer
+    that left or was killed neither votes nor donates), and, when the round's group is known, only from its members
+    (a stranger's records, however many keys it makes up, do not vote on a round it did not average)."""
+    allowed = set(live) if voters is None else set(live) & set(voters)
     key = str(round_index)
-    return {pid: r.hashes[key] for pid, r in hash_records.items() if key in r.hashes and pid in live}
+    return {
+        pid: r.state_hashes[key]
+        for pid, r in hash_records.items()
+        if key in r.state_hashes and pid in allowed
+    }
 
 
 def majority_view(hashes: Mapping[bytes, str], *, round_index: int, me: bytes) -> SwarmView:
@@ -281,15 +292,35 @@ def majority_view(hashes: Mapping[bytes, str], *, round_index: int, me: bytes) -
     return SwarmView(round_index, majority, donors, len(hashes))
 
 
-def newest_hashed_round(
+def joining_round(
     hash_records: Mapping[bytes, HashRecord], *, live: Iterable[bytes], me: bytes
 ) -> int | None:
-    """The newest round for which a live peer other than us published a hash (where a newcomer joins)."""
+    """The round a newcomer joins at: the lower median of the newest round each live peer (other than us) published a
+    state hash for, so that one record claiming a far-future round does not capture newcomers."""
     others = set(live) - {me}
-    rounds = [int(rnd) for pid, r in hash_records.items() if pid in others for rnd in r.hashes]
-    return max(rounds, default=None)
+    newest = sorted(
+        max(int(rnd) for rnd in r.state_hashes)
+        for pid, r in hash_records.items()
+        if pid in others and r.state_hashes
+    )
+    return newest[(len(newest) - 1) // 2] if newest else None
 
 
 def should_resync(view: SwarmView, my_hash: str) -> bool:
-    """Our global parameters differ from the majority's and someone can give us theirs."""
+    """Our global state differs from the majority's and someone can give us theirs."""
     return view.majority_hash not in (None, my_hash) and bool(view.donors)
+
+
+# ---- run identity (I5) --------------------------------------------------------------------------------------
+def conflicting_settings(
+    records: Mapping[bytes, SettingsRecord], *, me: bytes, fingerprint: str
+) -> SettingsRecord | None:
+    """The settings record that proves this run id trains with other settings than ours, or None. Only when no
+    other peer of the run agrees with us: one record with another fingerprint (a typo, or a stranger's) must not make
+    every newcomer of a healthy run exit; a peer whose settings differ from every live peer's must."""
+    others = [r for key, r in records.items() if key != me]
+    if not others or any(r.fingerprint == fingerprint for r in others):
+        return None
+    counts = Counter(r.fingerprint for r in others)
+    majority = max(counts, key=lambda f: (counts[f], f))
+    return next(r for r in others if r.fingerprint == majority)

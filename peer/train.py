@@ -380,7 +380,8 @@ class Peer:
         stats.allreduce_s = time.perf_counter() - stats.outer_started
         if pending.result is not None:
             # the swarm's hashes of this round are checked before our next contribution (forked_from_swarm)
-            self.network.publish_hash(self.state.round, self.state.params_hash())
+            self.agreement.record_group(pending.result)
+            self.agreement.publish()
             resynced = False
         else:  # we missed the round; if the others did not, adopt their state now rather than a round later
             resynced = self.agreement.check_round(None)

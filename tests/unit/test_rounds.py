@@ -16,9 +16,9 @@ from peer.rounds import (
     Timing,
     after_inner_group_time,
     group_time,
+    joining_round,
     majority_view,
     max_group_lead_s,
-    newest_hashed_round,
     remembered_peers,
     round_company,
     round_hashes,
@@ -224,7 +224,8 @@ def sha(name: str) -> str:
 
 
 def hashes(peer: bytes, **by_round: str) -> HashRecord:
-    return HashRecord(peer_id=peer, hashes={k.lstrip("r"): sha(v) for k, v in by_round.items()})
+    by_round = {k.lstrip("r"): sha(v) for k, v in by_round.items()}
+    return HashRecord(peer_id=peer, hashes=by_round, state_hashes=by_round)
 
 
 def test_majority_counts_live_peers_only_and_never_us_as_donor():
@@ -252,14 +253,37 @@ def test_no_donor_means_no_resync():
     assert not should_resync(majority_view({}, round_index=1, me=b"me"), "y")
 
 
-def test_newcomer_joins_at_the_newest_round_other_live_peers_hashed():
+def test_newcomer_joins_at_the_round_most_live_peers_reached_not_the_newest_claim():
     records = {
         b"a": hashes(b"a", r3="x", r4="y"),
+        b"b": hashes(b"b", r4="y"),
+        b"liar": hashes(b"liar", r999999="z"),  # one record claiming a far-future round
         b"gone": hashes(b"gone", r9="z"),
         b"me": hashes(b"me", r7="w"),
     }
-    assert newest_hashed_round(records, live=[b"a", b"me"], me=b"me") == 4
-    assert newest_hashed_round(records, live=[b"me"], me=b"me") is None
+    assert joining_round(records, live=[b"a", b"b", b"liar", b"me"], me=b"me") == 4
+    assert joining_round(records, live=[b"me"], me=b"me") is None
+
+
+def test_only_the_rounds_group_members_vote_when_the_group_is_known():
+    sybils = {k: hashes(k, r5="forged") for k in (b"s1", b"s2", b"s3")}
+    records = {b"me": hashes(b"me", r5="ours"), b"a": hashes(b"a", r5="ours"), **sybils}
+    live = [b"me", b"a", b"s1", b"s2", b"s3"]
+    everyone = majority_view(round_hashes(records, live=live, round_index=5), round_index=5, me=b"me")
+    assert everyone.majority_hash == sha("forged")  # without group knowledge three made-up keys outvote two
+    group = frozenset({b"me", b"a"})
+    members = majority_view(
+        round_hashes(records, live=live, round_index=5, voters=group), round_index=5, me=b"me"
+    )
+    assert members.majority_hash == sha("ours") and members.num_records == 2
+
+
+def test_votes_are_on_the_state_hash_that_covers_momentum():
+    same_params = HashRecord(
+        peer_id=b"a", hashes={"5": sha("p")}, state_hashes={"5": sha("momentum differs")}
+    )
+    found = round_hashes({b"a": same_params}, live=[b"a"], round_index=5)
+    assert found == {b"a": sha("momentum differs")}
 
 
 # ---- bounded influence of a lying record (I8) ------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from peer.config import DataConfig, InnerConfig, ModelConfig, OuterConfig, RunConfig, SwarmConfig
 from peer.network import AveragingAttempt
-from peer.outer import AveragingResult, OuterOptimizer
+from peer.outer import AveragingResult, OuterOptimizer, tensors_sha256
 from peer.records import HashRecord, ProgressRecord
 from peer.signals import StopFlag
 from peer.simulate import simulate
@@ -161,8 +161,18 @@ def donated_state(config: RunConfig, *, round_index: int, shift: float) -> tuple
             config, StopFlag(handle_signals=False), network_factory=FakeSwarm().factory
         ).fingerprint,
         "params_sha256": outer.params_hash(),
+        "state_sha256": tensors_sha256(outer.state_tensors()),
     }
     return metadata, [t.clone() for t in outer.state_tensors()]
+
+
+def vote(key: bytes, round_index: int, metadata: dict) -> HashRecord:
+    """A hash record of a peer holding the donated state in that round."""
+    return HashRecord(
+        peer_id=key,
+        hashes={str(round_index): metadata["params_sha256"]},
+        state_hashes={str(round_index): metadata["state_sha256"]},
+    )
 
 
 def forked_swarm(config: RunConfig, *, tamper=None) -> tuple[FakeSwarm, dict, object]:
@@ -171,7 +181,7 @@ def forked_swarm(config: RunConfig, *, tamper=None) -> tuple[FakeSwarm, dict, ob
     if tamper is not None:
         tamper(tensors)
     swarm = FakeSwarm(companions=2, donor_state=(metadata, tensors))
-    votes = {c: HashRecord(peer_id=c, hashes={"1": metadata["params_sha256"]}) for c in (b"c0", b"c1")}
+    votes = {c: vote(c, 1, metadata) for c in (b"c0", b"c1")}
 
     def vote_after_joining(peer, round_index, count):
         swarm.other_hashes.update(votes)  # not before: a newcomer would simply download it at join
@@ -241,7 +251,7 @@ def test_a_late_joiner_starts_from_the_swarm_state_and_round(tmp_path):
     )  # fmt: skip
     swarm = FakeSwarm(
         other_progress={b"v": veteran},
-        other_hashes={b"v": HashRecord(peer_id=b"v", hashes={"5": metadata["params_sha256"]})},
+        other_hashes={b"v": vote(b"v", 5, metadata)},
         donor_state=(metadata, tensors),
     )
     peer = run_peer(config, swarm)
