@@ -198,7 +198,7 @@ class Peer:
             f"peer {self.network.peer_id} | run {config.swarm.run_id} fingerprint {self.fingerprint} | "
             f"model {config.model.name} {count_parameters(self.model) / 1e6:.2f}M params | device {self.device}"
         )
-        if config.swarm.wait_for_peers > 1 and coordination.latest_view(self.network) is None:
+        if config.swarm.wait_for_peers > 1 and coordination.joining_view(self.network) is None:
             live = coordination.wait_for_peers(
                 self.network,
                 config.swarm.wait_for_peers,
