@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import hashlib
 import multiprocessing as mp
 import time
 import typing
@@ -56,6 +57,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_
 from hivemind.utils.streaming import combine_from_streaming
 
 from peer.outer import average_contributions
+from peer.robust import capped_weights, clamp_contribution, within_bound
 
 logger = get_logger(__name__)
 
@@ -85,10 +87,13 @@ class OrderedPartReducer(TensorPartReducer):
         part_dtypes: Sequence[torch.dtype],
         order_keys: Sequence[bytes],
         encode: Callable[[torch.Tensor], EncodedPart],
+        value_bound: float = 0.0,
     ):
-        # mirrors TensorPartReducer.__init__; adds the expected dtypes, the order keys and the encoder
+        # mirrors TensorPartReducer.__init__; adds the expected dtypes, the order keys, the encoder and the bound
         assert len(part_dtypes) == len(part_shapes) and len(order_keys) == num_senders
         self.part_dtypes, self.order_keys, self.encode = tuple(part_dtypes), order_keys, encode
+        self.value_bound = value_bound
+        """Every contribution is clamped into [-value_bound, value_bound] (0: no bound; see peer/robust.py)."""
         self.pending: dict[int, tuple[torch.Tensor, float]] = {}
         super().__init__(part_shapes, num_senders)
 
@@ -169,8 +174,8 @@ class OrderedPartReducer(TensorPartReducer):
         else:
             senders = sorted(self.pending)
             averaged = average_contributions(
-                [self.pending[s][0] for s in senders],
-                [self.pending[s][1] for s in senders],
+                [clamp_contribution(self.pending[s][0], self.value_bound) for s in senders],
+                capped_weights([self.pending[s][1] for s in senders]),
                 [self.order_keys[s] for s in senders],
             )
             self.current_part_future.set_result(self.encode(averaged))
@@ -180,11 +185,18 @@ class OrderedPartReducer(TensorPartReducer):
 class ExactAllReduceRunner(AllReduceRunner):
     """AllReduceRunner whose reducers return the averaged part itself, encoded once, instead of per-sender deltas."""
 
-    def __init__(self, *, order_keys_by_peer: dict[PeerID, bytes], compression: CompressionBase, **kwargs):
+    def __init__(
+        self,
+        *,
+        order_keys_by_peer: dict[PeerID, bytes],
+        compression: CompressionBase,
+        value_bound: float = 0.0,
+        **kwargs,
+    ):
         # extends AllReduceRunner.__init__: the container returns averages instead of deltas, and hivemind's
         # running-sum TensorPartReducer is replaced by an OrderedPartReducer over the same part shapes
         super().__init__(compression=compression, **kwargs)
-        self.compression = compression
+        self.compression, self.value_bound = compression, value_bound
         self.bytes_sent = self.bytes_received = 0
         self.tensor_part_container.return_deltas = False
         self.tensor_part_reducer.num_senders = (
@@ -197,6 +209,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             part_dtypes=tuple(part.dtype for part in self.parts_for_local_averaging),
             order_keys=[order_keys_by_peer[peer] for peer in self.sender_peer_ids],
             encode=functools.partial(encode_once, compression),
+            value_bound=value_bound,
         )
         self._streams_serving = 0
         self._all_streams_served = asyncio.Event()
@@ -240,11 +253,18 @@ class ExactAllReduceRunner(AllReduceRunner):
             if self.should_delay_results(self.peer_id):
                 await done_sending.wait()
 
+            expected_parts = [part for part, _ in self.tensor_part_container._input_parts_by_peer[peer_index]]
+
             def _deserialize(msg: averaging_pb2.AveragingData) -> torch.Tensor:
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
                 self.bytes_received += msg.ByteSize()
-                return deserialize_torch_tensor(msg.tensor_part)
+                averaged_part = deserialize_torch_tensor(msg.tensor_part)
+                self.check_averaged_part(peer_id, averaged_part, expected_parts, received_now[0])
+                received_now[0] += 1
+                return averaged_part
+
+            received_now = [0]  # parts deserialized so far (the executor runs ahead of the loop by one part)
 
             async for averaged_part in amap_in_executor(
                 _deserialize, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=1
@@ -258,6 +278,26 @@ class ExactAllReduceRunner(AllReduceRunner):
                 logger.warning(f"reducer {peer_id} failed after {part_index} of {expected} parts: {e!r}")
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
+
+    def check_averaged_part(
+        self, reducer: PeerID, part: torch.Tensor, expected_parts: Sequence[torch.Tensor], index: int
+    ) -> None:
+        """A reducer's averaged part must be one we can use: the shape and dtype of the part we sent it, finite, and
+        within the bound every contribution was clamped to (I8). Otherwise the round fails (for every peer that
+        received it: they all received the same bytes) rather than apply a poisoned average."""
+        if index >= len(expected_parts):
+            raise AllreduceException(f"reducer {reducer} sent more than {len(expected_parts)} parts")
+        expected = expected_parts[index]
+        if part.dtype != torch.float32 or part.shape != expected.shape:
+            raise AllreduceException(
+                f"reducer {reducer} sent part {index} as {part.dtype} {tuple(part.shape)}, "
+                f"not float32 {tuple(expected.shape)}"
+            )
+        if not within_bound(part, self.value_bound):
+            raise AllreduceException(
+                f"reducer {reducer} sent part {index} with values that are not finite or beyond the bound "
+                f"{self.value_bound:.3g} every contribution was clamped to"
+            )
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         # wraps AllReduceRunner._generate_input_for_peer unchanged, counting the bytes sent
@@ -299,6 +339,29 @@ class ExactAllReduceRunner(AllReduceRunner):
                 self._all_streams_served.set()
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+def gathered_metadata(serializer, gathered: bytes) -> dict:
+    """A group member's user metadata from matchmaking ({} if it sent something else: it came from a stranger)."""
+    try:
+        metadata = serializer.loads(serializer.loads(gathered)[2])
+    except Exception:
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def metadata_order_key(metadata: dict, peer_id: PeerID) -> bytes:
+    """A member's place in the canonical summation order: its data-stream key, or (if it sent none that parses) one
+    derived from its peer id, so a malformed entry cannot fail the round for everyone."""
+    key = metadata.get("order_key")
+    try:
+        return (
+            bytes.fromhex(key)[:32]
+            if isinstance(key, str) and len(key) <= 64
+            else hashlib.sha256(peer_id.to_bytes()).digest()
+        )
+    except ValueError:
+        return hashlib.sha256(peer_id.to_bytes()).digest()
 
 
 class ExactAverager(DecentralizedAverager):
@@ -350,10 +413,14 @@ class ExactAverager(DecentralizedAverager):
         # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), waits
         # until the parts this peer owes others were served, and records the transport statistics
         group_id = group_info.group_id if group_id is None else group_id
-        order_keys = {}
+        order_keys, value_bound = {}, 0.0
         for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered, strict=True):
-            user_metadata = self.serializer.loads(self.serializer.loads(gathered)[2])
-            order_keys[peer_id] = bytes.fromhex(user_metadata["order_key"])
+            metadata = gathered_metadata(self.serializer, gathered)
+            order_keys[peer_id] = metadata_order_key(metadata, peer_id)
+            if (
+                peer_id == self.peer_id
+            ):  # our own bound: honest peers all compute the same one (peer/robust.py)
+                value_bound = metadata.get("value_bound", 0.0)
         started, started_at = time.perf_counter(), time.time()
         runner = ExactAllReduceRunner(
             p2p=self._p2p,
@@ -363,6 +430,7 @@ class ExactAverager(DecentralizedAverager):
             group_id=group_id,
             ordered_peer_ids=group_info.peer_ids,
             order_keys_by_peer=order_keys,
+            value_bound=float(value_bound),
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"

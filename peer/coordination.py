@@ -105,6 +105,7 @@ def average_round(
     scheduled: ScheduledAveraging | None,
     timing: Timing,
     straggler_wait_s: float,
+    value_bound: float,
     should_stop: Callable[[], bool],
     during_allreduce: Callable[[], None] | None = None,
 ) -> AveragingResult | None:
@@ -135,7 +136,11 @@ def average_round(
                 max_lead_s=max_lead_s,
             )
             scheduled = network.schedule_averaging(
-                round_index, scheduled_time=group_time, order_key=order_key, how="after-inner"
+                round_index,
+                scheduled_time=group_time,
+                order_key=order_key,
+                how="after-inner",
+                value_bound=value_bound,
             )
         attempt = network.run_averaging(
             scheduled, pseudo_grads, tokens=tokens, should_stop=should_stop, during_allreduce=during_allreduce

@@ -89,9 +89,10 @@ class SwarmNetwork(Protocol):
         ...
 
     def schedule_averaging(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str
+        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
     ) -> ScheduledAveraging:
-        """Start matchmaking for a round's all-reduce for the given group time."""
+        """Start matchmaking for a round's all-reduce for the given group time. `value_bound` (peer/robust.py): this
+        peer clamps the contributions it reduces to it and checks the averaged parts it receives against it."""
         ...
 
     def run_averaging(

@@ -317,10 +317,10 @@ class Swarm:
 
     # ---- averaging ---------------------------------------------------------------------------------------------
     def schedule_averaging(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str
+        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
     ) -> ScheduledStep:
         scheduled = self.averaging.schedule(
-            round_index, scheduled_time=scheduled_time, order_key=order_key, how=how
+            round_index, scheduled_time=scheduled_time, order_key=order_key, how=how, value_bound=value_bound
         )
         self.mark_averaging(round_index, scheduled.scheduled_time)
         return scheduled

@@ -71,7 +71,7 @@ class RoundAveraging:
         self.averager = _make_averager(config, prefix, dht, averaged_tensors, state_provider)
 
     def schedule(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str
+        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
     ) -> ScheduledStep:
         """Start matchmaking for a round's all-reduce ahead of its end, so the group is ready when the
         pseudo-gradient is (the all-reduce waits for `run_averaging` to trigger it)."""
@@ -88,6 +88,7 @@ class RoundAveraging:
             "fingerprint": self.fingerprint,
             "order_key": order_key.hex(),
             "voter": self.voter_key,
+            "value_bound": float(value_bound),  # read back by our own averager process (allreduce.py)
         }
         join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
         # A client-mode peer cannot lead a group; it joins one, and hivemind's leaders refuse (for good) a join

@@ -25,6 +25,7 @@ from peer.model import architecture, build_model, count_parameters, load_model_c
 from peer.network import NetworkFactory, ScheduledAveraging, SwarmNetwork
 from peer.outer import AveragingResult, all_finite
 from peer.overlap import PendingAverage, start_in_background
+from peer.robust import pseudo_gradient_bound, within_bound
 from peer.signals import StopFlag
 from peer.state import ReplicatedState
 
@@ -291,7 +292,11 @@ class Peer:
             # the others time to see its record (progress_period_s) and everyone adopts its time.
             group_time, how = rounds.scheduled_group_time(progress, now=self.network.time(), timing=timing)
             phase.scheduled = self.network.schedule_averaging(
-                round_index, scheduled_time=group_time, order_key=self.order_key, how=how
+                round_index,
+                scheduled_time=group_time,
+                order_key=self.order_key,
+                how=how,
+                value_bound=pseudo_gradient_bound(self.state.outer.global_params, self.config),
             )
         return bool(timing.round_tokens) and progress.closed
 
@@ -315,7 +320,8 @@ class Peer:
         if pseudo_grads is None:
             self.cancel(scheduled)
             return None
-        return coordination.average_round(
+        bound = pseudo_gradient_bound(self.state.outer.global_params, self.config)
+        result = coordination.average_round(
             self.network,
             pseudo_grads,
             round_index=round_index,
@@ -324,9 +330,17 @@ class Peer:
             scheduled=scheduled,
             timing=rounds.Timing.of(self.config),
             straggler_wait_s=self.straggler_wait_s(),
+            value_bound=bound,
             should_stop=lambda: bool(self.stop),
             during_allreduce=(lambda: self.faults.during_allreduce(round_index + 1)) if self.faults else None,
         )
+        if result is not None and not all(within_bound(t, bound) for t in result.averaged):
+            # the all-reduce checks every part it receives; this guards the outer step itself (I6, I8)
+            self.log.warning(
+                f"round {round_index + 1}: the average is not finite or beyond the bound; not applied"
+            )
+            return None
+        return result
 
     @staticmethod
     def cancel(scheduled: ScheduledAveraging | None) -> None:

@@ -140,7 +140,9 @@ class FakeNetwork:
         companions = {f"c{i}".encode(): holding_ours(f"c{i}".encode()) for i in range(self.swarm.companions)}
         return {**companions, **self.swarm.other_hashes, ME: holding_ours(ME)}
 
-    def schedule_averaging(self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str):
+    def schedule_averaging(
+        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
+    ):
         scheduled = FakeScheduled(
             round_index,
             scheduled_time,
