@@ -197,6 +197,10 @@ class ExactAllReduceRunner(AllReduceRunner):
         # running-sum TensorPartReducer is replaced by an OrderedPartReducer over the same part shapes
         super().__init__(compression=compression, **kwargs)
         self.compression, self.value_bound = compression, value_bound
+        # the shape of every part each reducer owes us, read before sending consumes the container's queues
+        self.part_shapes_by_peer = [
+            [part.shape for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer
+        ]
         self.bytes_sent = self.bytes_received = 0
         self.tensor_part_container.return_deltas = False
         self.tensor_part_reducer.num_senders = (
@@ -253,7 +257,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             if self.should_delay_results(self.peer_id):
                 await done_sending.wait()
 
-            expected_parts = [part for part, _ in self.tensor_part_container._input_parts_by_peer[peer_index]]
+            expected_parts = self.part_shapes_by_peer[peer_index]
 
             def _deserialize(msg: averaging_pb2.AveragingData) -> torch.Tensor:
                 if msg.code != averaging_pb2.AVERAGED_PART:
@@ -280,18 +284,18 @@ class ExactAllReduceRunner(AllReduceRunner):
             raise
 
     def check_averaged_part(
-        self, reducer: PeerID, part: torch.Tensor, expected_parts: Sequence[torch.Tensor], index: int
+        self, reducer: PeerID, part: torch.Tensor, expected_shapes: Sequence[torch.Size], index: int
     ) -> None:
         """A reducer's averaged part must be one we can use: the shape and dtype of the part we sent it, finite, and
         within the bound every contribution was clamped to (I8). Otherwise the round fails (for every peer that
         received it: they all received the same bytes) rather than apply a poisoned average."""
-        if index >= len(expected_parts):
-            raise AllreduceException(f"reducer {reducer} sent more than {len(expected_parts)} parts")
-        expected = expected_parts[index]
-        if part.dtype != torch.float32 or part.shape != expected.shape:
+        if index >= len(expected_shapes):
+            raise AllreduceException(f"reducer {reducer} sent more than {len(expected_shapes)} parts")
+        expected = expected_shapes[index]
+        if part.dtype != torch.float32 or part.shape != expected:
             raise AllreduceException(
                 f"reducer {reducer} sent part {index} as {part.dtype} {tuple(part.shape)}, "
-                f"not float32 {tuple(expected.shape)}"
+                f"not float32 {tuple(expected)}"
             )
         if not within_bound(part, self.value_bound):
             raise AllreduceException(

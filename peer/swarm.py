@@ -186,7 +186,7 @@ class Swarm:
             ):  # never expires: a dead author would stay "live"
                 self._ignore(subkey, f"a {key} record expiring {item.expiration_time - now:.0f}s from now")
                 continue
-            if item.expiration_time - ttl_s < published_after:
+            if item.expiration_time - ttl_s < published_after or item.value is None:  # None: the peer left
                 continue
             try:
                 records[subkey] = schema.parse_obj(item.value)
