@@ -73,16 +73,25 @@ class Agreement:
         if result is not None:  # the group published (or is publishing) its hashes right now
             expected, timeout_s = result.group_size, self.swarm.matchmaking_s
         else:  # we failed; the others may still be finishing their all-reduce
-            expected = len(self.network.live_peers())
+            expected = len(self.network.live_peers()) - 1
             timeout_s = min(self.swarm.allreduce_timeout_s, 4 * self.swarm.matchmaking_s + 5)
         if voters is not None:
-            expected = min(expected, len(voters))
+            expected = min(expected, len(voters) - (result is None))
+        # after a failed all-reduce we kept the previous global state: if the others applied the round, theirs is
+        # right and ours is not, however the votes would tie (so we do not vote on it ourselves)
         view = coordination.view_of_round(
-            self.network, round_index, expected=expected, timeout_s=timeout_s, voters=voters
+            self.network,
+            round_index,
+            expected=expected,
+            timeout_s=timeout_s,
+            voters=voters,
+            without_me=result is None,
         )
         if not rounds.should_resync(view, state_hash):
             return False
-        return self.resync(view, reason=f"our state {state_hash[:10]} differs from the majority's")
+        return self.resync(
+            view, reason=f"our state {state_hash[:10]} differs from the majority's", without_me=result is None
+        )
 
     def forked_view(self) -> rounds.SwarmView | None:
         """The swarm's view of our current round if its majority holds another global state than ours."""
@@ -92,13 +101,15 @@ class Agreement:
         )
         return view if rounds.should_resync(view, self.state.state_hash()) else None
 
-    def resync(self, view: rounds.SwarmView, *, reason: str) -> bool:
+    def resync(self, view: rounds.SwarmView, *, reason: str, without_me: bool = False) -> bool:
         self.log.warning(
             f"round {view.round_index}: {reason} {view.majority_hash[:10]} ({view.num_records} voters); "
             "downloading their state"
         )
         voters = self.voters_of(view.round_index)
-        if not self.load_swarm_state(view.donors, min_round=view.round_index, voters=voters):
+        if not self.load_swarm_state(
+            view.donors, min_round=view.round_index, voters=voters, without_me=without_me
+        ):
             self.log.warning(f"round {view.round_index}: resync failed; will retry")
             return False
         self.resyncs += 1
@@ -106,7 +117,12 @@ class Agreement:
         return True
 
     def load_swarm_state(
-        self, donors: list[bytes], *, min_round: int, voters: frozenset[bytes] | None
+        self,
+        donors: list[bytes],
+        *,
+        min_round: int,
+        voters: frozenset[bytes] | None,
+        without_me: bool = False,
     ) -> bool:
         """Replace our global state with a donor's, if it is the state the majority of the voters holds for the
         donor's round; True on success."""
@@ -116,7 +132,9 @@ class Agreement:
         metadata, tensors = downloaded
 
         def majority_hash(round_index: int) -> str | None:
-            view = coordination.view_of_round(self.network, round_index, timeout_s=0.0, voters=voters)
+            view = coordination.view_of_round(
+                self.network, round_index, timeout_s=0.0, voters=voters, without_me=without_me
+            )
             return view.majority_hash
 
         problem = self.state.check_donation(

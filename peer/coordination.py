@@ -76,13 +76,16 @@ def view_of_round(
     expected: int = 1,
     timeout_s: float = 5.0,
     voters: frozenset[bytes] | None = None,
+    without_me: bool = False,
 ) -> SwarmView:
-    """The majority state hash of a round among its voters (live peers; with `voters`, only those) once `expected`
-    of them published theirs (or the timeout passed). Donors are returned as network addresses."""
+    """The majority state hash of a round among its voters (live peers; with `voters`, only those; `without_me`:
+    not us) once `expected` of them published theirs (or the timeout passed). Donors are network addresses."""
     deadline = time.monotonic() + timeout_s
     while True:
         records = network.hash_records()
         hashes = round_hashes(records, live=network.live_peers(), round_index=round_index, voters=voters)
+        if without_me:
+            hashes.pop(network.my_key(), None)
         if len(hashes) >= expected or time.monotonic() >= deadline:
             view = majority_view(hashes, round_index=round_index, me=network.my_key())
             return dataclasses.replace(view, donors=[records[key].peer_id for key in view.donors])

@@ -213,6 +213,24 @@ def test_a_donated_state_that_does_not_match_its_hash_is_refused(tmp_path):
     assert peer.records[0]["global_params_sha256"] != metadata["params_sha256"]
 
 
+def test_after_a_failed_allreduce_a_peer_takes_the_state_of_the_one_that_applied_the_round(tmp_path):
+    """One against one: the peer whose all-reduce failed kept the old state, so it does not vote against the peer
+    that applied the round (a tie broken by hash value would leave the two forked every other time)."""
+    config = make_config(tmp_path, max_rounds=1)
+    metadata, tensors = donated_state(config, round_index=1, shift=0.01)
+    swarm = FakeSwarm(
+        companions=1, allreduce=lambda r, g, t: AveragingAttempt(None), donor_state=(metadata, tensors)
+    )
+
+    def companion_applied_round_one(peer, round_index, count):
+        swarm.other_hashes[b"c0"] = vote(b"c0", 1, metadata)
+
+    peer = run_peer(config, swarm, on_step=companion_applied_round_one)
+    record = peer.records[0]
+    assert record["failed"] and record["resynced"] and swarm.downloads == 1
+    assert record["global_params_sha256"] == metadata["params_sha256"]
+
+
 def test_a_non_finite_local_update_is_never_contributed(tmp_path):
     config = make_config(tmp_path)
 
