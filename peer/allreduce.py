@@ -263,16 +263,13 @@ class ExactAllReduceRunner(AllReduceRunner):
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
                 self.bytes_received += msg.ByteSize()
-                averaged_part = deserialize_torch_tensor(msg.tensor_part)
-                self.check_averaged_part(peer_id, averaged_part, expected_parts, received_now[0])
-                received_now[0] += 1
-                return averaged_part
-
-            received_now = [0]  # parts deserialized so far (the executor runs ahead of the loop by one part)
+                return deserialize_torch_tensor(msg.tensor_part)
 
             async for averaged_part in amap_in_executor(
                 _deserialize, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=1
             ):
+                # checked here, in stream order (the executor may deserialize two parts at once)
+                self.check_averaged_part(peer_id, averaged_part, expected_parts, part_index)
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
                 part_index += 1
             if part_index != expected:
