@@ -14,6 +14,8 @@ from peer.network import SwarmNetwork
 from peer.outer import AveragingResult
 from peer.state import ReplicatedState
 
+RECENT_GROUPS = 16  # rounds whose group members we remember as voters
+
 
 class Agreement:
     """Checks this peer's global parameters against the swarm's and repairs them by download."""
@@ -31,56 +33,113 @@ class Agreement:
         self.network, self.state, self.local_params = network, state, local_params
         self.swarm, self.inner_steps, self.log = swarm, inner_steps, log
         self.resyncs = 0
+        self.group_voters: dict[int, frozenset[bytes]] = {}  # round -> record keys of its group's members
 
     def adopt_swarm_state_on_join(self) -> None:
         """I4: a newcomer (or a peer resuming behind the swarm) starts from the swarm's current state."""
-        view = coordination.latest_view(self.network)
+        view = coordination.joining_view(self.network)
         if view is None or view.majority_hash is None or view.round_index < self.state.round:
             return
-        if self.load_swarm_state(view.donors, min_round=view.round_index):
+        if self.load_swarm_state(view.donors, min_round=view.round_index, voters=None):
             self.log.info(f"joined the swarm at round {self.state.round}, inner step {self.state.inner_step}")
         else:
             self.log.warning("could not download the swarm's state; starting from our own")
 
+    def voters_of(self, round_index: int) -> frozenset[bytes] | None:
+        """Who may vote on a round: its group's members if we were in it, else the members of our recent groups
+        (peers we averaged with, by their network identity); None (every live peer) only if we know nobody yet."""
+        if round_index in self.group_voters:
+            return self.group_voters[round_index]
+        known = frozenset().union(*self.group_voters.values())
+        return known or None
+
+    def record_group(self, result: AveragingResult | None) -> None:
+        """Remember who averaged the round just completed: they vote on it."""
+        if result is not None and result.voters:
+            self.group_voters[self.state.round] = result.voters | {self.network.my_key()}
+            for old in sorted(self.group_voters)[:-RECENT_GROUPS]:
+                del self.group_voters[old]
+
+    def publish(self) -> None:
+        self.network.publish_hash(self.state.round, self.state.params_hash(), self.state.state_hash())
+
     def check_round(self, result: AveragingResult | None) -> bool:
-        """Publish our hash of the round just completed; if the majority of its peers holds another one, adopt their
-        state. Returns True if we resynced."""
-        round_index, params_hash = self.state.round, self.state.params_hash()
-        self.network.publish_hash(round_index, params_hash)
+        """Publish our hashes of the round just completed; if the majority of its voters holds another state, adopt
+        theirs. Returns True if we resynced."""
+        round_index, state_hash = self.state.round, self.state.state_hash()
+        self.record_group(result)
+        self.publish()
+        voters = self.voters_of(round_index)
         if result is not None:  # the group published (or is publishing) its hashes right now
             expected, timeout_s = result.group_size, self.swarm.matchmaking_s
         else:  # we failed; the others may still be finishing their all-reduce
-            expected = len(self.network.live_peers())
+            expected = len(self.network.live_peers()) - 1
             timeout_s = min(self.swarm.allreduce_timeout_s, 4 * self.swarm.matchmaking_s + 5)
-        view = coordination.view_of_round(self.network, round_index, expected=expected, timeout_s=timeout_s)
-        if not rounds.should_resync(view, params_hash):
+        if voters is not None:
+            expected = min(expected, len(voters) - (result is None))
+        # after a failed all-reduce we kept the previous global state: if the others applied the round, theirs is
+        # right and ours is not, however the votes would tie (so we do not vote on it ourselves)
+        view = coordination.view_of_round(
+            self.network,
+            round_index,
+            expected=expected,
+            timeout_s=timeout_s,
+            voters=voters,
+            without_me=result is None,
+        )
+        if not rounds.should_resync(view, state_hash):
             return False
-        return self.resync(view, reason=f"our hash {params_hash[:10]} differs from the majority")
+        return self.resync(
+            view, reason=f"our state {state_hash[:10]} differs from the majority's", without_me=result is None
+        )
 
     def forked_view(self) -> rounds.SwarmView | None:
-        """The swarm's view of our current round if the majority holds other global parameters than ours."""
-        view = coordination.view_of_round(self.network, self.state.round, expected=1, timeout_s=0.0)
-        return view if rounds.should_resync(view, self.state.params_hash()) else None
+        """The swarm's view of our current round if its majority holds another global state than ours."""
+        round_index = self.state.round
+        view = coordination.view_of_round(
+            self.network, round_index, expected=1, timeout_s=0.0, voters=self.voters_of(round_index)
+        )
+        return view if rounds.should_resync(view, self.state.state_hash()) else None
 
-    def resync(self, view: rounds.SwarmView, *, reason: str) -> bool:
+    def resync(self, view: rounds.SwarmView, *, reason: str, without_me: bool = False) -> bool:
         self.log.warning(
-            f"round {view.round_index}: {reason} {view.majority_hash[:10]} ({view.num_records} peers); "
+            f"round {view.round_index}: {reason} {view.majority_hash[:10]} ({view.num_records} voters); "
             "downloading their state"
         )
-        if not self.load_swarm_state(view.donors, min_round=view.round_index):
+        voters = self.voters_of(view.round_index)
+        if not self.load_swarm_state(
+            view.donors, min_round=view.round_index, voters=voters, without_me=without_me
+        ):
             self.log.warning(f"round {view.round_index}: resync failed; will retry")
             return False
         self.resyncs += 1
-        self.network.publish_hash(self.state.round, self.state.params_hash())
+        self.publish()
         return True
 
-    def load_swarm_state(self, donors: list[bytes], *, min_round: int) -> bool:
-        """Replace our global state with a donor's (verified against its hash); True on success."""
+    def load_swarm_state(
+        self,
+        donors: list[bytes],
+        *,
+        min_round: int,
+        voters: frozenset[bytes] | None,
+        without_me: bool = False,
+    ) -> bool:
+        """Replace our global state with a donor's, if it is the state the majority of the voters holds for the
+        donor's round; True on success."""
         downloaded = self.network.download_state(donors)
         if downloaded is None:
             return False
         metadata, tensors = downloaded
-        problem = self.state.check_donation(metadata, tensors, min_round=min_round)
+
+        def majority_hash(round_index: int) -> str | None:
+            view = coordination.view_of_round(
+                self.network, round_index, timeout_s=0.0, voters=voters, without_me=without_me
+            )
+            return view.majority_hash
+
+        problem = self.state.check_donation(
+            metadata, tensors, min_round=min_round, expected_state_hash=majority_hash
+        )
         if problem is not None:
             self.log.warning(problem)
             return False

@@ -34,8 +34,10 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import hashlib
 import multiprocessing as mp
 import time
+import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import torch
@@ -55,6 +57,7 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_
 from hivemind.utils.streaming import combine_from_streaming
 
 from peer.outer import average_contributions
+from peer.robust import capped_weights, clamp_contribution, within_bound
 
 logger = get_logger(__name__)
 
@@ -85,10 +88,13 @@ class OrderedPartReducer(TensorPartReducer):
         part_dtypes: Sequence[torch.dtype],
         order_keys: Sequence[bytes],
         encode: Callable[[torch.Tensor], EncodedPart],
+        value_bound: float = 0.0,
     ):
-        # mirrors TensorPartReducer.__init__; adds the expected dtypes, the order keys and the encoder
+        # mirrors TensorPartReducer.__init__; adds the expected dtypes, the order keys, the encoder and the bound
         assert len(part_dtypes) == len(part_shapes) and len(order_keys) == num_senders
         self.part_dtypes, self.order_keys, self.encode = tuple(part_dtypes), order_keys, encode
+        self.value_bound = value_bound
+        """Every contribution is clamped into [-value_bound, value_bound] (0: no bound; see peer/robust.py)."""
         self.pending: dict[int, tuple[torch.Tensor, float]] = {}
         super().__init__(part_shapes, num_senders)
 
@@ -169,8 +175,8 @@ class OrderedPartReducer(TensorPartReducer):
         else:
             senders = sorted(self.pending)
             averaged = average_contributions(
-                [self.pending[s][0] for s in senders],
-                [self.pending[s][1] for s in senders],
+                [clamp_contribution(self.pending[s][0], self.value_bound) for s in senders],
+                capped_weights([self.pending[s][1] for s in senders]),
                 [self.order_keys[s] for s in senders],
             )
             self.current_part_future.set_result(self.encode(averaged))
@@ -180,11 +186,22 @@ class OrderedPartReducer(TensorPartReducer):
 class ExactAllReduceRunner(AllReduceRunner):
     """AllReduceRunner whose reducers return the averaged part itself, encoded once, instead of per-sender deltas."""
 
-    def __init__(self, *, order_keys_by_peer: dict[PeerID, bytes], compression: CompressionBase, **kwargs):
+    def __init__(
+        self,
+        *,
+        order_keys_by_peer: dict[PeerID, bytes],
+        compression: CompressionBase,
+        value_bound: float = 0.0,
+        **kwargs,
+    ):
         # extends AllReduceRunner.__init__: the container returns averages instead of deltas, and hivemind's
         # running-sum TensorPartReducer is replaced by an OrderedPartReducer over the same part shapes
         super().__init__(compression=compression, **kwargs)
-        self.compression = compression
+        self.compression, self.value_bound = compression, value_bound
+        # the shape of every part each reducer owes us, read before sending consumes the container's queues
+        self.part_shapes_by_peer = [
+            [part.shape for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer
+        ]
         self.bytes_sent = self.bytes_received = 0
         self.tensor_part_container.return_deltas = False
         self.tensor_part_reducer.num_senders = (
@@ -197,6 +214,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             part_dtypes=tuple(part.dtype for part in self.parts_for_local_averaging),
             order_keys=[order_keys_by_peer[peer] for peer in self.sender_peer_ids],
             encode=functools.partial(encode_once, compression),
+            value_bound=value_bound,
         )
         self._streams_serving = 0
         self._all_streams_served = asyncio.Event()
@@ -230,7 +248,6 @@ class ExactAllReduceRunner(AllReduceRunner):
                 self.tensor_part_container.register_processed_part(peer_index, part_index, decoded)
             return
         part_index, expected = 0, self.tensor_part_container.num_parts_by_peer[peer_index]
-        own_parts = [part for part, _ in self.tensor_part_container._input_parts_by_peer[peer_index]]
         stream = None
         try:
             done_sending = asyncio.Event()
@@ -243,6 +260,8 @@ class ExactAllReduceRunner(AllReduceRunner):
             if self.should_delay_results(self.peer_id):
                 await done_sending.wait()
 
+            expected_parts = self.part_shapes_by_peer[peer_index]
+
             def _deserialize(msg: averaging_pb2.AveragingData) -> torch.Tensor:
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
@@ -254,11 +273,8 @@ class ExactAllReduceRunner(AllReduceRunner):
             )
             async with contextlib.aclosing(parts):
                 async for averaged_part in parts:
-                    own = own_parts[part_index]
-                    if averaged_part.shape != own.shape or averaged_part.dtype != own.dtype:
-                        raise AllreduceException(
-                            f"{peer_id} sent part {part_index} as {averaged_part.dtype}{tuple(averaged_part.shape)}"
-                        )
+                    # checked here, in stream order (the executor may deserialize two parts at once)
+                    self.check_averaged_part(peer_id, averaged_part, expected_parts, part_index)
                     self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
                     part_index += 1
                     if part_index == expected:
@@ -275,6 +291,26 @@ class ExactAllReduceRunner(AllReduceRunner):
                 await (
                     stream.aclose()
                 )  # closes our end of the p2p stream (hivemind's reader closes its writer)
+
+    def check_averaged_part(
+        self, reducer: PeerID, part: torch.Tensor, expected_shapes: Sequence[torch.Size], index: int
+    ) -> None:
+        """A reducer's averaged part must be one we can use: the shape and dtype of the part we sent it, finite, and
+        within the bound every contribution was clamped to (I8). Otherwise the round fails (for every peer that
+        received it: they all received the same bytes) rather than apply a poisoned average."""
+        if index >= len(expected_shapes):
+            raise AllreduceException(f"reducer {reducer} sent more than {len(expected_shapes)} parts")
+        expected = expected_shapes[index]
+        if part.dtype != torch.float32 or part.shape != expected:
+            raise AllreduceException(
+                f"reducer {reducer} sent part {index} as {part.dtype} {tuple(part.shape)}, "
+                f"not float32 {tuple(expected)}"
+            )
+        if not within_bound(part, self.value_bound):
+            raise AllreduceException(
+                f"reducer {reducer} sent part {index} with values that are not finite or beyond the bound "
+                f"{self.value_bound:.3g} every contribution was clamped to"
+            )
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         # wraps AllReduceRunner._generate_input_for_peer unchanged, counting the bytes sent
@@ -344,14 +380,47 @@ class ExactAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
+def gathered_metadata(serializer, gathered: bytes) -> dict:
+    """A group member's user metadata from matchmaking ({} if it sent something else: it came from a stranger)."""
+    try:
+        metadata = serializer.loads(serializer.loads(gathered)[2])
+    except Exception:
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def metadata_order_key(metadata: dict, peer_id: PeerID) -> bytes:
+    """A member's place in the canonical summation order: its data-stream key, or (if it sent none that parses) one
+    derived from its peer id, so a malformed entry cannot fail the round for everyone."""
+    key = metadata.get("order_key")
+    try:
+        return (
+            bytes.fromhex(key)[:32]
+            if isinstance(key, str) and len(key) <= 64
+            else hashlib.sha256(peer_id.to_bytes()).digest()
+        )
+    except ValueError:
+        return hashlib.sha256(peer_id.to_bytes()).digest()
+
+
 class ExactAverager(DecentralizedAverager):
     """DecentralizedAverager that runs ExactAllReduceRunner and serves state from a host-process callback.
 
     `state_provider()` runs in the training process and returns (metadata dict, list of tensors).
     """
 
-    def __init__(self, *args, state_provider: Callable[[], tuple[dict, list[torch.Tensor]]], **kwargs):
+    def __init__(
+        self,
+        *args,
+        state_provider: Callable[[], tuple[dict, list[torch.Tensor]]],
+        max_state_requests: int = 2,
+        **kwargs,
+    ):
         self._state_provider = state_provider
+        # state downloads served at once: each one copies the whole state, so a crowd of requests (or one stranger
+        # asking over and over) must not exhaust this peer's memory or bandwidth (I8)
+        self._max_state_requests = max_state_requests
+        self._state_requests_serving: asyncio.Semaphore | None = None
         # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer] of the last all-reduce,
         # written by the averager process
         self._transport_stats = mp.Array(ctypes.c_double, 4)
@@ -383,10 +452,14 @@ class ExactAverager(DecentralizedAverager):
         # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), waits
         # until the parts this peer owes others were served, and records the transport statistics
         group_id = group_info.group_id if group_id is None else group_id
-        order_keys = {}
+        order_keys, value_bound = {}, 0.0
         for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered, strict=True):
-            user_metadata = self.serializer.loads(self.serializer.loads(gathered)[2])
-            order_keys[peer_id] = bytes.fromhex(user_metadata["order_key"])
+            metadata = gathered_metadata(self.serializer, gathered)
+            order_keys[peer_id] = metadata_order_key(metadata, peer_id)
+            if (
+                peer_id == self.peer_id
+            ):  # our own bound: honest peers all compute the same one (peer/robust.py)
+                value_bound = metadata.get("value_bound", 0.0)
         started, started_at = time.perf_counter(), time.time()
         runner = ExactAllReduceRunner(
             p2p=self._p2p,
@@ -396,6 +469,7 @@ class ExactAverager(DecentralizedAverager):
             group_id=group_id,
             ordered_peer_ids=group_info.peer_ids,
             order_keys_by_peer=order_keys,
+            value_bound=float(value_bound),
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
@@ -417,32 +491,74 @@ class ExactAverager(DecentralizedAverager):
             started_at,
         ]
 
-    def load_state_from(self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float):
-        """Download (metadata, tensors) from one given peer; None if it refused or failed."""
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> typing.AsyncIterator[
+        averaging_pb2.DownloadData
+    ]:  # typing's: hivemind reads this hint to route the RPC
+        # wraps DecentralizedAverager.rpc_download_state: at most max_state_requests are served at once; a request
+        # beyond that is refused at once (the downloader moves on to its next donor)
+        if self._state_requests_serving is None:  # created in the averager process, on its event loop
+            self._state_requests_serving = asyncio.Semaphore(self._max_state_requests)
+        if self._state_requests_serving.locked():
+            return
+        async with self._state_requests_serving:
+            async for message in super().rpc_download_state(request, context):
+                yield message
+
+    def load_state_from(
+        self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float, max_bytes: int
+    ) -> tuple[dict, list[torch.Tensor]] | None:
+        """Download (metadata, tensors) from one given peer; None if it refused, failed, sent more than `max_bytes`
+        or took longer than `total_timeout_s` (a donor that trickles data is dropped, never waited for forever)."""
         future = MPFuture()
         self._outer_pipe.send(
-            ("_load_state_from", [], dict(donor=donor, timeout=chunk_timeout_s, future=future))
+            (
+                "_load_state_from",
+                [],
+                dict(
+                    donor=donor,
+                    timeout=chunk_timeout_s,
+                    total_timeout=total_timeout_s,
+                    max_bytes=max_bytes,
+                    future=future,
+                ),
+            )
         )
-        return future.result(timeout=total_timeout_s)
-
-    async def _load_state_from(self, donor: PeerID, timeout: float, future: MPFuture) -> None:
-        # mirrors the per-peer body of DecentralizedAverager._load_state_from_peers, for one given donor (hivemind
-        # picks donors itself) and with the opening of the stream bounded too
         try:
-            stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
-            stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
-            metadata, parts, tensors = None, [], []
-            async for message in aiter_with_timeout(stream, timeout=timeout):
-                if message.metadata:
-                    metadata = self.serializer.loads(message.metadata)
-                if message.tensor_part.dtype and parts:  # a dtype marks the first chunk of the next tensor
-                    tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                    parts = []
-                parts.append(message.tensor_part)
-            if parts:
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-            future.set_result((metadata, tensors) if metadata else None)
+            return future.result(timeout=total_timeout_s + chunk_timeout_s)
+        except Exception:  # the averager gives up by total_timeout itself; this bounds a stuck pipe too
+            return None
+
+    async def _load_state_from(
+        self, donor: PeerID, timeout: float, total_timeout: float, max_bytes: int, future: MPFuture
+    ) -> None:
+        # mirrors the per-peer body of DecentralizedAverager._load_state_from_peers, for one given donor (hivemind
+        # picks donors itself), with the opening of the stream, the whole download and its size bounded too
+        try:
+            await asyncio.wait_for(self._download_state(donor, timeout, max_bytes, future), total_timeout)
         except Exception as e:
             logger.debug(f"state download from {donor} failed: {e!r}", exc_info=True)
+        finally:
             if not future.done():
                 future.set_result(None)
+
+    async def _download_state(self, donor: PeerID, timeout: float, max_bytes: int, future: MPFuture) -> None:
+        stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
+        stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
+        metadata, parts, tensors, received = None, [], [], 0
+        async for message in aiter_with_timeout(stream, timeout=timeout):
+            received += message.ByteSize()
+            if received > max_bytes:
+                raise AllreduceException(
+                    f"donor {donor} sent more than the {max_bytes} bytes a state can take"
+                )
+            if message.metadata:
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and parts:  # a dtype marks the first chunk of the next tensor
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(message.tensor_part)
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        future.set_result((metadata, tensors) if isinstance(metadata, dict) else None)

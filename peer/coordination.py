@@ -5,7 +5,9 @@ Effects only: each loop reads records, asks peer/rounds.py what they mean, and s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -16,9 +18,11 @@ from peer.outer import AveragingResult
 from peer.rounds import (
     RoundCompany,
     SwarmView,
+    Timing,
     after_inner_group_time,
+    joining_round,
     majority_view,
-    newest_hashed_round,
+    max_group_lead_s,
     round_company,
     round_hashes,
 )
@@ -42,14 +46,23 @@ def wait_for_peers(
 
 
 def wait_for_company(
-    network: SwarmNetwork, round_index: int, *, wait_s: float, should_stop: Callable[[], bool]
+    network: SwarmNetwork,
+    round_index: int,
+    *,
+    wait_s: float,
+    should_stop: Callable[[], bool],
+    max_lead_s: float = math.inf,
 ) -> RoundCompany:
     """Wait until every other live peer of this round has finished its inner steps (at most wait_s) or some of them
-    scheduled the round's group; returns the company found then."""
+    scheduled the round's group (at most max_lead_s ahead); returns the company found then."""
     deadline = time.monotonic() + wait_s
     while True:
         company = round_company(
-            network.live_peers(), me=network.my_key(), round_index=round_index, now=network.time()
+            network.live_peers(),
+            me=network.my_key(),
+            round_index=round_index,
+            now=network.time(),
+            max_lead_s=max_lead_s,
         )
         if company.moved_on or company.ready or time.monotonic() >= deadline or should_stop():
             return company
@@ -57,22 +70,32 @@ def wait_for_company(
 
 
 def view_of_round(
-    network: SwarmNetwork, round_index: int, *, expected: int = 1, timeout_s: float = 5.0
+    network: SwarmNetwork,
+    round_index: int,
+    *,
+    expected: int = 1,
+    timeout_s: float = 5.0,
+    voters: frozenset[bytes] | None = None,
+    without_me: bool = False,
 ) -> SwarmView:
-    """The majority hash of a round among live peers once `expected` of them published theirs (or the timeout
-    passed)."""
+    """The majority state hash of a round among its voters (live peers; with `voters`, only those; `without_me`:
+    not us) once `expected` of them published theirs (or the timeout passed). Donors are network addresses."""
     deadline = time.monotonic() + timeout_s
     while True:
-        hashes = round_hashes(network.hash_records(), live=network.live_peers(), round_index=round_index)
+        records = network.hash_records()
+        hashes = round_hashes(records, live=network.live_peers(), round_index=round_index, voters=voters)
+        if without_me:
+            hashes.pop(network.my_key(), None)
         if len(hashes) >= expected or time.monotonic() >= deadline:
-            return majority_view(hashes, round_index=round_index, me=network.my_key())
+            view = majority_view(hashes, round_index=round_index, me=network.my_key())
+            return dataclasses.replace(view, donors=[records[key].peer_id for key in view.donors])
         time.sleep(0.2)
 
 
-def latest_view(network: SwarmNetwork) -> SwarmView | None:
-    """The swarm's view of the newest round live peers published hashes for (where a newcomer joins)."""
-    newest = newest_hashed_round(network.hash_records(), live=network.live_peers(), me=network.my_key())
-    return None if newest is None else view_of_round(network, newest, timeout_s=0.0)
+def joining_view(network: SwarmNetwork) -> SwarmView | None:
+    """The swarm's view of the round a newcomer joins at (the lower median of live peers' newest rounds)."""
+    round_index = joining_round(network.hash_records(), live=network.live_peers(), me=network.my_key())
+    return None if round_index is None else view_of_round(network, round_index, timeout_s=0.0)
 
 
 def average_round(
@@ -83,8 +106,9 @@ def average_round(
     tokens: int,
     order_key: bytes,
     scheduled: ScheduledAveraging | None,
-    matchmaking_s: float,
+    timing: Timing,
     straggler_wait_s: float,
+    value_bound: float,
     should_stop: Callable[[], bool],
     during_allreduce: Callable[[], None] | None = None,
 ) -> AveragingResult | None:
@@ -93,10 +117,13 @@ def average_round(
     With `scheduled` the group is already forming; otherwise wait for the round's other live peers to finish their
     inner steps, then match with them. A peer alone in its round takes a round of one; a peer whose swarm has moved
     past the round gets None (the agreement check then resyncs it: never a lonely outer step behind the swarm)."""
+    max_lead_s = max_group_lead_s(timing, straggler_wait_s)
     try:
         network.mark_averaging(round_index)
         if scheduled is None:
-            company = wait_for_company(network, round_index, wait_s=straggler_wait_s, should_stop=should_stop)
+            company = wait_for_company(
+                network, round_index, wait_s=straggler_wait_s, should_stop=should_stop, max_lead_s=max_lead_s
+            )
             if company.moved_on:
                 logger.warning(
                     f"[{network.short_id}] round {round_index + 1}: the swarm has moved past this round"
@@ -105,10 +132,18 @@ def average_round(
             if not company.peers:
                 return AveragingResult(averaged=pseudo_grads, group_size=1, tokens=tokens)
             group_time = after_inner_group_time(
-                company.peers, round_index=round_index, now=network.time(), matchmaking_s=matchmaking_s
+                company.peers,
+                round_index=round_index,
+                now=network.time(),
+                matchmaking_s=timing.matchmaking_s,
+                max_lead_s=max_lead_s,
             )
             scheduled = network.schedule_averaging(
-                round_index, scheduled_time=group_time, order_key=order_key, how="after-inner"
+                round_index,
+                scheduled_time=group_time,
+                order_key=order_key,
+                how="after-inner",
+                value_bound=value_bound,
             )
         attempt = network.run_averaging(
             scheduled, pseudo_grads, tokens=tokens, should_stop=should_stop, during_allreduce=during_allreduce

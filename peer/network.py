@@ -80,14 +80,19 @@ class SwarmNetwork(Protocol):
         """Progress records of every peer that published recently, this one included."""
         ...
 
-    def publish_hash(self, round_index: int, params_sha256: str) -> None: ...
+    def publish_hash(self, round_index: int, params_sha256: str, state_sha256: str) -> None:
+        """Publish this peer's hashes of a round: of the global parameters (I1) and of parameters and momentum."""
+        ...
 
-    def hash_records(self) -> dict[bytes, HashRecord]: ...
+    def hash_records(self) -> dict[bytes, HashRecord]:
+        """Every live hash record, by the key that signed it (one key, one vote)."""
+        ...
 
     def schedule_averaging(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str
+        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
     ) -> ScheduledAveraging:
-        """Start matchmaking for a round's all-reduce for the given group time."""
+        """Start matchmaking for a round's all-reduce for the given group time. `value_bound` (peer/robust.py): this
+        peer clamps the contributions it reduces to it and checks the averaged parts it receives against it."""
         ...
 
     def run_averaging(

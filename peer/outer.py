@@ -62,6 +62,9 @@ class AveragingResult:
     (hivemind does not report the group's total weight)."""
     info: dict = field(default_factory=dict)
     """Transport details (bytes sent and received, timings) for the metrics."""
+    voters: frozenset[bytes] = frozenset()
+    """The record-signing keys of the group's members (from their gathered metadata): only they vote on whether
+    this round's result is the swarm's (empty: unknown, e.g. in the simulation)."""
 
 
 class OuterOptimizer:

@@ -7,18 +7,21 @@ a clock: callers pass `now` (DHT time) and the records they read, so unit tests 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from peer.config import RunConfig
-from peer.records import HashRecord, ProgressRecord
+from peer.records import HashRecord, ProgressRecord, SettingsRecord
 
 # a peer joins a scheduled group only if it can start matchmaking this long before the group forms
 JOIN_MARGIN_S = 1.0
 # a peer whose last progress publication is older than this many periods (and at least STALE_MIN_S) counts as
 # gone: a killed peer stops blocking the others' waits within seconds, not after its record's whole lifetime
 STALE_AFTER_PERIODS, STALE_MIN_S = 4, 6.0
+# a peer's token claim counts up to this many times the median claim of its round (see robust_token_sum)
+TOKEN_CLAIM_FACTOR = 4
 # the adaptive straggler wait: one median inner phase of ours, at least this long; before any is measured, the default
 MIN_STRAGGLER_WAIT_S, FIRST_STRAGGLER_WAIT_S = 10.0, 60.0
 
@@ -61,10 +64,32 @@ def remembered_peers(
 
 
 # ---- the end of a round -------------------------------------------------------------------------------------
-def group_time(records: Iterable[ProgressRecord], round_index: int, *, after: float) -> float:
-    """The earliest group time after `after` that peers of this round published for its all-reduce (0: none)."""
-    times = [r.scheduled_time for r in records if r.averaging == round_index and r.scheduled_time > after]
+def group_time(
+    records: Iterable[ProgressRecord], round_index: int, *, after: float, before: float = math.inf
+) -> float:
+    """The earliest group time in (after, before] that peers of this round published for its all-reduce (0: none).
+    `before` bounds how far ahead a published time may be: one far in the future would stall everyone who adopted
+    it (I8), so such a time is ignored."""
+    times = [
+        r.scheduled_time for r in records if r.averaging == round_index and after < r.scheduled_time <= before
+    ]
     return min(times, default=0.0)
+
+
+def max_group_lead_s(timing: Timing, straggler_wait_s: float) -> float:
+    """The furthest ahead an honest peer can schedule a group: its matchmaking slack with the slowest step it
+    waits for (at most the straggler wait), plus one progress check."""
+    return timing.matchmaking_s + timing.progress_period_s + straggler_wait_s + 2 * JOIN_MARGIN_S + 1.0
+
+
+def robust_token_sum(tokens: Sequence[int]) -> int:
+    """The round's tokens with each peer's claim capped at TOKEN_CLAIM_FACTOR x the median claim, so that one peer
+    cannot end a --round-tokens round at once by claiming the whole budget (honest peers up to that many times
+    faster than the median are counted in full)."""
+    if not tokens:
+        return 0
+    cap = TOKEN_CLAIM_FACTOR * sorted(tokens)[(len(tokens) - 1) // 2]  # the lower median
+    return sum(min(t, cap) for t in tokens)
 
 
 @dataclass(frozen=True)
@@ -92,7 +117,7 @@ def round_progress(
     me: bytes,
     round_index: int,
     now: float,
-    round_tokens: int,
+    timing: Timing,
     straggler_wait_s: float,
     tokens_per_step: int,
 ) -> RoundProgress:
@@ -102,10 +127,12 @@ def round_progress(
     expects to finish (but no later than straggler_wait_s after this peer); with --round-tokens, when the swarm's
     combined throughput reaches the token budget."""
     mine = live[me]
+    round_tokens = timing.round_tokens
     records = [r for r in live.values() if r.round == round_index]
     others = [r for pid, r in live.items() if pid != me]
-    tokens = sum(r.tokens for r in records)
-    closed = any(r.done for r in records)
+    tokens = robust_token_sum([r.tokens for r in records])
+    # a peer ends the round for all only with the majority: one lying `done` must not cut everyone's round short
+    closed = 2 * sum(r.done for r in records) > len(records)
     if round_tokens:
         closed = closed or tokens >= round_tokens
         rate = sum(r.tokens_per_s for r in records if not r.done)
@@ -119,9 +146,13 @@ def round_progress(
         end_eta=end_eta,
         peers=len(records),
         all_in_round=all(r.round == round_index or r.averaging == round_index for r in live.values()),
-        scheduled_time=group_time(others, round_index, after=0.0),
-        slowest_step_s=max(
-            (tokens_per_step / r.tokens_per_s for r in records if r.tokens_per_s > 0), default=0.0
+        scheduled_time=group_time(
+            others, round_index, after=0.0, before=now + max_group_lead_s(timing, straggler_wait_s)
+        ),
+        # a peer slower per step than the whole straggler wait is not waited for anyway (and cannot claim to be)
+        slowest_step_s=min(
+            straggler_wait_s,
+            max((tokens_per_step / r.tokens_per_s for r in records if r.tokens_per_s > 0), default=0.0),
         ),
     )
 
@@ -184,7 +215,12 @@ class RoundCompany:
 
 
 def round_company(
-    live: Mapping[bytes, ProgressRecord], *, me: bytes, round_index: int, now: float
+    live: Mapping[bytes, ProgressRecord],
+    *,
+    me: bytes,
+    round_index: int,
+    now: float,
+    max_lead_s: float = math.inf,
 ) -> RoundCompany:
     """Whom to wait for after our inner steps. Peers still finishing the previous round (its outer step, or a slow
     inner phase) are on their way to this one and count as company; a peer takes an outer step alone only when no
@@ -196,16 +232,22 @@ def round_company(
         return RoundCompany([], ready=True, moved_on=True)
     pending = coming + [r for r in in_round if r.round == round_index and not r.done]
     # a group already scheduled by others of this round: join it now instead of waiting it out
-    joinable = group_time(in_round, round_index, after=now + JOIN_MARGIN_S) > 0
+    joinable = group_time(in_round, round_index, after=now + JOIN_MARGIN_S, before=now + max_lead_s) > 0
     return RoundCompany(in_round + coming, ready=not pending or joinable)
 
 
 def after_inner_group_time(
-    company: Sequence[ProgressRecord], *, round_index: int, now: float, matchmaking_s: float
+    company: Sequence[ProgressRecord],
+    *,
+    round_index: int,
+    now: float,
+    matchmaking_s: float,
+    max_lead_s: float = math.inf,
 ) -> float:
     """The group time of a round whose matchmaking starts after the inner phase: a group the others already
     scheduled if it is still joinable, else one matchmaking period from now."""
-    return group_time(company, round_index, after=now + JOIN_MARGIN_S) or now + matchmaking_s
+    joinable = group_time(company, round_index, after=now + JOIN_MARGIN_S, before=now + max_lead_s)
+    return joinable or now + matchmaking_s
 
 
 # ---- agreement (I1/I3) --------------------------------------------------------------------------------------
@@ -216,17 +258,28 @@ class SwarmView:
     round_index: int
     majority_hash: str | None
     donors: list[bytes]
-    """Live peers other than us that hold the majority hash: whom to download state from."""
+    """Peers other than us that hold the majority hash: whom to download state from (their record keys; the
+    caller maps them to network addresses)."""
     num_records: int
 
 
 def round_hashes(
-    hash_records: Mapping[bytes, HashRecord], *, live: Iterable[bytes], round_index: int
+    hash_records: Mapping[bytes, HashRecord],
+    *,
+    live: Iterable[bytes],
+    round_index: int,
+    voters: Iterable[bytes] | None = None,
 ) -> dict[bytes, str]:
-    """The hash each live peer published for a round; a peer that left (or was killed) neither votes nor donates."""
-    live = set(live)
+    """The state hash each voter published for a round: one vote per record-signing key, from live peers only (a peer
+    that left or was killed neither votes nor donates), and, when the round's group is known, only from its members
+    (a stranger's records, however many keys it makes up, do not vote on a round it did not average)."""
+    allowed = set(live) if voters is None else set(live) & set(voters)
     key = str(round_index)
-    return {pid: r.hashes[key] for pid, r in hash_records.items() if key in r.hashes and pid in live}
+    return {
+        pid: r.state_hashes[key]
+        for pid, r in hash_records.items()
+        if key in r.state_hashes and pid in allowed
+    }
 
 
 def majority_view(hashes: Mapping[bytes, str], *, round_index: int, me: bytes) -> SwarmView:
@@ -239,15 +292,35 @@ def majority_view(hashes: Mapping[bytes, str], *, round_index: int, me: bytes) -
     return SwarmView(round_index, majority, donors, len(hashes))
 
 
-def newest_hashed_round(
+def joining_round(
     hash_records: Mapping[bytes, HashRecord], *, live: Iterable[bytes], me: bytes
 ) -> int | None:
-    """The newest round for which a live peer other than us published a hash (where a newcomer joins)."""
+    """The round a newcomer joins at: the lower median of the newest round each live peer (other than us) published a
+    state hash for, so that one record claiming a far-future round does not capture newcomers."""
     others = set(live) - {me}
-    rounds = [int(rnd) for pid, r in hash_records.items() if pid in others for rnd in r.hashes]
-    return max(rounds, default=None)
+    newest = sorted(
+        max(int(rnd) for rnd in r.state_hashes)
+        for pid, r in hash_records.items()
+        if pid in others and r.state_hashes
+    )
+    return newest[(len(newest) - 1) // 2] if newest else None
 
 
 def should_resync(view: SwarmView, my_hash: str) -> bool:
-    """Our global parameters differ from the majority's and someone can give us theirs."""
+    """Our global state differs from the majority's and someone can give us theirs."""
     return view.majority_hash not in (None, my_hash) and bool(view.donors)
+
+
+# ---- run identity (I5) --------------------------------------------------------------------------------------
+def conflicting_settings(
+    records: Mapping[bytes, SettingsRecord], *, me: bytes, fingerprint: str
+) -> SettingsRecord | None:
+    """The settings record that proves this run id trains with other settings than ours, or None. Only when no
+    other peer of the run agrees with us: one record with another fingerprint (a typo, or a stranger's) must not make
+    every newcomer of a healthy run exit; a peer whose settings differ from every live peer's must."""
+    others = [r for key, r in records.items() if key != me]
+    if not others or any(r.fingerprint == fingerprint for r in others):
+        return None
+    counts = Counter(r.fingerprint for r in others)
+    majority = max(counts, key=lambda f: (counts[f], f))
+    return next(r for r in others if r.fingerprint == majority)

@@ -13,6 +13,9 @@ import torch
 from peer.config import OuterConfig
 from peer.outer import OuterOptimizer, tensors_sha256
 
+MAX_ROUND = 10**9
+MAX_INNER_STEP = 10**9
+
 
 class ReplicatedState:
     """The outer optimizer (fp32 global parameters and momentum) and this peer's position in the swarm's schedule.
@@ -42,18 +45,45 @@ class ReplicatedState:
         with self.lock:
             metadata = {
                 "round": self.round,
+                "state_sha256": tensors_sha256(self.outer.state_tensors()),
                 "inner_step": 0 if self.averaging_in_background else self.inner_step,
                 "fingerprint": self.fingerprint,
                 "params_sha256": self.outer.params_hash(),
             }
             return metadata, [t.clone() for t in self.outer.state_tensors()]
 
-    def check_donation(self, metadata: dict, tensors: list[torch.Tensor], *, min_round: int) -> str | None:
-        """Why a downloaded state is not usable (None: it is)."""
-        if metadata.get("fingerprint") != self.fingerprint or metadata.get("round", -1) < min_round:
-            return f"donor state is not usable: {metadata}"
-        if tensors_sha256(tensors[: len(self.outer.global_params)]) != metadata["params_sha256"]:
-            return "downloaded state does not match its hash; discarded"
+    def state_hash(self) -> str:
+        """sha256 over the global parameters and the outer momentum: what must agree for the next step to agree."""
+        return tensors_sha256(self.outer.state_tensors())
+
+    def check_donation(
+        self, metadata: object, tensors: object, *, min_round: int, expected_state_hash
+    ) -> str | None:
+        """Why a downloaded state is not usable (None: it is). Everything a donor sends is checked before use: the
+        metadata's types and bounds, the tensors' count, shapes and dtypes, and the hash of what arrived against the
+        hash the majority of the swarm holds for that round (`expected_state_hash(round)`), not the donor's word."""
+        if not isinstance(metadata, dict) or not isinstance(tensors, list):
+            return "the donor sent a malformed state"
+        round_index, inner_step = metadata.get("round"), metadata.get("inner_step")
+        if metadata.get("fingerprint") != self.fingerprint:
+            return f"the donor's state belongs to another run ({metadata.get('fingerprint')!r})"
+        if (
+            type(round_index) is not int
+            or type(inner_step) is not int
+            or not 0 <= inner_step <= MAX_INNER_STEP
+        ):
+            return "the donor's state has a malformed round or inner step"
+        if not min_round <= round_index <= MAX_ROUND:
+            return f"the donor's state is of round {round_index}, older than round {min_round}"
+        expected = self.outer.state_tensors()
+        if len(tensors) != len(expected) or any(
+            not isinstance(t, torch.Tensor) or t.dtype != e.dtype or t.shape != e.shape
+            for t, e in zip(tensors, expected, strict=False)
+        ):
+            return "the donor's state does not have this model's tensors"
+        majority = expected_state_hash(round_index)
+        if majority is None or tensors_sha256(tensors) != majority:
+            return f"the donor's state of round {round_index} is not the one the swarm's majority holds; discarded"
         return None
 
     def adopt(self, metadata: dict, tensors: list[torch.Tensor], *, inner_steps: int) -> None:

@@ -24,7 +24,7 @@ from pydantic.v1 import BaseModel  # hivemind's schemas are pydantic v1
 from peer.config import RunConfig, differing_settings
 from peer.network import AveragingAttempt
 from peer.records import HashRecord, ProgressRecord, SettingsRecord
-from peer.rounds import remembered_peers, stale_after_s
+from peer.rounds import conflicting_settings, remembered_peers, stale_after_s
 from peer.swarm_averaging import RoundAveraging, ScheduledStep, ensure_stopped
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ RECORD_TTL_S = 15.0  # how long the DHT keeps a progress record
 HASH_TTL_S = 600.0
 HASH_HISTORY_ROUNDS = 16  # rounds of hash history each peer publishes
 DHT_TIMEOUT_S = 10.0  # bound on any single DHT lookup
+CLOCK_SKEW_S = 30.0  # DHT clocks of honest peers agree far better than this
+IGNORE_S = 120.0  # a peer that published a malformed or implausible record is ignored this long
+MAX_IGNORED = 10_000
 
 
 class SwarmError(RuntimeError):
@@ -66,7 +69,8 @@ class Swarm:
     ):
         self.config, self.settings, self.fingerprint = config, settings, fingerprint
         self._dht_lock = threading.Lock()
-        self._hash_history: dict[int, str] = {}
+        self._hash_history: dict[int, tuple[str, str]] = {}
+        self._ignored: dict[bytes, float] = {}  # subkey -> monotonic time until which its records are skipped
         swarm = config.swarm
         try:
             self.dht = hivemind.DHT(
@@ -119,7 +123,13 @@ class Swarm:
             self.check_run_settings()
 
             self.averaging = RoundAveraging(
-                config, fingerprint, self.dht, averaged_tensors, state_provider, short_id=self.short_id
+                config,
+                fingerprint,
+                self.dht,
+                averaged_tensors,
+                state_provider,
+                short_id=self.short_id,
+                voter_key=self._public_key,
             )
             self._publisher = threading.Thread(
                 target=self._publish_periodically, name="progress", daemon=True
@@ -147,34 +157,57 @@ class Swarm:
             raise LookupFailed(key) from None
 
     def _read_records(
-        self, key: str, schema: type[BaseModel], *, published_after: float = 0.0, strict: bool = False
+        self,
+        key: str,
+        schema: type[BaseModel],
+        *,
+        ttl_s: float = RECORD_TTL_S,
+        published_after: float = 0.0,
+        strict: bool = False,
     ) -> dict[bytes, BaseModel]:
-        """Every peer's valid record under a key, by peer id; malformed ones are skipped, and so are those published
-        (stored with expiration time = publication + RECORD_TTL_S) before `published_after`. A failed lookup
-        raises LookupFailed if `strict`, else it reads as no records."""
+        """Every peer's valid record under a key, by the DHT subkey that signed it (one key, one record: a record's
+        own claims about who wrote it are not trusted). Records published (stored with expiration time = publication
+        + ttl_s) before `published_after` are skipped; a malformed record, or one that claims to live longer than any
+        honest record does, gets its author ignored for IGNORE_S (I8). A failed lookup raises LookupFailed if
+        `strict`, else it reads as no records."""
         try:
             found = self._get(key)
         except LookupFailed:
             if strict:
                 raise
             found = None  # a slow or failing lookup counts as "nothing found"
-        records = {}
-        for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
-            if item.expiration_time - RECORD_TTL_S < published_after:
+        now, records = get_dht_time(), {}
+        entries = found.value.items() if found is not None and isinstance(found.value, dict) else []
+        for subkey, item in entries:
+            if not isinstance(subkey, bytes) or self._ignored.get(subkey, 0.0) > time.monotonic():
+                continue
+            if (
+                item.expiration_time > now + ttl_s + CLOCK_SKEW_S
+            ):  # never expires: a dead author would stay "live"
+                self._ignore(subkey, f"a {key} record expiring {item.expiration_time - now:.0f}s from now")
+                continue
+            if item.expiration_time - ttl_s < published_after or item.value is None:  # None: the peer left
                 continue
             try:
-                record = schema.parse_obj(item.value)
-            except Exception:  # data from other peers is not trusted
-                continue
-            records[record.peer_id] = record
+                records[subkey] = schema.parse_obj(item.value)
+            except Exception as e:  # data from other peers is not trusted
+                self._ignore(subkey, f"a malformed {key} record ({type(e).__name__})")
         return records
+
+    def _ignore(self, subkey: bytes, why: str) -> None:
+        if subkey not in self._ignored or self._ignored[subkey] < time.monotonic():
+            logger.warning(f"[{self.short_id}] ignoring a peer for {IGNORE_S:.0f}s: it published {why}")
+        if len(self._ignored) > MAX_IGNORED:
+            self._ignored = {k: t for k, t in self._ignored.items() if t > time.monotonic()}
+        self._ignored[subkey] = time.monotonic() + IGNORE_S
 
     # ---- addresses -------------------------------------------------------------------------------------------
     def visible_maddrs(self) -> list[str]:
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
 
     def my_key(self) -> bytes:
-        return self._peer_id.to_bytes()
+        """Our DHT subkey: the public key that signs our records, and our voter identity in every group."""
+        return self._public_key
 
     def time(self) -> float:
         return get_dht_time()
@@ -195,13 +228,19 @@ class Swarm:
             value=self._settings_record().dict(),
             expiration_time=get_dht_time() + RECORD_TTL_S,
         )
-        for record in self._read_records(self._settings_key, SettingsRecord).values():
-            if record.fingerprint != self.fingerprint:
-                differences = differing_settings(self.settings, json.loads(record.settings_json))
-                raise SwarmError(
-                    f"run {self.config.swarm.run_id!r} is already training with other settings: "
-                    f"{'; '.join(differences)}. Use the same settings or another --run-id."
-                )
+        records = self._read_records(self._settings_key, SettingsRecord)
+        conflict = conflicting_settings(records, me=self._public_key, fingerprint=self.fingerprint)
+        if conflict is not None:
+            try:
+                theirs = json.loads(conflict.settings_json)
+            except ValueError:
+                theirs = {}
+            differences = differing_settings(self.settings, theirs if isinstance(theirs, dict) else {})
+            raise SwarmError(
+                f"run {self.config.swarm.run_id!r} is already training with other settings: "
+                f"{'; '.join(differences) or 'fingerprint ' + conflict.fingerprint}. "
+                "Use the same settings or another --run-id."
+            )
 
     # ---- progress records ------------------------------------------------------------------------------------
     def report_progress(
@@ -273,15 +312,15 @@ class Swarm:
         except LookupFailed:
             seen_at, last = self._last_live
             records = remembered_peers(last, age_s=time.monotonic() - seen_at, record_ttl_s=RECORD_TTL_S)
-        records[self._peer_id.to_bytes()] = self._progress
+        records[self._public_key] = self._progress
         return records
 
     # ---- averaging ---------------------------------------------------------------------------------------------
     def schedule_averaging(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str
+        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
     ) -> ScheduledStep:
         scheduled = self.averaging.schedule(
-            round_index, scheduled_time=scheduled_time, order_key=order_key, how=how
+            round_index, scheduled_time=scheduled_time, order_key=order_key, how=how, value_bound=value_bound
         )
         self.mark_averaging(round_index, scheduled.scheduled_time)
         return scheduled
@@ -300,13 +339,15 @@ class Swarm:
         )
 
     # ---- agreement (I1/I3) -----------------------------------------------------------------------------------
-    def publish_hash(self, round_index: int, params_sha256: str) -> None:
-        """Publish our hash for this round along with the last few (slower peers compare against them)."""
-        self._hash_history[round_index] = params_sha256
+    def publish_hash(self, round_index: int, params_sha256: str, state_sha256: str) -> None:
+        """Publish our hashes for this round along with the last few (slower peers compare against them)."""
+        self._hash_history[round_index] = (params_sha256, state_sha256)
         for old in sorted(self._hash_history)[:-HASH_HISTORY_ROUNDS]:
             del self._hash_history[old]
         record = HashRecord(
-            peer_id=self._peer_id.to_bytes(), hashes={str(r): h for r, h in self._hash_history.items()}
+            peer_id=self._peer_id.to_bytes(),
+            hashes={str(r): h for r, (h, _) in self._hash_history.items()},
+            state_hashes={str(r): h for r, (_, h) in self._hash_history.items()},
         )
         self._store(
             self._hashes_key,
@@ -316,7 +357,7 @@ class Swarm:
         )
 
     def hash_records(self) -> dict[bytes, HashRecord]:
-        return self._read_records(self._hashes_key, HashRecord)
+        return self._read_records(self._hashes_key, HashRecord, ttl_s=HASH_TTL_S)
 
     # ---- state sharing ---------------------------------------------------------------------------------------
     # ---- state sharing ---------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from peer.outer import AveragingResult
 logger = logging.getLogger(__name__)
 
 DHT_TIMEOUT_S = 10.0  # bound on setting the group key
+STATE_OVERHEAD_BYTES = 1 << 20  # metadata and protobuf framing of a state download
+MAX_DONORS_TRIED = 8  # per download attempt: the next attempt reads the records afresh
 
 COMPRESSION: dict[str, CompressionBase] = {
     "none": NoCompression(),
@@ -52,14 +54,24 @@ class RoundAveraging:
     """This peer's averager (peer/allreduce.py's ExactAverager): one group per round, keyed by the round number."""
 
     def __init__(
-        self, config: RunConfig, prefix: str, dht, averaged_tensors, state_provider, *, short_id: str
+        self,
+        config: RunConfig,
+        prefix: str,
+        dht,
+        averaged_tensors,
+        state_provider,
+        *,
+        short_id: str,
+        voter_key: bytes,
     ):
-        self.config, self.short_id = config, short_id
+        self.config, self.short_id, self.voter_key = config, short_id, voter_key
+        # a state is the global parameters and the momentum (fp32): anything much larger is not one
+        self.max_state_bytes = 2 * 4 * sum(t.numel() for t in averaged_tensors) + STATE_OVERHEAD_BYTES
         self.fingerprint = prefix
         self.averager = _make_averager(config, prefix, dht, averaged_tensors, state_provider)
 
     def schedule(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str
+        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
     ) -> ScheduledStep:
         """Start matchmaking for a round's all-reduce ahead of its end, so the group is ready when the
         pseudo-gradient is (the all-reduce waits for `run_averaging` to trigger it)."""
@@ -69,7 +81,15 @@ class RoundAveraging:
         self.averager.set_group_bits(format(round_index % 2**16, "016b"), wait=False).result(
             timeout=DHT_TIMEOUT_S
         )
-        gather = {"round": round_index, "fingerprint": self.fingerprint, "order_key": order_key.hex()}
+        # `voter`: the key that signs our DHT records. The group's gathered metadata (one entry per network identity,
+        # authenticated by libp2p) then says whose hash records may vote on this round's result (I3, I8).
+        gather = {
+            "round": round_index,
+            "fingerprint": self.fingerprint,
+            "order_key": order_key.hex(),
+            "voter": self.voter_key,
+            "value_bound": float(value_bound),  # read back by our own averager process (allreduce.py)
+        }
         join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
         # A client-mode peer cannot lead a group; it joins one, and hivemind's leaders refuse (for good) a join
         # request whose time is earlier than their own group time. Peers that scheduled in the same instant may
@@ -127,11 +147,13 @@ class RoundAveraging:
             return AveragingAttempt(None)
         with self.averager.get_tensors() as tensors:
             averaged = [t.clone() for t in tensors]
+        voters = {meta.get("voter") for meta in gathered.values() if isinstance(meta, dict)}
         return AveragingAttempt(
             AveragingResult(
                 averaged=averaged,
                 group_size=len(gathered),
                 tokens=tokens,
+                voters=frozenset(v for v in voters if isinstance(v, bytes)),
                 info={
                     **self.averager.last_transport_stats(),
                     "matchmaking": scheduled.how,
@@ -141,17 +163,27 @@ class RoundAveraging:
         )
 
     def download_state(self, donors: list[bytes]) -> tuple[dict, list[torch.Tensor]] | None:
-        """Try donors in turn; the first that sends a complete state wins."""
+        """Try donors in turn, each bounded in time and size; the first that sends a complete state wins (the caller
+        checks it against the swarm's majority hash)."""
         swarm = self.config.swarm
-        for donor in donors:
+        deadline = time.monotonic() + swarm.state_timeout_s
+        for donor in donors[:MAX_DONORS_TRIED]:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                break
+            try:
+                peer_id = PeerID(donor)
+            except Exception:  # an address that is no peer id: the record that named it lied
+                continue
             result = self.averager.load_state_from(
-                PeerID(donor),
+                peer_id,
                 chunk_timeout_s=swarm.chunk_timeout_s,
-                total_timeout_s=swarm.state_timeout_s,
+                total_timeout_s=remaining_s,
+                max_bytes=self.max_state_bytes,
             )
             if result is not None:
                 return result
-            logger.warning(f"[{self.short_id}] state download from {PeerID(donor)} failed; trying next")
+            logger.warning(f"[{self.short_id}] state download from {peer_id} failed; trying next")
         return None
 
     def shutdown(self) -> None:

@@ -33,6 +33,7 @@ from peer.model import count_parameters
 from peer.network import NetworkFactory, ScheduledAveraging, SwarmNetwork
 from peer.outer import AveragingResult, all_finite
 from peer.overlap import PendingAverage, start_in_background
+from peer.robust import pseudo_gradient_bound, within_bound
 from peer.signals import StopFlag
 from peer.state import ReplicatedState
 from peer.workload import build_workload
@@ -200,7 +201,7 @@ class Peer:
             f"peer {self.network.peer_id} | run {config.swarm.run_id} fingerprint {self.fingerprint} | "
             f"model {config.model.name} {count_parameters(self.model) / 1e6:.2f}M params | device {self.device}"
         )
-        if config.swarm.wait_for_peers > 1 and coordination.latest_view(self.network) is None:
+        if config.swarm.wait_for_peers > 1 and coordination.joining_view(self.network) is None:
             live = coordination.wait_for_peers(
                 self.network,
                 config.swarm.wait_for_peers,
@@ -273,7 +274,7 @@ class Peer:
             me=self.network.my_key(),
             round_index=round_index,
             now=now,
-            round_tokens=timing.round_tokens,
+            timing=timing,
             straggler_wait_s=self.straggler_wait_s(),
             tokens_per_step=self.config.data.batch_size * self.config.data.seq_len,
         )
@@ -287,7 +288,11 @@ class Peer:
             # the others time to see its record (progress_period_s) and everyone adopts its time.
             group_time, how = rounds.scheduled_group_time(progress, now=self.network.time(), timing=timing)
             phase.scheduled = self.network.schedule_averaging(
-                round_index, scheduled_time=group_time, order_key=self.order_key, how=how
+                round_index,
+                scheduled_time=group_time,
+                order_key=self.order_key,
+                how=how,
+                value_bound=pseudo_gradient_bound(self.state.outer.global_params, self.config),
             )
         return bool(timing.round_tokens) and progress.closed
 
@@ -311,18 +316,27 @@ class Peer:
         if pseudo_grads is None:
             self.cancel(scheduled)
             return None
-        return coordination.average_round(
+        bound = pseudo_gradient_bound(self.state.outer.global_params, self.config)
+        result = coordination.average_round(
             self.network,
             pseudo_grads,
             round_index=round_index,
             tokens=stats.tokens,
             order_key=self.order_key,
             scheduled=scheduled,
-            matchmaking_s=self.config.swarm.matchmaking_s,
+            timing=rounds.Timing.of(self.config),
             straggler_wait_s=self.straggler_wait_s(),
+            value_bound=bound,
             should_stop=lambda: bool(self.stop),
             during_allreduce=(lambda: self.faults.during_allreduce(round_index + 1)) if self.faults else None,
         )
+        if result is not None and not all(within_bound(t, bound) for t in result.averaged):
+            # the all-reduce checks every part it receives; this guards the outer step itself (I6, I8)
+            self.log.warning(
+                f"round {round_index + 1}: the average is not finite or beyond the bound; not applied"
+            )
+            return None
+        return result
 
     @staticmethod
     def cancel(scheduled: ScheduledAveraging | None) -> None:
@@ -376,7 +390,8 @@ class Peer:
         stats.allreduce_s = time.perf_counter() - stats.outer_started
         if pending.result is not None:
             # the swarm's hashes of this round are checked before our next contribution (forked_from_swarm)
-            self.network.publish_hash(self.state.round, self.state.params_hash())
+            self.agreement.record_group(pending.result)
+            self.agreement.publish()
             resynced = False
         else:  # we missed the round; if the others did not, adopt their state now rather than a round later
             resynced = self.agreement.check_round(None)

@@ -96,14 +96,14 @@ class Proc:
 
 
 class Peer(Proc):
-    def __init__(self, name: str, args: list[str], workdir: Path):
+    def __init__(self, name: str, args: list[str], workdir: Path, *, module: str = "peer"):
         self.metrics_path = workdir / f"{name}.jsonl"
         self.maddrs_path = workdir / f"{name}.maddrs"
         super().__init__(
             name,
             [
                 "-m",
-                "peer",
+                module,
                 *args,
                 "--metrics-file",
                 str(self.metrics_path),
@@ -154,10 +154,13 @@ class LocalSwarm:
         self.bootstrap_maddrs = maddrs_file.read_text().split()
         return self.bootstrap_maddrs
 
-    def start_peer(self, name: str, *extra: str, initial_peers: list[str] | None = None) -> Peer:
+    def start_peer(
+        self, name: str, *extra: str, initial_peers: list[str] | None = None, module: str = "peer"
+    ) -> Peer:
+        """A peer process; `module` may name a test-only variant (tests.attacker) that takes the same flags."""
         initial = self.bootstrap_maddrs if initial_peers is None else initial_peers
         args = [*FAST_PEER_ARGS, *(["--initial-peers", *initial] if initial else []), *extra]
-        peer = Peer(name, args, self.workdir)
+        peer = Peer(name, args, self.workdir, module=module)
         self.procs.append(peer)
         return peer
 

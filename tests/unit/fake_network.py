@@ -56,6 +56,7 @@ class FakeSwarm:
     results: dict[int, AveragingResult | None] = field(default_factory=dict)
     scheduled: list[FakeScheduled] = field(default_factory=list)
     published_hashes: dict[int, str] = field(default_factory=dict)
+    published_state_hashes: dict[int, str] = field(default_factory=dict)
     downloads: int = 0
     shut_down: bool = False
 
@@ -124,19 +125,24 @@ class FakeNetwork:
                 update=dict(averaging=round_index, scheduled_time=scheduled_time)
             )
 
-    def publish_hash(self, round_index: int, params_sha256: str) -> None:
+    def publish_hash(self, round_index: int, params_sha256: str, state_sha256: str) -> None:
         self.swarm.published_hashes[round_index] = params_sha256
+        self.swarm.published_state_hashes[round_index] = state_sha256
 
     def hash_records(self) -> dict[bytes, HashRecord]:
         ours = {str(r): h for r, h in self.swarm.published_hashes.items()}
-        # companions hold what we hold unless the test gave them records of their own
-        companions = {
-            f"c{i}".encode(): HashRecord(peer_id=f"c{i}".encode(), hashes=ours)
-            for i in range(self.swarm.companions)
-        }
-        return {**companions, **self.swarm.other_hashes, ME: HashRecord(peer_id=ME, hashes=ours)}
+        our_states = {str(r): h for r, h in self.swarm.published_state_hashes.items()}
 
-    def schedule_averaging(self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str):
+        def holding_ours(key: bytes) -> HashRecord:
+            return HashRecord(peer_id=key, hashes=ours, state_hashes=our_states)
+
+        # companions hold what we hold unless the test gave them records of their own
+        companions = {f"c{i}".encode(): holding_ours(f"c{i}".encode()) for i in range(self.swarm.companions)}
+        return {**companions, **self.swarm.other_hashes, ME: holding_ours(ME)}
+
+    def schedule_averaging(
+        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
+    ):
         scheduled = FakeScheduled(
             round_index,
             scheduled_time,

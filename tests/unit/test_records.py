@@ -25,8 +25,8 @@ def test_records_round_trip_through_msgpack():
             eta=123.0,
             client_mode=False,
         ),
-        HashRecord(peer_id=b"p", hashes={"3": "ab", "4": "cd"}),
-        SettingsRecord(peer_id=b"p", fingerprint="f", settings_json="{}"),
+        HashRecord(peer_id=b"p", hashes={"3": "ab" * 32, "4": "cd" * 32}),
+        SettingsRecord(peer_id=b"p", fingerprint="0123456789abcdef", settings_json="{}"),
     ]
     for record in records:
         assert round_trip(record) == record

@@ -5,6 +5,8 @@ adopt a forked model; each branch here is one of those cases."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from peer.records import HashRecord, ProgressRecord
@@ -14,8 +16,9 @@ from peer.rounds import (
     Timing,
     after_inner_group_time,
     group_time,
+    joining_round,
     majority_view,
-    newest_hashed_round,
+    max_group_lead_s,
     remembered_peers,
     round_company,
     round_hashes,
@@ -122,7 +125,9 @@ def progress(
         me=b"me",
         round_index=3,
         now=NOW,
-        round_tokens=round_tokens,
+        timing=Timing(
+            matchmaking_s=2.0, progress_period_s=1.0, chunk_timeout_s=10.0, round_tokens=round_tokens
+        ),
         straggler_wait_s=30.0,
         tokens_per_step=100,
     )
@@ -148,9 +153,10 @@ def test_round_tokens_close_the_round_at_the_budget_and_extrapolate_its_end():
     open_round = progress(record(b"b", 3, tokens=300, tokens_per_s=100.0), round_tokens=1000)
     assert not open_round.closed and open_round.end_eta == NOW + 500 / 200.0
     assert progress(record(b"b", 3, tokens=800), round_tokens=1000).closed
-    assert progress(
-        record(b"b", 3, done=True), round_tokens=10**9
-    ).closed  # any peer ending the round ends it
+    # the majority of the round's peers ending it ends it for all; one peer alone does not (it may be lying)
+    assert not progress(record(b"b", 3, done=True), round_tokens=10**9).closed
+    mine_done = record(b"me", 3, eta=NOW, done=True)
+    assert progress(record(b"b", 3, done=True), mine=mine_done, round_tokens=10**9).closed
 
 
 def test_the_first_peer_schedules_once_the_end_is_within_the_slack():
@@ -213,8 +219,13 @@ def test_straggler_wait_is_the_flag_or_a_median_inner_phase_with_a_floor():
 
 
 # ---- agreement -------------------------------------------------------------------------------------------------
+def sha(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
 def hashes(peer: bytes, **by_round: str) -> HashRecord:
-    return HashRecord(peer_id=peer, hashes={k.lstrip("r"): v for k, v in by_round.items()})
+    by_round = {k.lstrip("r"): sha(v) for k, v in by_round.items()}
+    return HashRecord(peer_id=peer, hashes=by_round, state_hashes=by_round)
 
 
 def test_majority_counts_live_peers_only_and_never_us_as_donor():
@@ -226,8 +237,8 @@ def test_majority_counts_live_peers_only_and_never_us_as_donor():
     }
     found = round_hashes(records, live=[b"me", b"a", b"b"], round_index=5)
     view = majority_view(found, round_index=5, me=b"me")
-    assert view.majority_hash == "y" and sorted(view.donors) == [b"a", b"b"] and view.num_records == 3
-    assert should_resync(view, "x") and not should_resync(view, "y")
+    assert view.majority_hash == sha("y") and sorted(view.donors) == [b"a", b"b"] and view.num_records == 3
+    assert should_resync(view, sha("x")) and not should_resync(view, sha("y"))
 
 
 def test_ties_break_by_hash_value_so_every_peer_picks_the_same_winner():
@@ -242,11 +253,64 @@ def test_no_donor_means_no_resync():
     assert not should_resync(majority_view({}, round_index=1, me=b"me"), "y")
 
 
-def test_newcomer_joins_at_the_newest_round_other_live_peers_hashed():
+def test_newcomer_joins_at_the_round_most_live_peers_reached_not_the_newest_claim():
     records = {
         b"a": hashes(b"a", r3="x", r4="y"),
+        b"b": hashes(b"b", r4="y"),
+        b"liar": hashes(b"liar", r999999="z"),  # one record claiming a far-future round
         b"gone": hashes(b"gone", r9="z"),
         b"me": hashes(b"me", r7="w"),
     }
-    assert newest_hashed_round(records, live=[b"a", b"me"], me=b"me") == 4
-    assert newest_hashed_round(records, live=[b"me"], me=b"me") is None
+    assert joining_round(records, live=[b"a", b"b", b"liar", b"me"], me=b"me") == 4
+    assert joining_round(records, live=[b"me"], me=b"me") is None
+
+
+def test_only_the_rounds_group_members_vote_when_the_group_is_known():
+    sybils = {k: hashes(k, r5="forged") for k in (b"s1", b"s2", b"s3")}
+    records = {b"me": hashes(b"me", r5="ours"), b"a": hashes(b"a", r5="ours"), **sybils}
+    live = [b"me", b"a", b"s1", b"s2", b"s3"]
+    everyone = majority_view(round_hashes(records, live=live, round_index=5), round_index=5, me=b"me")
+    assert everyone.majority_hash == sha("forged")  # without group knowledge three made-up keys outvote two
+    group = frozenset({b"me", b"a"})
+    members = majority_view(
+        round_hashes(records, live=live, round_index=5, voters=group), round_index=5, me=b"me"
+    )
+    assert members.majority_hash == sha("ours") and members.num_records == 2
+
+
+def test_votes_are_on_the_state_hash_that_covers_momentum():
+    same_params = HashRecord(
+        peer_id=b"a", hashes={"5": sha("p")}, state_hashes={"5": sha("momentum differs")}
+    )
+    found = round_hashes({b"a": same_params}, live=[b"a"], round_index=5)
+    assert found == {b"a": sha("momentum differs")}
+
+
+# ---- bounded influence of a lying record (I8) ------------------------------------------------------------------
+def test_a_claim_of_the_whole_budget_counts_only_up_to_a_few_times_the_median():
+    liar = record(b"liar", 3, tokens=10**12)
+    found = progress(record(b"b", 3, tokens=200), liar, round_tokens=10_000)
+    assert found.tokens == 200 + 200 + 4 * 200 and not found.closed
+    honest_fast = progress(record(b"b", 3, tokens=800), round_tokens=10**9)  # 4x the median: counted in full
+    assert honest_fast.tokens == 1000
+
+
+def test_a_group_time_far_in_the_future_is_not_adopted():
+    stall = record(b"liar", 3, averaging=3, scheduled_time=NOW + 10_000, eta=NOW + 1)
+    found = progress(stall, mine=record(b"me", 3, eta=NOW + 1))
+    assert found.scheduled_time == 0.0  # we choose our own time instead of waiting for the liar's
+    assert scheduled_group_time(found, now=NOW, timing=TIMING)[1] == "own"
+    # a group the liar says is forming would make us stop waiting for the round's peers; not this one
+    assert round_company(live(record(b"me", 3), stall), me=b"me", round_index=3, now=NOW).ready
+    assert not round_company(
+        live(record(b"me", 3), stall), me=b"me", round_index=3, now=NOW, max_lead_s=30
+    ).ready
+    lead = max_group_lead_s(TIMING, 30.0)
+    assert (
+        after_inner_group_time([stall], round_index=3, now=NOW, matchmaking_s=2, max_lead_s=lead) == NOW + 2
+    )
+
+
+def test_a_claimed_crawl_does_not_stretch_the_schedule_beyond_the_straggler_wait():
+    crawler = record(b"liar", 3, tokens_per_s=1e-9, eta=NOW + 1)
+    assert progress(crawler).slowest_step_s == 30.0

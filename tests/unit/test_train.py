@@ -13,7 +13,7 @@ import torch
 
 from peer.config import DataConfig, InnerConfig, ModelConfig, OuterConfig, RunConfig, SwarmConfig
 from peer.network import AveragingAttempt
-from peer.outer import AveragingResult, OuterOptimizer
+from peer.outer import AveragingResult, OuterOptimizer, tensors_sha256
 from peer.records import HashRecord, ProgressRecord
 from peer.signals import StopFlag
 from peer.simulate import simulate
@@ -161,8 +161,18 @@ def donated_state(config: RunConfig, *, round_index: int, shift: float) -> tuple
             config, StopFlag(handle_signals=False), network_factory=FakeSwarm().factory
         ).fingerprint,
         "params_sha256": outer.params_hash(),
+        "state_sha256": tensors_sha256(outer.state_tensors()),
     }
     return metadata, [t.clone() for t in outer.state_tensors()]
+
+
+def vote(key: bytes, round_index: int, metadata: dict) -> HashRecord:
+    """A hash record of a peer holding the donated state in that round."""
+    return HashRecord(
+        peer_id=key,
+        hashes={str(round_index): metadata["params_sha256"]},
+        state_hashes={str(round_index): metadata["state_sha256"]},
+    )
 
 
 def forked_swarm(config: RunConfig, *, tamper=None) -> tuple[FakeSwarm, dict, object]:
@@ -171,7 +181,7 @@ def forked_swarm(config: RunConfig, *, tamper=None) -> tuple[FakeSwarm, dict, ob
     if tamper is not None:
         tamper(tensors)
     swarm = FakeSwarm(companions=2, donor_state=(metadata, tensors))
-    votes = {c: HashRecord(peer_id=c, hashes={"1": metadata["params_sha256"]}) for c in (b"c0", b"c1")}
+    votes = {c: vote(c, 1, metadata) for c in (b"c0", b"c1")}
 
     def vote_after_joining(peer, round_index, count):
         swarm.other_hashes.update(votes)  # not before: a newcomer would simply download it at join
@@ -201,6 +211,24 @@ def test_a_donated_state_that_does_not_match_its_hash_is_refused(tmp_path):
     peer = run_peer(config, swarm, on_step=on_step)
     assert swarm.downloads >= 1 and not peer.records[0]["resynced"]
     assert peer.records[0]["global_params_sha256"] != metadata["params_sha256"]
+
+
+def test_after_a_failed_allreduce_a_peer_takes_the_state_of_the_one_that_applied_the_round(tmp_path):
+    """One against one: the peer whose all-reduce failed kept the old state, so it does not vote against the peer
+    that applied the round (a tie broken by hash value would leave the two forked every other time)."""
+    config = make_config(tmp_path, max_rounds=1)
+    metadata, tensors = donated_state(config, round_index=1, shift=0.01)
+    swarm = FakeSwarm(
+        companions=1, allreduce=lambda r, g, t: AveragingAttempt(None), donor_state=(metadata, tensors)
+    )
+
+    def companion_applied_round_one(peer, round_index, count):
+        swarm.other_hashes[b"c0"] = vote(b"c0", 1, metadata)
+
+    peer = run_peer(config, swarm, on_step=companion_applied_round_one)
+    record = peer.records[0]
+    assert record["failed"] and record["resynced"] and swarm.downloads == 1
+    assert record["global_params_sha256"] == metadata["params_sha256"]
 
 
 def test_a_non_finite_local_update_is_never_contributed(tmp_path):
@@ -241,7 +269,7 @@ def test_a_late_joiner_starts_from_the_swarm_state_and_round(tmp_path):
     )  # fmt: skip
     swarm = FakeSwarm(
         other_progress={b"v": veteran},
-        other_hashes={b"v": HashRecord(peer_id=b"v", hashes={"5": metadata["params_sha256"]})},
+        other_hashes={b"v": vote(b"v", 5, metadata)},
         donor_state=(metadata, tensors),
     )
     peer = run_peer(config, swarm)

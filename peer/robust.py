@@ -1,0 +1,63 @@
+"""Bounds every peer computes the same way, so that no single peer can move the average by more than a bounded amount.
+
+A pseudo-gradient is the sum of H AdamW steps, and an AdamW step moves each value by at most a few learning rates
+(Adam's normalized update) plus weight decay. So every value of an honest contribution lies within a bound that each
+peer computes identically from the run's settings and the global parameters: reducers clamp contributions to it and
+every receiver checks the averaged parts against it (I8). Honest values are far inside it, so clamping leaves them
+bit for bit unchanged and peers that compute the bound agree with the simulation, which never clamps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from peer.config import RunConfig
+
+# |m_hat| / sqrt(v_hat) of Adam with beta1 = 0.9, beta2 = 0.95 stays below (1 - b1) / sqrt(1 - b2) / (1 - b1 / sqrt(b2))
+# ~ 5.8 however the gradients behave; twice that leaves room for bias correction and eps.
+ADAM_UPDATE_BOUND = 12.0
+# a peer's weight (its tokens) counts up to this many times the median weight of the group
+WEIGHT_CAP_FACTOR = 4.0
+# decoding a lossy codec (fp16, 8-bit blockwise) may overshoot a value slightly
+RECEIVED_VALUE_SLACK = 1.05
+
+
+def max_inner_steps(config: RunConfig) -> int:
+    """The most inner steps an honest peer takes in a round: H, or with --round-tokens the budget in steps of one
+    sequence (a peer alone in the swarm with batch size 1)."""
+    if config.inner.round_tokens:
+        return max(config.inner.steps, -(-config.inner.round_tokens // config.data.seq_len))
+    return config.inner.steps
+
+
+@torch.no_grad()
+def pseudo_gradient_bound(global_params: Sequence[torch.Tensor], config: RunConfig) -> float:
+    """The largest absolute value an honest pseudo-gradient can hold this round."""
+    max_abs = max((float(p.abs().max()) for p in global_params if p.numel()), default=0.0)
+    per_step = config.inner.lr * (ADAM_UPDATE_BOUND + config.inner.weight_decay * 2.0 * max_abs)
+    return max_inner_steps(config) * per_step
+
+
+def capped_weights(weights: Sequence[float]) -> list[float]:
+    """Each weight capped at WEIGHT_CAP_FACTOR x the lower median, so one sender claiming a huge token count cannot
+    make the average its own update."""
+    if not weights:
+        return []
+    cap = WEIGHT_CAP_FACTOR * sorted(weights)[(len(weights) - 1) // 2]
+    return [min(float(w), cap) for w in weights]
+
+
+def clamp_contribution(part: torch.Tensor, bound: float) -> torch.Tensor:
+    """The part with every value clamped into [-bound, bound]; the very same tensor when nothing exceeds it."""
+    if bound <= 0 or float(part.abs().max()) <= bound:
+        return part
+    return part.clamp(-bound, bound)
+
+
+def within_bound(part: torch.Tensor, bound: float) -> bool:
+    """An averaged part a receiver may accept: finite and within the bound its reducer had to respect."""
+    if not bool(torch.isfinite(part).all()):
+        return False
+    return bound <= 0 or part.numel() == 0 or float(part.abs().max()) <= bound * RECEIVED_VALUE_SLACK

@@ -1,0 +1,164 @@
+"""A test-only attacking peer: the project's own peer with a network that lies. Never part of the product.
+
+    python -m tests.attacker --attack KIND [peer flags]
+
+KIND:
+  votes     publishes the state hash of an all-zero model for every round under its own and three made-up record keys,
+            and serves that all-zero state to anyone who downloads (the "hash-vote takeover")
+  weight    claims a huge token count (its averaging weight) in every all-reduce
+  values    contributes huge finite values (3e38) as its pseudo-gradient
+  reducer   returns averaged parts full of huge values for the shard it reduces
+  records   publishes progress records with a group time far in the future, a false 'done', the whole token budget and
+            an expiration that never comes, and a settings record of another fingerprint
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+
+import torch
+
+ATTACKS = ("votes", "weight", "values", "reducer", "records")
+HUGE = 3e38
+NUM_SYBILS = 3
+
+
+def attacking_network(attack: str):
+    """A network factory for peer.train.Peer whose Swarm lies in the way `attack` says."""
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from peer.outer import tensors_sha256
+    from peer.records import HashRecord, SettingsRecord
+    from peer.swarm import RECORD_TTL_S, Swarm
+
+    class AttackingSwarm(Swarm):
+        def __init__(self, config, *, state_provider, **kwargs):
+            if attack == "votes":
+                honest_provider = state_provider
+
+                def state_provider():  # the all-zero state, claiming to be what the swarm holds
+                    metadata, tensors = honest_provider()
+                    return metadata, [torch.zeros_like(t) for t in tensors]
+
+                self.zero_hash = None
+            super().__init__(config, state_provider=state_provider, **kwargs)
+            self.sybils = []
+            if attack == "votes":
+                import hivemind
+                from hivemind.dht.schema import RSASignatureValidator
+                from hivemind.utils.crypto import RSAPrivateKey
+
+                for _ in range(NUM_SYBILS):  # each made-up identity signs with a key of its own
+                    validator = RSASignatureValidator(RSAPrivateKey())
+                    dht = hivemind.DHT(
+                        initial_peers=self.visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True
+                    )
+                    dht.add_validators([validator])
+                    self.sybils.append((dht, validator.local_public_key))
+
+        def publish_hash(self, round_index, params_sha256, state_sha256):
+            if attack != "votes":
+                return super().publish_hash(round_index, params_sha256, state_sha256)
+            _, tensors = self.averaging.averager.get_current_state()[:2]
+            zero = tensors_sha256(tensors)
+            lie = {str(r): zero for r in range(max(0, round_index - 3), round_index + 1)}
+            for dht, key in [(self.dht, self._public_key), *self.sybils]:
+                record = HashRecord(peer_id=self._peer_id.to_bytes(), hashes=lie, state_hashes=lie)
+                dht.store(
+                    self._hashes_key, subkey=key, value=record.dict(), expiration_time=get_dht_time() + 600
+                )
+
+        def run_averaging(self, scheduled, pseudo_grads, *, tokens, should_stop, during_allreduce=None):
+            if attack == "weight":
+                tokens = 10**12
+            if attack == "values":
+                pseudo_grads = [torch.full_like(g, HUGE) for g in pseudo_grads]
+            return super().run_averaging(
+                scheduled,
+                pseudo_grads,
+                tokens=tokens,
+                should_stop=should_stop,
+                during_allreduce=during_allreduce,
+            )
+
+        def report_progress(self, *, round_index, inner_step, tokens, done, tokens_per_s, eta, now=False):
+            if attack != "records":
+                return super().report_progress(
+                    round_index=round_index, inner_step=inner_step, tokens=tokens, done=done,
+                    tokens_per_s=tokens_per_s, eta=eta, now=now,
+                )  # fmt: skip
+            super().report_progress(
+                round_index=round_index, inner_step=inner_step, tokens=10**12, done=True,
+                tokens_per_s=tokens_per_s, eta=eta, now=now,
+            )  # fmt: skip
+            self.mark_averaging(round_index, get_dht_time() + 10_000)  # everyone, wait for my group
+
+        def _publish_periodically(self):
+            if attack != "records":
+                return super()._publish_periodically()
+            while not self._stop.is_set():
+                never = get_dht_time() + 10**6
+                other = SettingsRecord(
+                    peer_id=self._peer_id.to_bytes(), fingerprint="0" * 16, settings_json="{}"
+                )
+                try:
+                    self._store(self._progress_key, subkey=self._public_key, value=self._progress.dict(),
+                                expiration_time=never)  # fmt: skip
+                    self._store(self._settings_key, subkey=self._public_key, value=other.dict(),
+                                expiration_time=get_dht_time() + RECORD_TTL_S)  # fmt: skip
+                except Exception:
+                    pass
+                self._stop.wait(self.config.swarm.progress_period_s)
+
+        def shutdown(self):
+            for dht, _ in self.sybils:
+                dht.shutdown()
+            super().shutdown()
+
+    def factory(config, **kwargs):
+        return AttackingSwarm(config, **kwargs)
+
+    return factory
+
+
+def lying_encode(compression, averaged):
+    """What a lying reducer returns instead of the average it computed: huge values, encoded as usual."""
+    from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+
+    lie = torch.full_like(averaged, HUGE)
+    serialized = compression.compress(lie, CompressionInfo.from_tensor(lie), allow_inplace=True)
+    return serialized, deserialize_torch_tensor(serialized)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--attack", choices=ATTACKS, required=True)
+    own, rest = parser.parse_known_args(argv)
+    from peer.__main__ import die_with_parent, setup_logging
+    from peer.cli import config_from_args
+
+    config, log_level = config_from_args(rest)
+    setup_logging(log_level)
+    die_with_parent()
+    if own.attack == "reducer":
+        import peer.allreduce
+
+        peer.allreduce.encode_once = (
+            lying_encode  # the averager process is forked after this: it inherits the lie
+        )
+    from peer.signals import StopFlag
+    from peer.train import Peer
+
+    logging.getLogger("peer").warning(
+        f"ATTACKING with {own.attack!r} ({hashlib.sha1(own.attack.encode()).hexdigest()[:6]})"
+    )
+    return Peer(config, StopFlag(), network_factory=attacking_network(own.attack)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

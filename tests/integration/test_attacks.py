@@ -1,0 +1,77 @@
+"""One attacking peer (tests/attacker.py, the project's own code with a lying network) among honest peers on
+127.0.0.1: the honest peers keep training, keep agreeing bit for bit, and never adopt a poisoned or non-finite state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from peer.model import build_model, load_model_config
+from peer.outer import tensors_sha256
+from tests.integration.harness import hashes_by_round
+
+ROUNDS = 4
+
+
+def start(local_swarm, attack: str, *extra: str):
+    local_swarm.start_bootstrap()
+    args = ["--wait-for-peers", "3", *extra]
+    honest = [local_swarm.start_peer(f"honest{i}", "--max-rounds", str(ROUNDS), *args) for i in range(2)]
+    attacker = local_swarm.start_peer("attacker", *args, "--attack", attack, module="tests.attacker")
+    local_swarm.wait_rounds(honest, ROUNDS, timeout_s=300)
+    assert attacker.alive() or "ATTACKING" in attacker.log(), attacker.log()[-2000:]
+    return honest, attacker
+
+
+def assert_honest_agree_and_finite(honest) -> None:
+    for round_index, by_peer in hashes_by_round(honest).items():
+        assert len(set(by_peer.values())) == 1, f"round {round_index}: honest peers disagree: {by_peer}"
+    for peer in honest:
+        assert all(math.isfinite(r["loss"]) and r["loss"] < 10.0 for r in peer.records()), peer.log()[-2000:]
+
+
+def zero_model_hash() -> str:
+    model = build_model(load_model_config("tiny", vocab_size=8192, max_seq_len=64), seed=0)
+    return tensors_sha256([torch.zeros_like(p) for p in model.parameters()])
+
+
+@pytest.mark.timeout(420)
+def test_made_up_voters_cannot_make_honest_peers_adopt_their_state(local_swarm):
+    honest, attacker = start(local_swarm, "votes")
+    assert_honest_agree_and_finite(honest)
+    poisoned = zero_model_hash()
+    for peer in honest:
+        assert all(r["global_params_sha256"] != poisoned for r in peer.records()), peer.log()[-3000:]
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("attack", ["weight", "values"])
+def test_an_inflated_weight_or_huge_values_move_the_model_only_within_the_bound(local_swarm, attack):
+    honest, _ = start(local_swarm, attack)
+    assert_honest_agree_and_finite(honest)
+    for peer in honest:
+        assert sum(r["group_size"] == 3 for r in peer.records()) >= 2, peer.log()[
+            -2000:
+        ]  # it was averaged in
+
+
+@pytest.mark.timeout(420)
+def test_a_lying_reducer_fails_rounds_but_never_poisons_the_model(local_swarm):
+    honest, _ = start(local_swarm, "reducer")
+    assert_honest_agree_and_finite(honest)
+    logs = "".join(peer.log() for peer in honest)
+    assert "beyond the bound" in logs  # its parts were seen and refused
+
+
+@pytest.mark.timeout(420)
+def test_lying_records_neither_stall_the_swarm_nor_cut_its_rounds_short(local_swarm):
+    budget = 24 * 4 * 64  # 24 steps of FAST_PEER_ARGS' batch 4 x seq 64, shared by the swarm
+    honest, _ = start(local_swarm, "records", "--round-tokens", str(budget))
+    assert_honest_agree_and_finite(honest)
+    for peer in honest:
+        records = peer.records()
+        # a false 'done' with the whole budget would end every round after one step
+        assert all(r["inner_steps"] > 2 for r in records[1:]), [r["inner_steps"] for r in records]
+        assert all(r["group_size"] >= 2 for r in records[1:]), peer.log()[-2000:]

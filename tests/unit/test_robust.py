@@ -1,0 +1,107 @@
+"""Bounded influence at the reducer (peer/robust.py, peer/allreduce.py): one lying sender cannot move the average
+by more than a bound every peer computes the same way, and honest contributions pass through bit for bit."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import torch
+from hivemind.compression import NoCompression
+
+from peer.allreduce import OrderedPartReducer, encode_once
+from peer.config import DataConfig, InnerConfig, RunConfig
+from peer.inner import build_inner_optimizer, inner_step
+from peer.model import build_model, load_model_config
+from peer.outer import OuterOptimizer, average_contributions, tensors_sha256
+from peer.robust import (
+    RECEIVED_VALUE_SLACK,
+    capped_weights,
+    clamp_contribution,
+    pseudo_gradient_bound,
+    within_bound,
+)
+from tests.unit.test_allreduce import submit
+
+SIZE = 64
+KEYS = (b"\x01", b"\x02", b"\x03")
+
+
+def reduce_once(parts: list[torch.Tensor], weights: list[float], bound: float) -> torch.Tensor:
+    async def run():
+        reducer = OrderedPartReducer(
+            (torch.Size([SIZE]),),
+            len(parts),
+            part_dtypes=(torch.float32,),
+            order_keys=KEYS[: len(parts)],
+            encode=functools.partial(encode_once, NoCompression()),
+            value_bound=bound,
+        )
+        return await submit(reducer, [(s, 0, parts[s], weights[s]) for s in range(len(parts))])
+
+    results = asyncio.run(run())
+    assert all(r[0] is results[0][0] for r in results), "every sender gets the same bytes"
+    return results[0][1]
+
+
+def honest_parts() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randn(SIZE, generator=generator) * 1e-3 for _ in range(2)]
+
+
+def test_honest_contributions_within_the_bound_pass_through_bit_for_bit():
+    parts = honest_parts()
+    averaged = reduce_once(parts, [1.0, 2.0], bound=1.0)
+    assert tensors_sha256([averaged]) == tensors_sha256([average_contributions(parts, [1.0, 2.0], KEYS[:2])])
+    assert clamp_contribution(parts[0], 1.0) is parts[0]
+
+
+def test_a_huge_finite_contribution_moves_the_average_by_at_most_the_bound():
+    parts = honest_parts()
+    attacker = torch.full((SIZE,), 3e38)  # finite, would overflow the outer step
+    averaged = reduce_once([*parts, attacker], [1.0, 1.0, 1.0], bound=0.01)
+    clean = average_contributions(parts, [1.0, 1.0], KEYS[:2])
+    assert within_bound(averaged, 0.01)
+    assert float((averaged - clean).abs().max()) <= 0.01  # its share (1/3) of at most twice the bound
+
+
+def test_an_inflated_weight_counts_at_most_four_times_the_median():
+    assert capped_weights([1.0, 1.0, 1e30]) == [1.0, 1.0, 4.0]
+    assert capped_weights([1.0, 1e30]) == [1.0, 4.0]  # two peers: the lower median is the honest one
+    assert capped_weights([1.0, 2.0, 4.0]) == [1.0, 2.0, 4.0]  # honest heterogeneous peers keep their weights
+    parts = honest_parts()
+    attacker = torch.full((SIZE,), 0.01)
+    averaged = reduce_once([*parts, attacker], [1.0, 1.0, 1e30], bound=0.01)
+    # without the cap the average would be the attacker's update exactly
+    assert not torch.equal(averaged, attacker)
+    expected = average_contributions([*parts, attacker], [1.0, 1.0, 4.0], KEYS)
+    assert tensors_sha256([averaged]) == tensors_sha256([expected])
+
+
+def test_receivers_refuse_non_finite_and_out_of_bound_averages():
+    assert within_bound(torch.full((4,), 0.01), 0.01)
+    assert within_bound(torch.full((4,), 0.01 * RECEIVED_VALUE_SLACK), 0.01)  # a lossy codec's overshoot
+    assert not within_bound(torch.full((4,), 0.02), 0.01)
+    assert not within_bound(torch.tensor([0.0, float("nan")]), 1.0)
+    assert not within_bound(torch.tensor([float("inf")]), 0.0)  # no bound still means finite
+
+
+def test_real_pseudo_gradients_are_well_inside_the_bound():
+    """The bound is loose enough that honest training never trips it: H AdamW steps of the tiny model at a high
+    learning rate stay far inside it."""
+    config = RunConfig(
+        data=DataConfig(batch_size=2, seq_len=16),
+        inner=InnerConfig(steps=4, lr=3e-3, warmup_steps=0),
+    )
+    model = build_model(load_model_config("tiny", vocab_size=512, max_seq_len=16), seed=0)
+    outer = OuterOptimizer(list(model.parameters()), config.outer)
+    optimizer = build_inner_optimizer(model, config.inner)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(config.inner.steps):
+        inner_step(
+            model, optimizer, torch.randint(0, 512, (2, 16), generator=generator), lr=3e-3, grad_clip=1.0
+        )
+    pseudo_grads = outer.pseudo_gradient(list(model.parameters()))
+    bound = pseudo_gradient_bound(outer.global_params, config)
+    largest = max(float(g.abs().max()) for g in pseudo_grads)
+    assert 0 < largest < bound / 2, (largest, bound)
