@@ -14,7 +14,6 @@ import inspect
 import json
 import os
 import re
-import textwrap
 from dataclasses import dataclass, field
 
 COMPRESSIONS = ("none", "fp16", "int8")
@@ -44,21 +43,28 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
-@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of a dataclass, whitespace collapsed (the flags' help)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr)
-            and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(after.value.value.split())
+    return _class_field_docs(inspect.getsourcefile(cls)).get(cls.__qualname__, {})
+
+
+@functools.cache
+def _class_field_docs(path: str) -> dict[str, dict[str, str]]:
+    """Class name -> field -> docstring, for the top-level classes of a source file (parsed once)."""
+    with open(path, encoding="utf-8") as file:
+        tree = ast.parse(file.read())
+    docs: dict[str, dict[str, str]] = {}
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        fields = docs.setdefault(cls.name, {})
+        for node, after in zip(cls.body, cls.body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                fields[node.target.id] = " ".join(after.value.value.split())
     return docs
 
 

@@ -80,7 +80,7 @@ def load_model_config(
     if name in PRESETS:
         config = LlamaConfig(**PRESETS[name], max_position_embeddings=max(max_seq_len, 256))
     else:
-        config = _hugging_face_config(name)
+        config = _hugging_face_config(name, flag="--init-from" if pretrained else "--model")
         if (
             not pretrained
             and os.path.isdir(name)
@@ -102,17 +102,20 @@ def load_model_config(
     return config
 
 
-def _hugging_face_config(name: str) -> PretrainedConfig:
+def _hugging_face_config(name: str, *, flag: str) -> PretrainedConfig:
     """A config.json, a model directory, or a model id in the local Hugging Face cache (never downloaded)."""
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as e:
         if os.path.exists(name):
             reason = str(e).strip().splitlines()[0]
-            raise ValueError(f"--model {name} is not a readable Hugging Face config: {reason}") from None
+            raise ValueError(f"{flag} {name} is not a readable Hugging Face config: {reason}") from None
+        if os.path.isabs(name) or name.startswith((".", "~")):
+            raise ValueError(f"{flag} {name}: no such file or directory") from None
+        presets = f"a preset ({', '.join(PRESETS)}), " if flag == "--model" else ""
         raise ValueError(
-            f"--model {name!r} is neither a preset ({', '.join(PRESETS)}), nor a config file or model directory, "
-            f"nor a model in the local Hugging Face cache (download it first: hf download {name})"
+            f"{flag} {name!r} is neither {presets}a config file or model directory, nor a model in the local "
+            f"Hugging Face cache (download it first: hf download {name})"
         ) from None
 
 

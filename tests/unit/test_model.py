@@ -92,6 +92,8 @@ def test_a_model_id_comes_from_the_local_hugging_face_cache_only(tmp_path, monke
         ValueError, match="nor a model in the local Hugging Face cache.*hf download nobody/nothing"
     ):
         load_model_config("nobody/nothing", vocab_size=100, max_seq_len=32)
+    with pytest.raises(ValueError, match="^--init-from /no/such/dir: no such file or directory$"):
+        load_model_config("/no/such/dir", vocab_size=100, max_seq_len=32, pretrained=True)
     # the cache's layout: models--ORG--NAME/refs/main names a snapshot holding the files
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     from transformers.utils import hub
