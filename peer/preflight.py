@@ -5,8 +5,10 @@ node, so its module level needs nothing but the standard library."""
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import importlib.util
 import logging
+import math
 import os
 import socket
 import sys
@@ -381,9 +383,39 @@ def _names_hub_resource(spec: str, *, file_suffixes: tuple[str, ...] = ()) -> bo
     return spec != "embedded" and not spec.endswith(file_suffixes) and not _is_local_spec(spec)
 
 
+# ---- settings ---------------------------------------------------------------------------------------------------
+def _flag_names() -> dict[tuple[str | None, str], str]:
+    """(config section, field name) -> the flag that sets it, from peer.cli's table."""
+    from peer.cli import FLAGS
+
+    names = {}
+    for key, flag in FLAGS.items():
+        section, name = flag if isinstance(flag, tuple) else (flag.section, flag.field.name)
+        names[section, name] = "--" + key.replace("_", "-")
+    return names
+
+
+def check_finite_numbers(config: Any) -> None:
+    """No setting is NaN or infinite: TOML and float() accept both, and the range checks of peer/config.py let
+    some through (NaN fails every comparison), though no setting means anything with them."""
+    flags = _flag_names()
+    sections = [(None, config)] + [
+        (field.name, getattr(config, field.name))
+        for field in dataclasses.fields(config)
+        if dataclasses.is_dataclass(getattr(config, field.name))
+    ]
+    for section, settings in sections:
+        for field in dataclasses.fields(settings):
+            value = getattr(settings, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                flag = flags.get((section, field.name), f"{section + '.' if section else ''}{field.name}")
+                raise PreflightError(f"{flag} must be a finite number, got {value}", exit_code=2)
+
+
 # ---- everything a command checks before it starts --------------------------------------------------------------
 def check_peer(config: Any) -> None:
     """Every check of a peer's settings (a peer.config.RunConfig), cheapest first; raises the first PreflightError."""
+    check_finite_numbers(config)
     swarm = config.swarm
     check_host_maddrs(swarm.host_maddrs)
     check_announce_maddrs(swarm.announce_maddrs)

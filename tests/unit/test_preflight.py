@@ -132,3 +132,14 @@ def test_local_tokenizers_and_datasets(tmp_path: Path):
 def test_every_message_is_one_line():
     assert str(PreflightError("a\nb   c\td")) == "a b c d"
     assert preflight.one_line(ValueError("x\n\ny")) == "x y"
+
+
+def test_a_setting_that_is_not_a_finite_number_names_its_flag():
+    from peer.config import InnerConfig, RunConfig, SwarmConfig
+
+    preflight.check_finite_numbers(RunConfig())
+    with pytest.raises(PreflightError, match="--weight-decay must be a finite number, got nan") as error:
+        preflight.check_finite_numbers(RunConfig(inner=InnerConfig(weight_decay=float("nan"))))
+    assert error.value.exit_code == 2
+    with pytest.raises(PreflightError, match="--matchmaking-s must be a finite number, got inf"):
+        preflight.check_finite_numbers(RunConfig(swarm=SwarmConfig(matchmaking_s=float("inf"))))
