@@ -1,6 +1,7 @@
 """CLI of the bootstrap node: parse flags, start the DHT, print how to join, log status until a signal.
 
-Run as `python -m dht_bootstrap` or `diloco-bootstrap`. Imports nothing from the `peer` package.
+Run as `python -m dht_bootstrap` or `diloco-bootstrap`. Imports nothing from the `peer` package but
+peer/preflight.py (checks of what the user typed, standard library only, shared with the peer CLI).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from peer import preflight
 
 if TYPE_CHECKING:
     from hivemind.utils.multiaddr import Multiaddr
@@ -57,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MADDR",
         help="public multiaddrs to advertise to peers, e.g. /ip4/203.0.113.7/tcp/31337 when the node is "
         "behind NAT or port forwarding (default: the addresses it listens on)",
+    )
+    parser.add_argument(
+        "--initial-peers",
+        nargs="+",
+        default=[],
+        metavar="MADDR",
+        help="join the DHT of another bootstrap node (or any live peer) instead of starting a new one, e.g. a second "
+        "node for redundancy: peers may then join through either (default: start a new DHT)",
     )
     parser.add_argument(
         "--identity-path",
@@ -231,22 +242,32 @@ def main(argv: list[str] | None = None) -> int:
     # its first shared tensor; a signal that arrives during that handshake leaves torch spinning
     # forever (seen with torch 2.13). Shared fds need no manager process, and the node shares little.
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+    try:  # before importing hivemind and torch (seconds): a typo is reported at once
+        preflight.check_bootstrap(
+            host_maddrs=args.host_maddrs,
+            announce_maddrs=args.announce_maddrs,
+            initial_peers=args.initial_peers,
+            identity_path=args.identity_path,
+            maddrs_file=args.maddrs_file,
+        )
+    except preflight.PreflightError as e:
+        if e.exit_code == 2:
+            parser.error(str(e))
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
     from dht_bootstrap.node import BootstrapConfig, BootstrapError
 
     try:
         config = BootstrapConfig(
             host_maddrs=tuple(args.host_maddrs),
             announce_maddrs=tuple(args.announce_maddrs),
+            initial_peers=tuple(args.initial_peers),
             identity_path=args.identity_path,
             maddrs_file=args.maddrs_file,
             status_interval_s=args.status_interval,
         )
     except ValueError as e:
         parser.error(str(e))
-    if config.maddrs_file is not None and not config.maddrs_file.parent.is_dir():
-        parser.error(
-            f"--maddrs-file {config.maddrs_file}: directory {config.maddrs_file.parent} does not exist"
-        )
 
     try:
         return run(config, stop=stop, peer_filter=peer_filter)

@@ -10,7 +10,6 @@ import ipaddress
 import logging
 import os
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,6 +23,14 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
+
+from peer.preflight import (
+    PreflightError,
+    check_announce_maddrs,
+    check_host_maddrs,
+    check_peer_maddrs,
+    check_ports_free,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,8 @@ class BootstrapConfig:
     """Multiaddrs to listen on; 0.0.0.0 means every interface."""
     announce_maddrs: tuple[str, ...] = ()
     """Public multiaddrs to advertise instead of the listening ones (e.g. behind port forwarding)."""
+    initial_peers: tuple[str, ...] = ()
+    """Multiaddrs of another bootstrap node or peer whose DHT to join; empty starts a new DHT."""
     identity_path: Path | None = None
     """Private key file; created on first start, reused after, so the peer id survives restarts."""
     maddrs_file: Path | None = None
@@ -57,31 +66,13 @@ class BootstrapConfig:
     """Grace period for a clean DHT shutdown before its process is terminated."""
 
     def __post_init__(self) -> None:
-        if not self.host_maddrs:
-            raise ValueError("--host-maddrs needs at least one multiaddr")
-        for maddr in self.host_maddrs:
-            parse_maddr(maddr, flag="--host-maddrs")
-        for maddr in self.announce_maddrs:
-            parsed = parse_maddr(maddr, flag="--announce-maddrs")
-            for proto in ("tcp", "udp"):
-                if proto in parsed and parsed[proto] == "0":
-                    raise ValueError(
-                        f"--announce-maddrs {maddr}: port 0 cannot be announced, give the real public port"
-                    )
+        check_host_maddrs(self.host_maddrs)
+        check_announce_maddrs(self.announce_maddrs)
+        check_peer_maddrs(self.initial_peers)
         if not self.status_interval_s > 0:
             raise ValueError(f"--status-interval must be > 0 seconds, got {self.status_interval_s}")
         if not self.startup_timeout_s > 0 or not self.shutdown_timeout_s > 0:
             raise ValueError("startup and shutdown timeouts must be > 0 seconds")
-
-
-def parse_maddr(text: str, *, flag: str) -> Multiaddr:
-    """Parse a multiaddr or raise ValueError naming the flag and showing the expected form."""
-    try:
-        return Multiaddr(text)
-    except Exception as e:  # hivemind's multiaddr raises several unrelated exception types
-        raise ValueError(
-            f"{flag}: {text!r} is not a valid multiaddr ({e}); expected e.g. /ip4/0.0.0.0/tcp/31337"
-        ) from None
 
 
 def load_or_create_identity(path: Path) -> PeerID:
@@ -114,34 +105,6 @@ def load_or_create_identity(path: Path) -> PeerID:
             f"--identity-path {path} is not a hivemind/libp2p RSA private key; "
             "point to another path to create a fresh identity"
         ) from None
-
-
-def check_ports_free(host_maddrs: Sequence[str]) -> None:
-    """Fail early with a clear message if a fixed TCP port we should listen on is taken.
-
-    p2pd would report it too, but only once reuseport is off (see `BootstrapNode.start`) and in a
-    long Go error; this check names the flag.
-    """
-    for text in host_maddrs:
-        maddr = Multiaddr(text)
-        if "tcp" not in maddr or maddr["tcp"] == "0":
-            continue
-        if "ip4" in maddr:
-            family, host = socket.AF_INET, maddr["ip4"]
-        elif "ip6" in maddr:
-            family, host = socket.AF_INET6, maddr["ip6"]
-        else:
-            continue  # dns names etc.: leave it to p2pd
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            # SO_REUSEADDR as Go sets it, so sockets in TIME_WAIT from our previous run do not count as busy.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, int(maddr["tcp"])))
-            except OSError as e:
-                raise BootstrapError(
-                    f"--host-maddrs {text}: cannot listen on {host} port {maddr['tcp']} ({e.strerror}); "
-                    "stop the other process or choose another port"
-                ) from None
 
 
 def is_loopback(maddr: Multiaddr) -> bool:
@@ -224,7 +187,10 @@ class BootstrapNode:
         if config.identity_path is not None:
             expected_peer_id = load_or_create_identity(config.identity_path)
             logger.info("identity %s from %s", expected_peer_id, config.identity_path)
-        check_ports_free(config.host_maddrs)
+        try:
+            check_ports_free(config.host_maddrs)  # again: the port may have been taken since the CLI's check
+        except PreflightError as e:
+            raise BootstrapError(str(e)) from None
         if config.maddrs_file is not None:
             # A stale file from an earlier run must not be mistaken for "this node is ready".
             with suppress(OSError):
@@ -236,6 +202,7 @@ class BootstrapNode:
         os.environ["LIBP2P_TCP_REUSEPORT"] = "false"
         dht = hivemind.DHT(
             start=False,
+            initial_peers=list(config.initial_peers),
             host_maddrs=list(config.host_maddrs),
             announce_maddrs=list(config.announce_maddrs) or None,
             identity_path=None if config.identity_path is None else str(config.identity_path),

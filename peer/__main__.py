@@ -1,4 +1,5 @@
-"""CLI of a swarm peer: parse flags (and an optional TOML config file), set up logging, call train.run."""
+"""CLI of a swarm peer: parse flags (and an optional TOML config file), set up logging, check what the user typed
+(peer/preflight.py) before anything heavy starts, call train.run."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 import sys
 
+from peer import preflight
 from peer.cli import config_from_args
 
 
@@ -45,12 +47,21 @@ def main(argv: list[str] | None = None) -> int:
         config, log_level = config_from_args(argv)
         setup_logging(log_level)
     except (ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {preflight.one_line(e)}", file=sys.stderr)
         return 2
     die_with_parent()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # hivemind's default ("file_system") starts torch_shm_manager, which can hang on a signal during startup
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+    try:
+        preflight.check_peer(config)  # cheap checks first; the last ones load the tokenizer and import torch
+    except preflight.PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    if preflight.fixed_tcp_ports(config.swarm.host_maddrs):
+        # go-libp2p listens with SO_REUSEPORT: a second peer started on this port in the moment since the check
+        # above would share it, and the kernel would split connections between the two. Without it, it fails.
+        os.environ.setdefault("LIBP2P_TCP_REUSEPORT", "false")
     from peer import train  # imported late: torch, transformers and hivemind take seconds to load
     from peer.checkpoint import CheckpointError
     from peer.swarm import SwarmError
@@ -58,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return train.run(config)
     except (SwarmError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {preflight.one_line(e)}", file=sys.stderr)
         return 1
 
 

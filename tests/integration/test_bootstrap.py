@@ -171,6 +171,25 @@ def test_peers_join_and_exchange_values_through_the_node(start_node) -> None:
             reader.shutdown()
 
 
+@pytest.mark.timeout(180)
+def test_a_second_node_joins_the_first_so_peers_may_join_through_either(start_node) -> None:
+    first_maddrs = start_node(*LOCAL).wait_ready()
+    second_maddrs = start_node(*LOCAL, "--initial-peers", *first_maddrs, name="second").wait_ready()
+    assert set(first_maddrs).isdisjoint(second_maddrs)
+
+    writer = _start_client(first_maddrs)  # each client knows only one of the nodes
+    reader = None
+    try:
+        reader = _start_client(second_maddrs)
+        assert writer.store("greeting", "hello", expiration_time=get_dht_time() + 60)
+        found = reader.get("greeting", latest=True)
+        assert found is not None and found.value == "hello", "the two nodes are not one DHT"
+    finally:
+        writer.shutdown()
+        if reader is not None:
+            reader.shutdown()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_node_cleanly_without_leftover_processes(start_node, signum: signal.Signals) -> None:
