@@ -1,4 +1,7 @@
-"""Corpus -> tokens -> fixed-length training batches per peer, plus a fixed held-out slice for evaluation."""
+"""Corpus -> tokens -> fixed-length training batches per peer, plus a fixed held-out slice for evaluation.
+
+The loop uses open_corpus() once, then corpus.train_stream(...) (a BatchStream: next batch, position to save and
+restore) and corpus.eval_batches(...). The embedded corpus is sampled here; real datasets live in documents.py."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -59,12 +63,55 @@ class Tokenizer:
         return torch.tensor(ids, dtype=torch.int32)
 
 
+class BatchStream(Protocol):
+    """A peer's endless training batches, with a position to save in a checkpoint and restore."""
+
+    def __next__(self) -> torch.Tensor:
+        """The next (batch_size, seq_len) int64 batch of token ids."""
+        ...
+
+    def __iter__(self) -> BatchStream: ...
+
+    def state_dict(self) -> dict:
+        """Where the next batch starts: a small JSON-serializable dict."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the stream that produced `state` was (same corpus, seed, shard, sizes)."""
+        ...
+
+
+class Corpus(Protocol):
+    """An opened corpus: the same held-out batches on every peer, and a training stream per peer."""
+
+    @property
+    def description(self) -> str: ...
+
+    def train_stream(
+        self, *, seed: int, batch_size: int, seq_len: int, shard: tuple[int, int] | None = None
+    ) -> BatchStream: ...
+
+    def eval_batches(self, *, batch_size: int, seq_len: int, num_batches: int) -> list[torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class TokenCorpus:
     """All tokens of the corpus, split into a training part and a held-out tail."""
 
     train: torch.Tensor  # (num_train_tokens,) int32
     eval: torch.Tensor  # (num_eval_tokens,) int32
+
+    @property
+    def description(self) -> str:
+        return f"{len(self.train)} training tokens, {len(self.eval)} held-out tokens (in memory)"
+
+    def train_stream(
+        self, *, seed: int, batch_size: int, seq_len: int, shard: tuple[int, int] | None = None
+    ) -> WindowStream:
+        return WindowStream(self.train, seed=seed, batch_size=batch_size, seq_len=seq_len, shard=shard)
+
+    def eval_batches(self, *, batch_size: int, seq_len: int, num_batches: int) -> list[torch.Tensor]:
+        return eval_batches(self.eval, batch_size=batch_size, seq_len=seq_len, num_batches=num_batches)
 
 
 def read_embedded_documents() -> list[dict]:
@@ -183,6 +230,52 @@ def train_batches(
     while True:
         starts = torch.randint(start, end - seq_len, (batch_size,), generator=generator)
         yield tokens[starts[:, None] + offsets].long()  # (batch, seq_len)
+
+
+class WindowStream:
+    """train_batches() as a BatchStream: its position is the number of batches drawn."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        *,
+        seed: int,
+        batch_size: int,
+        seq_len: int,
+        shard: tuple[int, int] | None = None,
+    ):
+        self._make = lambda skip: train_batches(
+            tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, shard=shard, skip=skip
+        )
+        self._batches = self._make(0)
+        self.batches_drawn = 0
+
+    def __iter__(self) -> WindowStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = next(self._batches)
+        self.batches_drawn += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"kind": "windows", "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind", "windows") != "windows":
+            raise ValueError(f"the saved data position is for another kind of corpus ({state.get('kind')})")
+        self.batches_drawn = int(state["batches_drawn"])
+        self._batches = self._make(self.batches_drawn)
+
+
+def open_corpus(config: DataConfig, tokenizer: Tokenizer) -> Corpus:
+    """The embedded corpus (in memory, as load_corpus), or a real dataset read document by document (streamed
+    or memory-mapped; see peer.documents). Raises ValueError with a clear message for a bad dataset or field."""
+    if config.dataset == "embedded":
+        return load_corpus(config, tokenizer)
+    from peer.documents import DocumentSource, open_documents
+
+    return open_documents(DocumentSource.from_config(config), tokenizer, eval_tokens=config.eval_tokens)
 
 
 def eval_batches(
