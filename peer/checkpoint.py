@@ -68,12 +68,18 @@ def split_state(state: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     dicts with int keys (an optimizer's per-parameter state) are marked so that join_state restores them."""
     tensors: dict[str, torch.Tensor] = {}
     names = _tensor_names(state)
+    storages: set[int] = set()
 
     def encode(value, path: tuple):
         if isinstance(value, torch.Tensor):
             name = names.get(path, ".".join(str(p) for p in path))
             assert name not in tensors, f"two tensors named {name}"
-            tensors[name] = value.detach().cpu().contiguous()
+            tensor = value.detach().cpu().contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+            if storage in storages and tensor.numel():  # safetensors stores no aliases: give it its own copy
+                tensor = tensor.clone()
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[name] = tensor
             return {TENSOR: name}
         if isinstance(value, dict):
             if all(isinstance(k, str) for k in value):

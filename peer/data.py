@@ -273,7 +273,8 @@ def open_corpus(config: DataConfig, tokenizer: Tokenizer) -> Corpus:
     or memory-mapped; see peer.documents). Raises ValueError with a clear message for a bad dataset or field."""
     if config.dataset == "embedded":
         return load_corpus(config, tokenizer)
-    from peer.documents import DocumentSource, open_documents
+    from peer.data_source import DocumentSource
+    from peer.documents import open_documents
 
     return open_documents(DocumentSource.from_config(config), tokenizer, eval_tokens=config.eval_tokens)
 

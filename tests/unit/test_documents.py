@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from peer.data import Tokenizer, read_embedded_documents
-from peer.documents import DocumentSource, open_documents
+from peer.data_source import DocumentSource
+from peer.documents import open_documents
 
 SEQ, BATCH = 32, 4
 
