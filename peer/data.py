@@ -21,8 +21,6 @@ from peer.config import DataConfig
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_CORPUS = ASSETS / "corpus.jsonl.gz"
 EMBEDDED_TOKENIZER = ASSETS / "tokenizer.json"
-# Streaming hub datasets are read up to this many tokens per peer start; enough for many rounds and bounded.
-STREAM_TOKEN_BUDGET = 50_000_000
 
 
 class Tokenizer:
@@ -120,80 +118,52 @@ def read_embedded_documents() -> list[dict]:
         return [json.loads(line) for line in file if line.strip()]
 
 
-def _read_documents(dataset: str) -> list[str]:
-    if dataset == "embedded":
-        return [doc["text"] for doc in read_embedded_documents()]
-    if os.path.exists(dataset):
-        if dataset.endswith((".txt", ".md")):
-            return [Path(dataset).read_text(encoding="utf-8")]
-        import datasets  # lazy: datasets is slow to import and only needed for real data
-
-        kind = "json" if dataset.endswith((".json", ".jsonl", ".jsonl.gz", ".json.gz")) else "text"
-        table = datasets.load_dataset(kind, data_files=dataset, split="train")
-        return list(table["text"])
-    return list(_stream_hub_documents(dataset))
-
-
-def _stream_hub_documents(name: str) -> Iterator[str]:
-    """Documents of a Hugging Face hub dataset, streamed (needs network access to the hub)."""
-    import datasets
-
-    config = None
-    if ":" in name:
-        name, config = name.split(":", 1)
-    try:
-        stream = datasets.load_dataset(name, config, split="train", streaming=True)
-    except Exception as exc:  # datasets raises many types for an unknown or unreachable dataset
-        raise ValueError(f"cannot load dataset {name!r}: {exc}") from None
-    num_chars = 0
-    for record in stream:
-        text = record.get("text") or ""
-        num_chars += len(text)
-        yield text
-        if num_chars > 4 * STREAM_TOKEN_BUDGET:
-            return
-
-
-def _cache_path(dataset: str, tokenizer: Tokenizer) -> Path | None:
-    """Where the tokens of a local corpus are cached (tokenizing the embedded corpus takes seconds)."""
-    source = EMBEDDED_CORPUS if dataset == "embedded" else Path(dataset)
-    if not source.is_file():
-        return None
-    stat = source.stat()
+def _cache_path(tokenizer: Tokenizer) -> Path:
+    """Where the embedded corpus's tokens are cached (tokenizing it takes seconds)."""
+    stat = EMBEDDED_CORPUS.stat()
     key = hashlib.sha256(
-        f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{tokenizer.id}".encode()
+        f"{EMBEDDED_CORPUS.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{tokenizer.id}".encode()
     ).hexdigest()
     cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diloco-swarm"
-    return cache_root / f"tokens-{key[:24]}.pt"
+    return cache_root / f"tokens-{key[:24]}.safetensors"
 
 
-def _tokenize_cached(dataset: str, tokenizer: Tokenizer) -> torch.Tensor:
-    cache = _cache_path(dataset, tokenizer)
-    if cache is not None and cache.exists():
+def _embedded_tokens(tokenizer: Tokenizer) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+
+    cache = _cache_path(tokenizer)
+    if cache.exists():
         try:
-            return torch.load(cache)
+            return load_file(cache)["tokens"]
         except Exception:
             pass  # a damaged cache is rebuilt below
-    tokens = tokenizer.encode_documents(_read_documents(dataset))
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            torch.save(tokens, tmp)
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only home only costs the next start a few seconds
+    tokens = tokenizer.encode_documents([doc["text"] for doc in read_embedded_documents()])
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        save_file({"tokens": tokens}, str(tmp))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home only costs the next start a few seconds
     return tokens
 
 
 def load_corpus(config: DataConfig, tokenizer: Tokenizer) -> TokenCorpus:
-    """Tokenize the whole corpus (cached for local files) and cut off the evaluation tail."""
-    tokens = _tokenize_cached(config.dataset, tokenizer)
-    num_eval = min(config.eval_tokens, len(tokens) // 10)
-    train = tokens[: len(tokens) - num_eval]
+    """The whole corpus tokenized in memory: the embedded corpus (its tail held out), or a local dataset (its
+    documents in order; the same held-out slice as open_corpus). Streamed datasets do not fit: use open_corpus."""
+    if config.dataset != "embedded":
+        from peer.data_source import DocumentSource
+        from peer.documents import tokens_in_memory
+
+        source = DocumentSource.from_config(config)
+        train, held_out = tokens_in_memory(source, tokenizer, eval_tokens=config.eval_tokens)
+    else:
+        tokens = _embedded_tokens(tokenizer)
+        num_eval = min(config.eval_tokens, len(tokens) // 10)
+        train, held_out = tokens[: len(tokens) - num_eval], tokens[len(tokens) - num_eval :]
     if len(train) < 4 * (config.seq_len + 1):
         raise ValueError(f"dataset {config.dataset!r} has only {len(train)} training tokens: too small")
-    return TokenCorpus(train=train, eval=tokens[len(tokens) - num_eval :])
+    return TokenCorpus(train=train, eval=held_out)
 
 
 def shard_slice(num_tokens: int, shard: tuple[int, int] | None) -> tuple[int, int]:

@@ -355,3 +355,21 @@ def open_documents(source: DocumentSource, tokenizer: Tokenizer, *, eval_tokens:
         train_end=train_end,
         excluded=excluded,
     )
+
+
+def tokens_in_memory(
+    source: DocumentSource, tokenizer: Tokenizer, *, eval_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training tokens, held-out tokens) of a local dataset, all in memory: its training documents in order, each
+    followed by end-of-text (for the in-process simulation, which samples windows like the embedded corpus)."""
+    corpus = open_documents(source, tokenizer, eval_tokens=eval_tokens)
+    if not is_indexed(corpus.dataset):
+        raise ValueError(
+            f"dataset {source.dataset} is streamed and does not fit in memory; use a local dataset"
+        )
+    ids: list[int] = []
+    for start in range(0, corpus.train_end, TOKENIZE_BATCH_DOCS):
+        texts = corpus.dataset[start : min(start + TOKENIZE_BATCH_DOCS, corpus.train_end)][source.text_field]
+        for doc in _encode(tokenizer, [text for text in texts if text]):
+            ids.extend(doc)
+    return torch.tensor(ids, dtype=torch.int32), corpus.eval

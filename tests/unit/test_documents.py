@@ -161,3 +161,23 @@ def test_data_shards_are_disjoint_and_a_position_only_fits_its_own_layout(saved_
     assert not rows[0] & rows[1]
     with pytest.raises(ValueError, match="another dataset or data layout"):
         halves[0].load_state_dict(corpus.train_stream(seed=0, batch_size=BATCH, seq_len=SEQ).state_dict())
+
+
+def test_a_local_dataset_also_fits_in_memory_for_the_simulation(saved_dataset, parquet_files, tokenizer):
+    from peer.config import DataConfig
+    from peer.data import load_corpus, open_corpus
+
+    config = DataConfig(dataset=saved_dataset, eval_tokens=300, seq_len=SEQ)
+    in_memory, streamed = load_corpus(config, tokenizer), open_corpus(config, tokenizer)
+    assert torch.equal(in_memory.eval, streamed.eval)  # the same held-out slice either way
+    texts = streamed.dataset[: streamed.train_end]["text"]
+    assert in_memory.train.tolist() == [
+        t for ids in tokenizer.encode(texts) for t in [*ids, tokenizer.eos_id]
+    ]
+    glob = parquet_files[0].replace("part-0", "part-*")
+    with pytest.raises(ValueError, match="streamed and does not fit in memory"):
+        from peer.documents import tokens_in_memory
+
+        tokens_in_memory(
+            DocumentSource(dataset=glob, text_field="content", streaming=True), tokenizer, eval_tokens=0
+        )
