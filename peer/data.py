@@ -1,4 +1,7 @@
-"""Corpus -> tokens -> fixed-length training batches per peer, plus a fixed held-out slice for evaluation."""
+"""Corpus -> tokens -> fixed-length training batches per peer, plus a fixed held-out slice for evaluation.
+
+The loop uses open_corpus() once, then corpus.train_stream(...) (a BatchStream: next batch, position to save and
+restore) and corpus.eval_batches(...). The embedded corpus is sampled here; real datasets live in documents.py."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -17,8 +21,6 @@ from peer.config import DataConfig
 ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_CORPUS = ASSETS / "corpus.jsonl.gz"
 EMBEDDED_TOKENIZER = ASSETS / "tokenizer.json"
-# Streaming hub datasets are read up to this many tokens per peer start; enough for many rounds and bounded.
-STREAM_TOKEN_BUDGET = 50_000_000
 
 
 class Tokenizer:
@@ -59,12 +61,55 @@ class Tokenizer:
         return torch.tensor(ids, dtype=torch.int32)
 
 
+class BatchStream(Protocol):
+    """A peer's endless training batches, with a position to save in a checkpoint and restore."""
+
+    def __next__(self) -> torch.Tensor:
+        """The next (batch_size, seq_len) int64 batch of token ids."""
+        ...
+
+    def __iter__(self) -> BatchStream: ...
+
+    def state_dict(self) -> dict:
+        """Where the next batch starts: a small JSON-serializable dict."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the stream that produced `state` was (same corpus, seed, shard, sizes)."""
+        ...
+
+
+class Corpus(Protocol):
+    """An opened corpus: the same held-out batches on every peer, and a training stream per peer."""
+
+    @property
+    def description(self) -> str: ...
+
+    def train_stream(
+        self, *, seed: int, batch_size: int, seq_len: int, shard: tuple[int, int] | None = None
+    ) -> BatchStream: ...
+
+    def eval_batches(self, *, batch_size: int, seq_len: int, num_batches: int) -> list[torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class TokenCorpus:
     """All tokens of the corpus, split into a training part and a held-out tail."""
 
     train: torch.Tensor  # (num_train_tokens,) int32
     eval: torch.Tensor  # (num_eval_tokens,) int32
+
+    @property
+    def description(self) -> str:
+        return f"{len(self.train)} training tokens, {len(self.eval)} held-out tokens (in memory)"
+
+    def train_stream(
+        self, *, seed: int, batch_size: int, seq_len: int, shard: tuple[int, int] | None = None
+    ) -> WindowStream:
+        return WindowStream(self.train, seed=seed, batch_size=batch_size, seq_len=seq_len, shard=shard)
+
+    def eval_batches(self, *, batch_size: int, seq_len: int, num_batches: int) -> list[torch.Tensor]:
+        return eval_batches(self.eval, batch_size=batch_size, seq_len=seq_len, num_batches=num_batches)
 
 
 def read_embedded_documents() -> list[dict]:
@@ -73,80 +118,52 @@ def read_embedded_documents() -> list[dict]:
         return [json.loads(line) for line in file if line.strip()]
 
 
-def _read_documents(dataset: str) -> list[str]:
-    if dataset == "embedded":
-        return [doc["text"] for doc in read_embedded_documents()]
-    if os.path.exists(dataset):
-        if dataset.endswith((".txt", ".md")):
-            return [Path(dataset).read_text(encoding="utf-8")]
-        import datasets  # lazy: datasets is slow to import and only needed for real data
-
-        kind = "json" if dataset.endswith((".json", ".jsonl", ".jsonl.gz", ".json.gz")) else "text"
-        table = datasets.load_dataset(kind, data_files=dataset, split="train")
-        return list(table["text"])
-    return list(_stream_hub_documents(dataset))
-
-
-def _stream_hub_documents(name: str) -> Iterator[str]:
-    """Documents of a Hugging Face hub dataset, streamed (needs network access to the hub)."""
-    import datasets
-
-    config = None
-    if ":" in name:
-        name, config = name.split(":", 1)
-    try:
-        stream = datasets.load_dataset(name, config, split="train", streaming=True)
-    except Exception as exc:  # datasets raises many types for an unknown or unreachable dataset
-        raise ValueError(f"cannot load dataset {name!r}: {exc}") from None
-    num_chars = 0
-    for record in stream:
-        text = record.get("text") or ""
-        num_chars += len(text)
-        yield text
-        if num_chars > 4 * STREAM_TOKEN_BUDGET:
-            return
-
-
-def _cache_path(dataset: str, tokenizer: Tokenizer) -> Path | None:
-    """Where the tokens of a local corpus are cached (tokenizing the embedded corpus takes seconds)."""
-    source = EMBEDDED_CORPUS if dataset == "embedded" else Path(dataset)
-    if not source.is_file():
-        return None
-    stat = source.stat()
+def _cache_path(tokenizer: Tokenizer) -> Path:
+    """Where the embedded corpus's tokens are cached (tokenizing it takes seconds)."""
+    stat = EMBEDDED_CORPUS.stat()
     key = hashlib.sha256(
-        f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{tokenizer.id}".encode()
+        f"{EMBEDDED_CORPUS.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{tokenizer.id}".encode()
     ).hexdigest()
     cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diloco-swarm"
-    return cache_root / f"tokens-{key[:24]}.pt"
+    return cache_root / f"tokens-{key[:24]}.safetensors"
 
 
-def _tokenize_cached(dataset: str, tokenizer: Tokenizer) -> torch.Tensor:
-    cache = _cache_path(dataset, tokenizer)
-    if cache is not None and cache.exists():
+def _embedded_tokens(tokenizer: Tokenizer) -> torch.Tensor:
+    from safetensors.torch import load_file, save_file
+
+    cache = _cache_path(tokenizer)
+    if cache.exists():
         try:
-            return torch.load(cache)
+            return load_file(cache)["tokens"]
         except Exception:
             pass  # a damaged cache is rebuilt below
-    tokens = tokenizer.encode_documents(_read_documents(dataset))
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            torch.save(tokens, tmp)
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only home only costs the next start a few seconds
+    tokens = tokenizer.encode_documents([doc["text"] for doc in read_embedded_documents()])
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        save_file({"tokens": tokens}, str(tmp))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home only costs the next start a few seconds
     return tokens
 
 
 def load_corpus(config: DataConfig, tokenizer: Tokenizer) -> TokenCorpus:
-    """Tokenize the whole corpus (cached for local files) and cut off the evaluation tail."""
-    tokens = _tokenize_cached(config.dataset, tokenizer)
-    num_eval = min(config.eval_tokens, len(tokens) // 10)
-    train = tokens[: len(tokens) - num_eval]
+    """The whole corpus tokenized in memory: the embedded corpus (its tail held out), or a local dataset (its
+    documents in order; the same held-out slice as open_corpus). Streamed datasets do not fit: use open_corpus."""
+    if config.dataset != "embedded":
+        from peer.data_source import DocumentSource
+        from peer.documents import tokens_in_memory
+
+        source = DocumentSource.from_config(config)
+        train, held_out = tokens_in_memory(source, tokenizer, eval_tokens=config.eval_tokens)
+    else:
+        tokens = _embedded_tokens(tokenizer)
+        num_eval = min(config.eval_tokens, len(tokens) // 10)
+        train, held_out = tokens[: len(tokens) - num_eval], tokens[len(tokens) - num_eval :]
     if len(train) < 4 * (config.seq_len + 1):
         raise ValueError(f"dataset {config.dataset!r} has only {len(train)} training tokens: too small")
-    return TokenCorpus(train=train, eval=tokens[len(tokens) - num_eval :])
+    return TokenCorpus(train=train, eval=held_out)
 
 
 def shard_slice(num_tokens: int, shard: tuple[int, int] | None) -> tuple[int, int]:
@@ -183,6 +200,53 @@ def train_batches(
     while True:
         starts = torch.randint(start, end - seq_len, (batch_size,), generator=generator)
         yield tokens[starts[:, None] + offsets].long()  # (batch, seq_len)
+
+
+class WindowStream:
+    """train_batches() as a BatchStream: its position is the number of batches drawn."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        *,
+        seed: int,
+        batch_size: int,
+        seq_len: int,
+        shard: tuple[int, int] | None = None,
+    ):
+        self._make = lambda skip: train_batches(
+            tokens, batch_size=batch_size, seq_len=seq_len, seed=seed, shard=shard, skip=skip
+        )
+        self._batches = self._make(0)
+        self.batches_drawn = 0
+
+    def __iter__(self) -> WindowStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = next(self._batches)
+        self.batches_drawn += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"kind": "windows", "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind", "windows") != "windows":
+            raise ValueError(f"the saved data position is for another kind of corpus ({state.get('kind')})")
+        self.batches_drawn = int(state["batches_drawn"])
+        self._batches = self._make(self.batches_drawn)
+
+
+def open_corpus(config: DataConfig, tokenizer: Tokenizer) -> Corpus:
+    """The embedded corpus (in memory, as load_corpus), or a real dataset read document by document (streamed
+    or memory-mapped; see peer.documents). Raises ValueError with a clear message for a bad dataset or field."""
+    if config.dataset == "embedded":
+        return load_corpus(config, tokenizer)
+    from peer.data_source import DocumentSource
+    from peer.documents import open_documents
+
+    return open_documents(DocumentSource.from_config(config), tokenizer, eval_tokens=config.eval_tokens)
 
 
 def eval_batches(

@@ -77,18 +77,27 @@ def _command(pid: int) -> str:
         return "?"
 
 
-def _multiprocessing_helpers() -> set[int]:
-    """multiprocessing's long-lived helpers (resource tracker, fork server) belong to the session, not a test."""
-    pids = set()
+# Helpers a library starts once and keeps for the whole session (torch's shared-memory manager, started by the
+# first tensor shared through the file system); killing them breaks later tests of the same session.
+SESSION_HELPER_PROGRAMS = {"torch_shm_manager"}
+
+
+def _session_helpers(pids: set[int]) -> set[int]:
+    """Those of `pids` that are long-lived helpers of the session, not processes a test started for itself:
+    multiprocessing's resource tracker and fork server, and SESSION_HELPER_PROGRAMS."""
+    helpers = set()
     with contextlib.suppress(Exception):
         from multiprocessing import resource_tracker
 
-        pids.add(resource_tracker._resource_tracker._pid)
+        helpers.add(resource_tracker._resource_tracker._pid)
     with contextlib.suppress(Exception):
         from multiprocessing import forkserver
 
-        pids.add(forkserver._forkserver._forkserver_pid)
-    return {pid for pid in pids if pid}
+        helpers.add(forkserver._forkserver._forkserver_pid)
+    for pid in pids:
+        if Path(_command(pid).split(" ", 1)[0]).name in SESSION_HELPER_PROGRAMS:
+            helpers.add(pid)
+    return helpers & pids
 
 
 def _reap_(pids: set[int]) -> None:
@@ -103,7 +112,8 @@ def _reap_(pids: set[int]) -> None:
 def kill_new_descendants(before: set[int]) -> list[str]:
     """SIGKILL every running descendant of this process that is not in `before` (nor a multiprocessing
     helper), wait until they are gone and reap them; returns 'pid command' for each one killed."""
-    leftovers = descendants(os.getpid()) - before - _multiprocessing_helpers()
+    new = descendants(os.getpid()) - before
+    leftovers = new - _session_helpers(new)
     running = sorted(pid for pid in leftovers if not _is_zombie(pid))
     killed = [f"{pid} {_command(pid)[:120]}" for pid in running]
     for pid in running:
@@ -121,7 +131,7 @@ def no_leftover_processes():
     """Kill every process the test started, directly or not, that is still running after it.
 
     Only descendants of this pytest process that did not exist before the test are touched, so module-scoped
-    fixtures' processes, multiprocessing's helpers, pytest itself and unrelated processes are left alone. A
+    fixtures' processes, the session's helpers (_session_helpers), pytest itself and unrelated processes are left alone. A
     leftover is reported as a warning: a test should clean up after itself, this is the safety net."""
     before = descendants(os.getpid())
     yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -188,7 +189,8 @@ def test_stop_signal_leaves_within_10s_with_a_checkpoint_and_no_processes(tmp_pa
             os.kill(pid, signal.SIGKILL)
 
 
-def run_solo(tmp_path: Path, name: str, *extra: str) -> list[str]:
+def run_solo(tmp_path: Path, name: str, *extra: str, ok: bool = True) -> tuple[list[dict], str]:
+    """Run one peer alone to its end; (its metrics records, its stderr)."""
     metrics = tmp_path / f"{name}.jsonl"
     result = subprocess.run(
         [
@@ -209,46 +211,39 @@ def run_solo(tmp_path: Path, name: str, *extra: str) -> list[str]:
         text=True,
         timeout=150,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [line for line in metrics.read_text().splitlines() if line]
+    assert (result.returncode == 0) == ok, result.stderr[-3000:]
+    records = (
+        [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
+    )
+    return records, result.stderr
 
 
 @pytest.mark.timeout(400)
-def test_resume_reproduces_the_uninterrupted_run_and_refuses_corrupt_checkpoints(tmp_path):
-    import json
-
-    straight = [
-        json.loads(x)["global_params_sha256"] for x in run_solo(tmp_path, "straight", "--max-rounds", "4")
-    ]
+def test_resume_reproduces_the_uninterrupted_run_and_skips_corrupt_checkpoints(tmp_path):
+    straight = [r["global_params_sha256"] for r in run_solo(tmp_path, "straight", "--max-rounds", "4")[0]]
     ckpt = str(tmp_path / "ckpt")
     run_solo(tmp_path, "first", "--max-rounds", "2", "--checkpoint-dir", ckpt, "--checkpoint-every", "1")
-    resumed = run_solo(tmp_path, "resumed", "--max-rounds", "2", "--checkpoint-dir", ckpt, "--resume")
-    assert [json.loads(x)["round"] for x in resumed] == [3, 4]
-    assert [json.loads(x)["global_params_sha256"] for x in resumed] == straight[2:]
+    resumed, _ = run_solo(tmp_path, "resumed", "--max-rounds", "2", "--checkpoint-dir", ckpt, "--resume")
+    assert [r["round"] for r in resumed] == [3, 4]
+    assert [r["global_params_sha256"] for r in resumed] == straight[2:]
 
+    # a corrupt newest checkpoint (round 4) is skipped: the peer resumes from round 2's, and says so
+    assert [p.name for p in list_checkpoints(ckpt)] == [f"round-00000{r}.safetensors" for r in (1, 2, 4)]
     newest = list_checkpoints(ckpt)[-1]
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "peer",
-            *FAST_PEER_ARGS,
-            "--checkpoint-dir",
-            ckpt,
-            "--resume",
-            "--max-rounds",
-            "1",
-        ],
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=150,
+    again, stderr = run_solo(tmp_path, "fallback", "--max-rounds", "1", "--checkpoint-dir", ckpt, "--resume")
+    assert "round-000004.safetensors is corrupted" in stderr and "using round-000002.safetensors" in stderr
+    assert [(r["round"], r["global_params_sha256"]) for r in again] == [(3, straight[2])]
+
+    # with no usable checkpoint left the peer refuses to start instead of silently starting over
+    for path in list_checkpoints(ckpt):
+        path.write_bytes(path.read_bytes()[:-1])
+    _, stderr = run_solo(
+        tmp_path, "refused", "--max-rounds", "1", "--checkpoint-dir", ckpt, "--resume", ok=False
     )
-    assert result.returncode != 0
-    assert "corrupted" in result.stderr and "Traceback" not in result.stderr
+    assert "no usable checkpoint" in stderr and "Traceback" not in stderr
 
 
 @pytest.mark.timeout(180)

@@ -3,7 +3,16 @@ from __future__ import annotations
 import torch
 
 from peer.config import DataConfig
-from peer.data import Tokenizer, data_seed, eval_batches, load_corpus, shard_slice, train_batches
+from peer.data import (
+    TokenCorpus,
+    Tokenizer,
+    data_seed,
+    eval_batches,
+    load_corpus,
+    open_corpus,
+    shard_slice,
+    train_batches,
+)
 
 
 def test_shards_are_disjoint_and_cover_everything():
@@ -34,3 +43,35 @@ def test_embedded_corpus_loads_offline_with_a_held_out_tail():
     assert int(corpus.train.max()) < tokenizer.vocab_size
     batches = eval_batches(corpus.eval, batch_size=4, seq_len=64, num_batches=3)
     assert len(batches) == 3 and batches[0].shape == (4, 64)
+
+
+def test_the_embedded_stream_is_train_batches_and_resumes_from_its_batch_count():
+    tokens = torch.arange(10_000, dtype=torch.int32)
+    corpus = TokenCorpus(train=tokens, eval=tokens[:100])
+    reference = train_batches(tokens, batch_size=4, seq_len=16, seed=5, shard=(1, 2))
+    stream = corpus.train_stream(seed=5, batch_size=4, seq_len=16, shard=(1, 2))
+    expected = [next(reference) for _ in range(7)]
+    assert all(torch.equal(next(stream), want) for want in expected[:3])
+    saved = stream.state_dict()
+    assert saved == {"kind": "windows", "batches_drawn": 3}
+    resumed = corpus.train_stream(seed=5, batch_size=4, seq_len=16, shard=(1, 2))
+    resumed.load_state_dict(saved)
+    assert all(torch.equal(next(resumed), want) for want in expected[3:])
+    # a checkpoint written before positions were dicts holds only the count
+    old = corpus.train_stream(seed=5, batch_size=4, seq_len=16, shard=(1, 2))
+    old.load_state_dict({"batches_drawn": 6})
+    assert torch.equal(next(old), expected[6])
+
+
+def test_open_corpus_embedded_is_the_in_memory_corpus():
+    config = DataConfig(eval_tokens=4096)
+    tokenizer = Tokenizer("embedded")
+    opened, loaded = open_corpus(config, tokenizer), load_corpus(config, tokenizer)
+    assert torch.equal(opened.train, loaded.train) and torch.equal(opened.eval, loaded.eval)
+    held_out = opened.eval_batches(batch_size=4, seq_len=64, num_batches=3)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            held_out, eval_batches(loaded.eval, batch_size=4, seq_len=64, num_batches=3), strict=True
+        )
+    )

@@ -53,3 +53,20 @@ def test_everything_under_integration_is_marked(pytester: pytest.Pytester):
     result = pytester.runpytest("-p", "no:cacheprovider", "-m", "integration", "-v")
     result.assert_outcomes(passed=1, deselected=1)
     result.stdout.fnmatch_lines(["*integration/test_swarm.py::test_net PASSED*"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_torchs_shared_memory_manager_survives_the_cleanup():
+    """torch starts torch_shm_manager once, for the whole session: killing it would break later tests."""
+    import torch
+    import torch.multiprocessing
+
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        before = descendants(os.getpid())
+        torch.zeros(2).share_memory_()
+        assert not [k for k in kill_new_descendants(before) if "torch_shm_manager" in k]
+        torch.zeros(2).share_memory_()  # 'Broken pipe' if the manager was killed
+    finally:
+        torch.multiprocessing.set_sharing_strategy(strategy)

@@ -1,0 +1,141 @@
+"""Take a live run's global parameters without training in it (for export): read the settings its peers publish,
+join as a client (it serves nothing and never averages), and download a majority peer's state, checked."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from peer import coordination
+from peer.config import OuterConfig, RunConfig, SwarmConfig, fingerprint
+from peer.records import SettingsRecord
+from peer.state import ReplicatedState
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 1.0
+
+
+class RunNotFound(ValueError):
+    """No live peer of the run answered (wrong --run-id or --initial-peers, or the run is over)."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A majority peer's global parameters of a live run, verified against their hash."""
+
+    settings: dict
+    """The run's fingerprint settings (run id, model architecture, tokenizer id, ...) as its peers publish them."""
+    fingerprint: str
+    round: int
+    params_sha256: str
+    global_params: list[torch.Tensor]
+
+
+def read_run_settings(initial_peers: list[str], run_id: str, *, timeout_s: float) -> tuple[str, dict]:
+    """(fingerprint, settings) of the live run `run_id`: the ones most of its peers publish. Records whose settings
+    do not hash to their fingerprint are ignored (they come from strangers)."""
+    import hivemind
+    from hivemind.dht.schema import RSASignatureValidator, SchemaValidator
+
+    from peer.swarm import RunSchema
+
+    try:
+        dht = hivemind.DHT(
+            initial_peers=initial_peers,
+            host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+            client_mode=True,
+            start=True,
+            await_ready=True,
+            wait_timeout=10,
+        )
+    except Exception as e:  # hivemind raises many types with long messages
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunNotFound(f"could not join the DHT through --initial-peers ({first_line})") from None
+    try:
+        dht.add_validators([SchemaValidator(RunSchema, prefix=run_id), RSASignatureValidator()])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = dht.get(f"{run_id}_settings", latest=True)
+            votes: Counter[tuple[str, str]] = Counter()
+            for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
+                try:
+                    record = SettingsRecord.parse_obj(item.value)
+                    settings = json.loads(record.settings_json)
+                except Exception:
+                    continue
+                if isinstance(settings, dict) and fingerprint(settings) == record.fingerprint:
+                    votes[(record.fingerprint, record.settings_json)] += 1
+            if votes:
+                (found_fingerprint, settings_json), _ = max(votes.items(), key=lambda kv: (kv[1], kv[0]))
+                return found_fingerprint, json.loads(settings_json)
+            if time.monotonic() >= deadline:
+                raise RunNotFound(f"no live peer of run {run_id!r} answered within {timeout_s:.0f}s")
+            time.sleep(POLL_S)
+    finally:
+        dht.shutdown()
+
+
+def download_run_state(
+    initial_peers: list[str],
+    run_id: str,
+    *,
+    settings: dict,
+    run_fingerprint: str,
+    params_like: list[torch.Tensor],
+    timeout_s: float,
+) -> RunState:
+    """Join the run as a client and download the global parameters the majority of its live peers hold."""
+    from peer.swarm import Swarm
+
+    config = RunConfig(
+        swarm=SwarmConfig(
+            initial_peers=tuple(initial_peers),
+            host_maddrs=("/ip4/127.0.0.1/tcp/0",),
+            client_mode=True,
+            run_id=run_id,
+            state_timeout_s=timeout_s,
+        ),
+        outer=OuterConfig(compression=settings.get("compression", "none")),
+    )
+    state = ReplicatedState(params_like, OuterConfig(), fingerprint=run_fingerprint)
+
+    def serves_nothing() -> tuple[dict, list[torch.Tensor]]:
+        raise RuntimeError("an exporter has no state to give")
+
+    swarm = Swarm(
+        config,
+        settings=settings,
+        fingerprint=run_fingerprint,
+        averaged_tensors=[torch.zeros_like(p) for p in state.outer.global_params],
+        state_provider=serves_nothing,
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            view = coordination.latest_view(swarm)
+            if view is not None and view.majority_hash is not None and view.donors:
+                downloaded = swarm.download_state(view.donors)
+                if downloaded is not None:
+                    metadata, tensors = downloaded
+                    problem = state.check_donation(metadata, tensors, min_round=view.round_index)
+                    if problem is None:
+                        num = len(params_like)
+                        return RunState(
+                            settings=settings,
+                            fingerprint=run_fingerprint,
+                            round=int(metadata["round"]),
+                            params_sha256=metadata["params_sha256"],
+                            global_params=list(tensors[:num]),
+                        )
+                    logger.warning(problem)
+            if time.monotonic() >= deadline:
+                raise RunNotFound(f"could not download the state of run {run_id!r} within {timeout_s:.0f}s")
+            time.sleep(POLL_S)
+    finally:
+        swarm.shutdown()
