@@ -105,8 +105,16 @@ class DataConfig:
     """Where tokens come from and how they are cut into batches."""
 
     dataset: str = "embedded"
-    """'embedded' (the corpus shipped with the package), a local .txt/.jsonl file, or a Hugging Face dataset
-    name."""
+    """'embedded' (the corpus shipped with the package), a Hugging Face dataset name (streamed), a directory
+    written by datasets' save_to_disk, or local .txt/.jsonl/.parquet/.csv files."""
+    dataset_config: str | None = None
+    """The Hugging Face dataset's configuration (e.g. en for allenai/c4)."""
+    split: str = "train"
+    """The split to train on."""
+    text_field: str = "text"
+    """The field of each record that holds its text."""
+    eval_split: str | None = None
+    """A split to take the held-out slice from (default: the end of the training split, never trained on)."""
     tokenizer: str = "embedded"
     """'embedded' (the BPE tokenizer shipped with the package), a tokenizer.json, or a Hugging Face tokenizer
     name."""

@@ -40,6 +40,7 @@ def experiment_workload(config: RunConfig, exp: ExperimentConfig) -> Workload:
         config,
         eval_batch_size=EVAL_BATCH_SIZE,
         num_eval_batches=math.ceil(exp.eval_windows / EVAL_BATCH_SIZE),
+        in_memory=True,
     )
 
 

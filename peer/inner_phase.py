@@ -4,7 +4,7 @@ peer's progress reported to the swarm after every step (its record is how others
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from peer import rounds
 from peer.config import RunConfig
+from peer.data import BatchStream
 from peer.faults import FaultPlan
 from peer.inner import build_inner_optimizer, inner_lr, inner_step, inner_step_options, schedule_step
 from peer.network import ScheduledAveraging, SwarmNetwork
@@ -39,24 +40,17 @@ class LocalTrainer:
     def __init__(
         self,
         model: torch.nn.Module,
-        batches: Iterator[torch.Tensor],
+        batches: BatchStream,
         *,
         config: RunConfig,
         device: torch.device,
         faults: FaultPlan | None,
-        batches_drawn: int = 0,
         optimizer_state: dict | None = None,
     ):
-        self.model, self.batches, self.config, self.device, self.faults = (
-            model,
-            batches,
-            config,
-            device,
-            faults,
-        )
-        self.batches_drawn = batches_drawn
+        self.model, self.config, self.device, self.faults = model, config, device, faults
+        self.batches = batches
+        """This peer's training data; its state_dict() is the position a checkpoint saves."""
         self.step_options = inner_step_options(config, device)  # gradient clipping, micro-batches, autocast
-        """Batches taken from the stream so far: a resumed peer skips them to continue exactly."""
         self.optimizer = build_inner_optimizer(model, config.inner)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
@@ -95,7 +89,6 @@ class LocalTrainer:
             )
             step_started = time.perf_counter()
             batch = next(self.batches).to(self.device)
-            self.batches_drawn += 1
             phase.losses.append(inner_step(self.model, self.optimizer, batch, lr=lr, **self.step_options))
             step += 1
             phase.tokens += tokens_per_step

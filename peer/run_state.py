@@ -13,6 +13,7 @@ import torch
 
 from peer import coordination
 from peer.config import OuterConfig, RunConfig, SwarmConfig, fingerprint
+from peer.outer import tensors_sha256
 from peer.records import SettingsRecord
 from peer.state import ReplicatedState
 
@@ -118,19 +119,27 @@ def download_run_state(
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            view = coordination.latest_view(swarm)
+            view = coordination.joining_view(swarm)
             if view is not None and view.majority_hash is not None and view.donors:
                 downloaded = swarm.download_state(view.donors)
                 if downloaded is not None:
                     metadata, tensors = downloaded
-                    problem = state.check_donation(metadata, tensors, min_round=view.round_index)
+
+                    def majority_hash(
+                        round_index: int,
+                    ) -> str | None:  # what the live peers hold, not the donor's word
+                        return coordination.view_of_round(swarm, round_index, timeout_s=0.0).majority_hash
+
+                    problem = state.check_donation(
+                        metadata, tensors, min_round=view.round_index, expected_state_hash=majority_hash
+                    )
                     if problem is None:
                         num = len(params_like)
                         return RunState(
                             settings=settings,
                             fingerprint=run_fingerprint,
                             round=int(metadata["round"]),
-                            params_sha256=metadata["params_sha256"],
+                            params_sha256=tensors_sha256(tensors[:num]),
                             global_params=list(tensors[:num]),
                         )
                     logger.warning(problem)

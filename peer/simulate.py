@@ -33,7 +33,7 @@ def simulate(
     if config.max_rounds < 1:
         raise ValueError("the simulation needs --max-rounds of at least 1")
     exp = ExperimentConfig(replicas=num_replicas, compression=config.outer.compression)
-    workload = build_workload(config)
+    workload = build_workload(config, in_memory=True)
 
     def every_eval_every_rounds(round_index: int, _step: int) -> bool:
         return (

@@ -16,7 +16,7 @@ import torch
 from peer import checkpoint, coordination, rounds
 from peer.agreement import Agreement
 from peer.config import RunConfig
-from peer.data import data_seed, train_batches
+from peer.data import data_seed
 from peer.device import (
     autocast_dtype,
     configure_,
@@ -218,21 +218,17 @@ class Peer:
         stream_id = config.data.data_shard or self.network.peer_id
         seed = data_seed(config.seed, stream_id)
         self.order_key = seed.to_bytes(8, "big")  # this peer's place in the canonical summation order
-        batches = train_batches(
-            self.corpus.train,
-            skip=self.resumed.get("batches_drawn", 0),
-            batch_size=config.data.batch_size,
-            seq_len=config.data.seq_len,
-            seed=seed,
-            shard=config.data.shard,
+        batches = self.corpus.train_stream(
+            seed=seed, batch_size=config.data.batch_size, seq_len=config.data.seq_len, shard=config.data.shard
         )
+        if self.resumed.get("data_position"):
+            batches.load_state_dict(self.resumed["data_position"])  # continue the stream where it stopped
         self.trainer = LocalTrainer(
             self.model,
             batches,
             config=config,
             device=self.device,
             faults=self.faults,
-            batches_drawn=self.resumed.get("batches_drawn", 0),
             optimizer_state=self.resumed.get("inner_optimizer"),
         )
         self.metrics = JsonlMetrics(config.metrics_file)
@@ -470,7 +466,8 @@ class Peer:
                 "config": self.config.to_dict(),
                 "fingerprint": self.fingerprint,
                 "params_sha256": self.state.outer.params_hash(),
-                "batches_drawn": self.trainer.batches_drawn,
+                "data_position": self.trainer.batches.state_dict(),
+                "param_names": [name for name, _ in self.model.named_parameters()],
             }
         path = checkpoint.save_checkpoint(
             self.config.checkpoint_dir, state, round_index=self.state.round, keep=self.config.keep_checkpoints

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from peer.config import RunConfig, fingerprint, fingerprint_settings
-from peer.data import TokenCorpus, Tokenizer, eval_batches, load_corpus
+from peer.data import Corpus, Tokenizer, load_corpus, open_corpus
 from peer.model import architecture, build_model, load_model_config, load_pretrained
 from peer.outer import tensors_sha256
 
@@ -25,7 +25,7 @@ class Workload:
     model_config: PretrainedConfig
     model: torch.nn.Module
     """The initial model, fp32 on the CPU: the same weights on every peer (from the seed, or --init-from)."""
-    corpus: TokenCorpus
+    corpus: Corpus
     held_out: list[torch.Tensor]
     """Fixed held-out batches (batch, seq_len), the same on every peer."""
     settings: dict
@@ -36,13 +36,18 @@ class Workload:
 
 
 def build_workload(
-    config: RunConfig, *, eval_batch_size: int | None = None, num_eval_batches: int | None = None
+    config: RunConfig,
+    *,
+    eval_batch_size: int | None = None,
+    num_eval_batches: int | None = None,
+    in_memory: bool = False,
 ) -> Workload:
     """Tokenizer, model, corpus, held-out batches and fingerprint for `config`.
 
     The held-out batches are `num_eval_batches` (default --eval-batches) batches of `eval_batch_size`
     (default --batch-size) windows; the experiments use larger batches of the same windows. Sets torch's
-    CPU threads if --num-threads asks for it (before anything runs on them)."""
+    CPU threads if --num-threads asks for it (before anything runs on them). `in_memory` reads the corpus into one
+    token tensor (`corpus.train`, for the simulation and experiments; local datasets only)."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     tokenizer = Tokenizer(config.data.tokenizer)
@@ -58,9 +63,9 @@ def build_workload(
     else:
         model = load_pretrained(pretrained, model_config)
         init_params_sha256 = tensors_sha256(list(model.parameters()))
-    corpus = load_corpus(config.data, tokenizer)
-    held_out = eval_batches(
-        corpus.eval,
+    # the simulation samples windows of one in-memory token tensor (TokenCorpus); a peer streams any dataset
+    corpus = load_corpus(config.data, tokenizer) if in_memory else open_corpus(config.data, tokenizer)
+    held_out = corpus.eval_batches(
         batch_size=eval_batch_size or config.data.batch_size,
         seq_len=config.data.seq_len,
         num_batches=config.eval_batches if num_eval_batches is None else num_eval_batches,

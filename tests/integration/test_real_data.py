@@ -3,25 +3,14 @@ bit for bit, learn that data, resume its stream exactly, and refuse a wrong --te
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from peer.config import DataConfig
 from tests.integration.harness import FAST_PEER_ARGS, child_env, hashes_by_round
 from tests.integration.test_faults import run_solo
-
-# Until the loop reads its data through peer.data.open_corpus (and DataConfig has text_field), these tests would
-# train on something else; they skip themselves rather than pass for the wrong reason.
-WIRED = "open_corpus" in (Path(__file__).parents[2] / "peer" / "train.py").read_text()
-HAS_TEXT_FIELD = "text_field" in {field.name for field in dataclasses.fields(DataConfig)}
-needs_wiring = pytest.mark.skipif(
-    not WIRED, reason="peer/train.py does not read data through open_corpus yet"
-)
 
 WORDS = [
     "the",
@@ -65,7 +54,6 @@ def datasets_on_disk(tmp_path_factory) -> dict[str, str]:
     return {"parquet": str(folder / "docs.parquet"), "save_to_disk": str(folder / "saved")}
 
 
-@needs_wiring
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["parquet", "save_to_disk"])
 def test_two_peers_train_two_rounds_on_a_local_dataset(local_swarm, datasets_on_disk, kind):
@@ -93,7 +81,6 @@ def test_two_peers_train_two_rounds_on_a_local_dataset(local_swarm, datasets_on_
     assert records[0][-1]["eval_loss"] < 7.8, records[0]
 
 
-@needs_wiring
 @pytest.mark.timeout(400)
 def test_a_resumed_peer_continues_the_parquet_stream_exactly(tmp_path, datasets_on_disk):
     data = ["--dataset", datasets_on_disk["parquet"]]
@@ -107,8 +94,6 @@ def test_a_resumed_peer_continues_the_parquet_stream_exactly(tmp_path, datasets_
     assert [r["global_params_sha256"] for r in resumed] == straight[2:]
 
 
-@pytest.mark.skipif(not HAS_TEXT_FIELD, reason="DataConfig has no text_field (the --text-field flag) yet")
-@needs_wiring
 @pytest.mark.timeout(120)
 def test_a_wrong_text_field_is_one_clear_line(datasets_on_disk):
     result = subprocess.run(
