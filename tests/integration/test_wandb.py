@@ -47,4 +47,5 @@ def test_peer_and_swarm_metrics_are_logged_offline(offline):
         assert swarm.run.summary["swarm/loss"] == 3.5 and swarm.run.summary["swarm/tokens"] == 3072
     finally:
         swarm.finish()
+        wandb.teardown()  # stop wandb's service process now rather than at interpreter exit
     assert len(list((offline / "wandb").glob("offline-run-*"))) == 2
