@@ -3,12 +3,13 @@ every round and agree bit for bit. Needs root, ip, tc and iptables; skips itself
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import hashes_by_round
+from tests.integration.harness import Proc, hashes_by_round, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from netlab import Netlab, sh, unavailable_reason  # noqa: E402
@@ -69,3 +70,55 @@ def test_peer_behind_nat_contributes_every_round_and_agrees(local_swarm, lab):
     )  # the NAT'd peer's update went out every round
     for round_index, by_peer in hashes_by_round(peers).items():
         assert len(set(by_peer.values())) == 1, f"round {round_index}: peers disagree: {by_peer}"
+
+
+def run_node(local_swarm, lab, name: str, *args: str) -> Proc:
+    host = "0.0.0.0" if lab.hosts[name].behind_nat else lab.hosts[name].address
+    proc = Proc(
+        name,
+        [
+            "-m",
+            "tests.integration.reachability_node",
+            "--initial-peers",
+            *local_swarm.bootstrap_maddrs,
+            "--host",
+            host,
+            *args,
+        ],
+        local_swarm.workdir,
+        prefix=tuple(lab.command(name)),
+    )
+    local_swarm.procs.append(proc)
+    return proc
+
+
+def json_line(proc: Proc, key: str, *, timeout_s: float) -> dict:
+    def found():
+        if not proc.alive() and key not in proc.log():
+            raise AssertionError(f"{proc.name} exited:\n{proc.log()[-3000:]}")
+        for line in proc.log().splitlines():
+            if line.startswith("{") and f'"{key}"' in line:
+                return json.loads(line)
+        return None
+
+    return wait_for(found, timeout_s=timeout_s, what=f"{proc.name}'s {key}")
+
+
+def test_reachability_check_tells_direct_from_behind_nat(local_swarm, lab):
+    for name in ("boot", "a", "b", "c"):
+        lab.add_public(name)
+    lab.add_behind_nat("home")
+    local_swarm.start_bootstrap(host=lab.hosts["boot"].address, prefix=tuple(lab.command("boot")))
+    # the first peer has nobody to ask (the bootstrap node does not serve checks)
+    first = run_node(local_swarm, lab, "a", "--ask", "--serve-s", "120")
+    assert json_line(first, "answers", timeout_s=90)["kind"] == "unknown"
+    run_node(local_swarm, lab, "b", "--serve-s", "120")
+    json_line(local_swarm.procs[-1], "ready", timeout_s=60)
+    public = run_node(local_swarm, lab, "c", "--ask")
+    home = run_node(local_swarm, lab, "home", "--ask")
+    public_result, home_result = (
+        json_line(public, "answers", timeout_s=120),
+        json_line(home, "answers", timeout_s=120),
+    )
+    assert public_result["kind"] == "direct" and True in public_result["answers"], public_result
+    assert home_result["kind"] == "outgoing-only" and False in home_result["answers"], home_result

@@ -1,0 +1,136 @@
+"""Is this peer reachable from the internet? Other peers dial it back with a fresh connection and say whether that
+worked; the answer decides whether the peer may reduce shards and serve state, or must stay outgoing-only.
+
+A reused connection would always succeed, so the peer that checks dials from a short-lived probe p2p daemon of its
+own with relays off and nothing listening (as Petals does). Both sides run inside hivemind's DHT process through
+`DHT.run_coroutine`: `serve_reachability_checks` registers the handler, `ask_peers_to_dial_back` asks. Written
+against hivemind 1.1.12.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto import dht_pb2
+from hivemind.utils.multiaddr import Multiaddr
+
+logger = logging.getLogger(__name__)
+
+HANDLER = "diloco.reachability.check"
+DIAL_TIMEOUT_S = 5.0
+"""How long a checker tries to open a fresh connection to the asking peer."""
+ASK_TIMEOUT_S = 30.0
+"""How long the asking peer waits for one answer (the checker starts a p2p daemon first)."""
+MAX_CHECKERS = 3
+MAX_ADDRESSES = 8
+"""A request names at most this many addresses to dial (it comes from a stranger)."""
+REACHABILITY = ("direct", "relayed", "outgoing-only", "unknown")
+
+
+@dataclass(frozen=True)
+class Reachability:
+    kind: str
+    """direct, relayed, outgoing-only or unknown (see REACHABILITY)."""
+    line: str
+    """What the peer tells its user, in one line."""
+
+
+def classify(*, client_mode: bool, answers: list[bool | None], relay_addresses: list[str]) -> Reachability:
+    """The peer's reachability from the checkers' answers (True: they could dial it; None: no answer)."""
+    if client_mode:
+        return Reachability("outgoing-only", "reachability: outgoing-only (--client-mode): this peer sends its "
+                            "updates every round but does not reduce shards or serve state")  # fmt: skip
+    heard = [a for a in answers if a is not None]
+    if any(heard):
+        return Reachability(
+            "direct", f"reachability: direct ({sum(heard)} of {len(heard)} peers could dial this peer)"
+        )
+    if not heard:
+        return Reachability(
+            "unknown",
+            "reachability: unknown (no other peer answered the check; the first peers of a swarm cannot be "
+            "checked); if this machine is behind a router without port forwarding, restart with --client-mode",
+        )
+    if relay_addresses:
+        return Reachability("relayed", f"reachability: relayed through {relay_addresses[0]} (no peer could dial "
+                            "this peer directly)")  # fmt: skip
+    return Reachability(
+        "outgoing-only",
+        f"reachability: outgoing-only (none of {len(heard)} peers could dial this peer: behind NAT or a firewall); "
+        "it sends its updates every round but does not reduce shards or serve state. Forward a port and pass "
+        "--announce-maddrs to contribute more",
+    )
+
+
+def dialable_addresses(maddrs: list[str]) -> list[str]:
+    """The addresses a checker should try: without /p2p/<id> and loopback, at most MAX_ADDRESSES."""
+    found = []
+    for text in maddrs:
+        text = text.split("/p2p/")[0]
+        if "/p2p-circuit" in text or text.startswith(("/ip4/127.", "/ip6/::1")) or text in found:
+            continue
+        found.append(text)
+    return found[:MAX_ADDRESSES]
+
+
+async def serve_reachability_checks(_dht, node) -> None:
+    """Run in the DHT process: answer other peers' reachability checks (one at a time)."""
+    busy = asyncio.Lock()
+
+    async def check(request: dht_pb2.FindRequest, context: P2PContext) -> dht_pb2.PingResponse:
+        if busy.locked():
+            raise RuntimeError("busy with another check")  # the asker reads it as no answer
+        async with busy:
+            addresses = [key.decode(errors="replace") for key in request.keys[:MAX_ADDRESSES]]
+            available = await _dial_back(context.remote_id, addresses)
+        return dht_pb2.PingResponse(available=available)
+
+    await node.p2p.add_protobuf_handler(HANDLER, check, dht_pb2.FindRequest)
+
+
+async def _dial_back(peer_id: PeerID, addresses: list[str]) -> bool:
+    maddrs = []
+    for text in addresses:
+        try:
+            maddrs.append(Multiaddr(text))
+        except Exception:  # a stranger's garbage
+            continue
+    if not maddrs:
+        return False
+    probe = await P2P.create(
+        use_relay=False, auto_nat=False, nat_port_map=False, no_listen=True, dht_mode="client", host_maddrs=[]
+    )
+    try:
+        await asyncio.wait_for(probe._client.connect(peer_id, maddrs), DIAL_TIMEOUT_S)
+        return True
+    except Exception as e:  # unreachable: refused, timed out, no route
+        logger.debug(f"dial-back to {peer_id} failed: {e!r}")
+        return False
+    finally:
+        await probe.shutdown()
+
+
+async def ask_peers_to_dial_back(_dht, node, *, maddrs: list[str]) -> list[bool | None]:
+    """Run in the DHT process: ask up to MAX_CHECKERS known peers to dial us at `maddrs`; True/False per answer,
+    None for a peer that did not answer (it does not serve checks, is busy, or timed out)."""
+    me = node.peer_id
+    candidates = [pid for pid in node.protocol.routing_table.peer_id_to_uid if pid != me]
+    random.shuffle(candidates)
+    request = dht_pb2.FindRequest(keys=[m.encode() for m in dialable_addresses(maddrs)])
+
+    async def ask(peer: PeerID) -> bool | None:
+        try:
+            response = await asyncio.wait_for(
+                node.p2p.call_protobuf_handler(peer, HANDLER, request, dht_pb2.PingResponse), ASK_TIMEOUT_S
+            )
+            return bool(response.available)
+        except Exception as e:
+            logger.debug(f"reachability check by {peer} failed: {e!r}")
+            return None
+
+    answers = await asyncio.gather(*(ask(peer) for peer in candidates[: 2 * MAX_CHECKERS]))
+    return list(answers)
