@@ -70,8 +70,10 @@ def dialable_addresses(maddrs: list[str]) -> list[str]:
     """The addresses a checker should try: without /p2p/<id> and loopback, at most MAX_ADDRESSES."""
     found = []
     for text in maddrs:
+        if "/p2p-circuit" in text:
+            continue  # a relay's address, not ours: the check is about direct dials
         text = text.split("/p2p/")[0]
-        if "/p2p-circuit" in text or text.startswith(("/ip4/127.", "/ip6/::1")) or text in found:
+        if text.startswith(("/ip4/127.", "/ip6/::1")) or text in found:
             continue
         found.append(text)
     return found[:MAX_ADDRESSES]
