@@ -10,7 +10,6 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from peer.metrics import build_summary
 from peer.records import (
     HashRecord,
     ProgressRecord,
@@ -21,6 +20,7 @@ from peer.records import (
     settings_key,
     summary_key,
 )
+from peer.summary import build_summary
 
 TTL_S = 15.0  # as swarm.RECORD_TTL_S: the monitor reads the publication time as expiration - 15 s
 
