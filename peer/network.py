@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from peer.outer import AveragingResult
-from peer.records import HashRecord, ProgressRecord
+from peer.records import HashRecord, ProgressRecord, SummaryRecord
 
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
 """Returns (metadata, tensors) of this peer's global state, for a peer that downloads it from us."""
@@ -49,6 +49,8 @@ class SwarmNetwork(Protocol):
     peer_id: str
     """This peer's id as printed in logs and metrics."""
     short_id: str
+    reachability: str
+    """How other peers reach this one: direct, relayed, outgoing-only or unknown (peer/reachability.py)."""
 
     def time(self) -> float:
         """The swarm's clock (DHT time) used in every record."""
@@ -83,6 +85,10 @@ class SwarmNetwork(Protocol):
     def publish_hash(self, round_index: int, params_sha256: str) -> None: ...
 
     def hash_records(self) -> dict[bytes, HashRecord]: ...
+
+    def publish_summary(self, summary: SummaryRecord) -> None:
+        """Publish this peer's summary of its latest round for monitors (peer/monitor.py), without waiting."""
+        ...
 
     def schedule_averaging(
         self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str

@@ -66,17 +66,34 @@ def classify(*, client_mode: bool, answers: list[bool | None], relay_addresses: 
     )
 
 
-def dialable_addresses(maddrs: list[str]) -> list[str]:
-    """The addresses a checker should try: without /p2p/<id> and loopback, at most MAX_ADDRESSES."""
+def own_addresses(maddrs: list[str]) -> list[str]:
+    """The addresses to ask checkers to dial: this peer's own (no relay circuits), without /p2p/<id>, at most
+    MAX_ADDRESSES."""
     found = []
     for text in maddrs:
         if "/p2p-circuit" in text:
             continue  # a relay's address, not ours: the check is about direct dials
         text = text.split("/p2p/")[0]
-        if text.startswith(("/ip4/127.", "/ip6/::1")) or text in found:
-            continue
-        found.append(text)
+        if text not in found:
+            found.append(text)
     return found[:MAX_ADDRESSES]
+
+
+def addresses_to_dial(requested: list[str], connection_hosts: set[str]) -> list[str]:
+    """Of the addresses a peer asks us to dial, those on a host it is connected to us from. A checker never dials
+    anything else (a stranger must not make it connect to arbitrary hosts); a peer behind NAT connects from its
+    router's address and names its private one, so nothing is dialed and the answer is "not reachable"."""
+    allowed = []
+    for text in requested[:MAX_ADDRESSES]:
+        parts = text.split("/")
+        if (
+            len(parts) >= 5
+            and parts[1] in ("ip4", "ip6")
+            and parts[2] in connection_hosts
+            and parts[3] == "tcp"
+        ):
+            allowed.append(text)
+    return allowed
 
 
 async def serve_reachability_checks(_dht, node) -> None:
@@ -87,11 +104,26 @@ async def serve_reachability_checks(_dht, node) -> None:
         if busy.locked():
             raise RuntimeError("busy with another check")  # the asker reads it as no answer
         async with busy:
-            addresses = [key.decode(errors="replace") for key in request.keys[:MAX_ADDRESSES]]
-            available = await _dial_back(context.remote_id, addresses)
+            requested = [key.decode(errors="replace") for key in request.keys[:MAX_ADDRESSES]]
+            hosts = await _connection_hosts(node.p2p, context.remote_id)
+            if not hosts:
+                raise RuntimeError("no direct connection to the asking peer")  # e.g. relayed: no answer
+            available = await _dial_back(context.remote_id, addresses_to_dial(requested, hosts))
         return dht_pb2.PingResponse(available=available)
 
     await node.p2p.add_protobuf_handler(HANDLER, check, dht_pb2.FindRequest)
+
+
+async def _connection_hosts(p2p: P2P, peer_id: PeerID) -> set[str]:
+    """The IP addresses our connections to a peer come from."""
+    hosts = set()
+    for info in await p2p.list_peers():
+        if info.peer_id == peer_id:
+            for addr in info.addrs:
+                parts = str(addr).split("/")
+                if len(parts) >= 3 and parts[1] in ("ip4", "ip6") and "/p2p-circuit" not in str(addr):
+                    hosts.add(parts[2])
+    return hosts
 
 
 async def _dial_back(peer_id: PeerID, addresses: list[str]) -> bool:
@@ -102,7 +134,7 @@ async def _dial_back(peer_id: PeerID, addresses: list[str]) -> bool:
         except Exception:  # a stranger's garbage
             continue
     if not maddrs:
-        return False
+        return False  # none of its addresses is where it connects from: behind NAT
     probe = await P2P.create(
         use_relay=False, auto_nat=False, nat_port_map=False, no_listen=True, dht_mode="client", host_maddrs=[]
     )
@@ -117,22 +149,23 @@ async def _dial_back(peer_id: PeerID, addresses: list[str]) -> bool:
 
 
 async def ask_peers_to_dial_back(_dht, node, *, maddrs: list[str]) -> list[bool | None]:
-    """Run in the DHT process: ask up to MAX_CHECKERS known peers to dial us at `maddrs`; True/False per answer,
+    """Run in the DHT process: ask known peers, one at a time, to dial us at `maddrs`, until one could or
+    MAX_CHECKERS have answered (each check starts a probe daemon on the checker: ask few). True/False per answer,
     None for a peer that did not answer (it does not serve checks, is busy, or timed out)."""
     me = node.peer_id
     candidates = [pid for pid in node.protocol.routing_table.peer_id_to_uid if pid != me]
     random.shuffle(candidates)
-    request = dht_pb2.FindRequest(keys=[m.encode() for m in dialable_addresses(maddrs)])
-
-    async def ask(peer: PeerID) -> bool | None:
+    request = dht_pb2.FindRequest(keys=[m.encode() for m in own_addresses(maddrs)])
+    answers: list[bool | None] = []
+    for peer in candidates[: 3 * MAX_CHECKERS]:
         try:
             response = await asyncio.wait_for(
                 node.p2p.call_protobuf_handler(peer, HANDLER, request, dht_pb2.PingResponse), ASK_TIMEOUT_S
             )
-            return bool(response.available)
+            answers.append(bool(response.available))
         except Exception as e:
             logger.debug(f"reachability check by {peer} failed: {e!r}")
-            return None
-
-    answers = await asyncio.gather(*(ask(peer) for peer in candidates[: 2 * MAX_CHECKERS]))
-    return list(answers)
+            answers.append(None)
+        if any(answers) or sum(a is not None for a in answers) >= MAX_CHECKERS:
+            break
+    return answers

@@ -95,7 +95,7 @@ class SummaryRecord(BaseModel):
     """A peer's state after its latest round, stored under `summary_key(fingerprint)` with subkey = the peer's
     public key (signed), next to its progress record."""
 
-    peer_id: constr(strict=True, regex=r"^[1-9A-HJ-NP-Za-km-z]{1,64}\Z")  # base58, as in the metrics file
+    peer_id: constr(strict=True, regex=r"^[\x21-\x7e]{1,64}\Z")  # as in the metrics file (base58)
     round: RoundNumber
     """The round just completed (as `round` in the metrics file)."""
     loss: Optional[Loss]  # noqa: UP045

@@ -23,7 +23,7 @@ from pydantic.v1 import BaseModel  # hivemind's schemas are pydantic v1
 
 from peer.config import RunConfig, differing_settings
 from peer.network import AveragingAttempt
-from peer.records import HashRecord, ProgressRecord, SettingsRecord
+from peer.records import SUMMARY_TTL_S, HashRecord, ProgressRecord, SettingsRecord, SummaryRecord, summary_key
 from peer.rounds import remembered_peers, stale_after_s
 from peer.swarm_averaging import RoundAveraging, ScheduledStep, ensure_stopped
 
@@ -46,6 +46,7 @@ class LookupFailed(RuntimeError):
 class RoundSchema(BaseModel):
     progress: dict[BytesWithPublicKey, Optional[ProgressRecord]]  # noqa: UP045 (pydantic needs Optional here)
     hashes: dict[BytesWithPublicKey, Optional[HashRecord]]  # noqa: UP045
+    summary: dict[BytesWithPublicKey, Optional[SummaryRecord]]  # noqa: UP045 (for monitors: peer/monitor.py)
 
 
 class RunSchema(BaseModel):
@@ -88,6 +89,7 @@ class Swarm:
             self._peer_id = self.dht.peer_id
             self.peer_id = str(self._peer_id)
             self.short_id = self.peer_id[-6:]
+            self.reachability = "outgoing-only" if swarm.client_mode else "unknown"
             signature = RSASignatureValidator()
             self._public_key = signature.local_public_key
             self.dht.add_validators(
@@ -300,6 +302,15 @@ class Swarm:
         )
 
     # ---- agreement (I1/I3) -----------------------------------------------------------------------------------
+    def publish_summary(self, summary: SummaryRecord) -> None:
+        """Publish this peer's summary of its latest round for monitors (stored without waiting)."""
+        self._store(
+            summary_key(self.fingerprint),
+            subkey=self._public_key,
+            value=summary.dict(),
+            expiration_time=get_dht_time() + SUMMARY_TTL_S,
+        )
+
     def publish_hash(self, round_index: int, params_sha256: str) -> None:
         """Publish our hash for this round along with the last few (slower peers compare against them)."""
         self._hash_history[round_index] = params_sha256

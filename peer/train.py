@@ -20,13 +20,14 @@ from peer.data import Tokenizer, data_seed, eval_batches, load_corpus, train_bat
 from peer.faults import FaultPlan
 from peer.inner import evaluate
 from peer.inner_phase import CHECK_PERIOD_S, InnerPhase, LocalTrainer
-from peer.metrics import JsonlMetrics, RoundStats, round_record, summary_line
+from peer.metrics import JsonlMetrics, MetricsSinks, RoundStats, round_record, summary_line
 from peer.model import architecture, build_model, count_parameters, load_model_config
 from peer.network import NetworkFactory, ScheduledAveraging, SwarmNetwork
 from peer.outer import AveragingResult, all_finite
 from peer.overlap import PendingAverage, start_in_background
 from peer.signals import StopFlag
 from peer.state import ReplicatedState
+from peer.summary import SummaryPublisher, device_kind
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +239,15 @@ class Peer:
             seq_len=config.data.seq_len,
             num_batches=config.eval_batches,
         )
-        self.metrics = JsonlMetrics(config.metrics_file)
+        self.metrics = MetricsSinks(
+            JsonlMetrics(config.metrics_file),
+            SummaryPublisher(  # a small signed summary per round in the DHT, for monitors (peer/monitor.py)
+                self.network.publish_summary,
+                device=device_kind(self.device),
+                reachability=self.network.reachability,
+                max_rounds=config.max_rounds,
+            ),
+        )
 
     # ---- 1. the inner phase ----------------------------------------------------------------------------------
     @property

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import signal
@@ -276,3 +277,67 @@ def test_server_serves_page_assets_and_strict_json(tmp_path):
             busy.start()
     finally:
         server.stop()
+
+
+def expected_round(records_by_peer: dict[str, dict[int, dict]], round_index: int) -> tuple[float, int]:
+    """The token-weighted loss and the tokens of a round, computed from the peers' metrics files."""
+    rows = [by_round[round_index] for by_round in records_by_peer.values() if round_index in by_round]
+    tokens = sum(r["round_tokens"] for r in rows)
+    return sum(r["loss"] * r["round_tokens"] for r in rows) / tokens, tokens
+
+
+@pytest.mark.timeout(420)
+def test_live_swarm_dashboard_matches_the_metrics_files(local_swarm, tmp_path):
+    run_id = "live"
+    local_swarm.start_bootstrap(
+        extra=["--dashboard-port", "0", "--dashboard-host", "127.0.0.1", "--dashboard-run-id", run_id]
+    )
+    url = dashboard_url(local_swarm.bootstrap)
+    common = ["--run-id", run_id, "--wait-for-peers", "3", "--eval-every", "2"]
+    peers = [local_swarm.start_peer(f"peer{i}", *common) for i in range(3)]
+    local_swarm.wait_rounds(peers, 4, timeout_s=300)
+
+    def settled():  # every live peer's latest summary has reached the monitor
+        status = get_status(url)
+        shown = {p["peer_id"]: p["round"] for p in status["peers"]}
+        files = {p.records()[0]["peer_id"]: p.records()[-1]["round"] for p in peers}
+        return status if len(shown) == 3 and all((shown.get(pid) or 0) >= 4 for pid in files) else None
+
+    status = wait_for(
+        settled, timeout_s=60, what="three live peers past round 4 on the dashboard", interval_s=0.5
+    )
+    records = {p.records()[0]["peer_id"]: {r["round"]: r for r in p.records()} for p in peers}
+    assert {row["peer_id"] for row in status["peers"]} == set(records)  # the metrics files' peer ids
+    for row in status["peers"]:
+        mine = records[row["peer_id"]]
+        record = mine[row["round"]]
+        assert row["loss"] == pytest.approx(record["loss"]) and row["tokens"] == record["tokens"]
+        assert row["last_hash"] == record["global_params_sha256"]
+        assert (row["failed_rounds"], row["resyncs"]) == (record["failed_rounds"], record["resyncs"])
+        assert row["bytes_sent"] == sum(r["bytes_sent"] for rnd, r in mine.items() if rnd <= row["round"])
+        assert row["reachability"] == "unknown" and row["device"] == "cpu"
+    by_round = {row["round"]: row for row in status["rounds"]}
+    for round_index in range(1, 5):
+        row = by_round[round_index]
+        if row["peers"] == 3:  # every peer's loss for the round has arrived
+            loss, tokens = expected_round(records, round_index)
+            assert row["loss"] == pytest.approx(loss) and row["tokens"] == tokens
+        hashes = {by[round_index]["global_params_sha256"] for by in records.values() if round_index in by}
+        assert row["hash_agreeing"] == row["hash_peers"] == 3 and {row["majority_hash"]} == hashes
+    assert by_round[2]["eval_loss"] is not None and by_round[1]["eval_loss"] is None
+    assert status["totals"]["tokens"] >= sum(by[4]["tokens"] for by in records.values())
+
+    if CHROMIUM is not None:
+        dom = browse(url, tmp_path, "dashboard-live")
+        for peer_id in records:
+            assert f'data-peer-id="{peer_id}"' in dom
+        points = int(re.search(r'id="loss-chart"[^>]*data-points="(\d+)"', dom).group(1))
+        assert points >= 4
+        if os.environ.get(
+            "DILOCO_UPDATE_DOCS"
+        ):  # README's screenshot: DILOCO_UPDATE_DOCS=1 pytest -k live_swarm
+            shutil.copy(tmp_path / "dashboard-live.png", Path(__file__).parents[2] / "docs" / "dashboard.png")
+    for peer in peers:
+        peer.signal(signal.SIGTERM)
+    for peer in peers:
+        assert peer.wait(timeout_s=60) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import pytest
@@ -106,7 +107,8 @@ def test_summary_of_a_diverged_or_odd_round_is_still_valid():
         {"device": "x" * 65},
         {"device": "gpu\n"},
         {"last_hash": "A" * 64},
-        {"peer_id": "0OIl"},  # not base58
+        {"peer_id": "two words"},
+        {"peer_id": "x" * 65},
         {
             "recent": [{"round": 1, "loss": 1.0, "eval_loss": None, "tokens": 1}]
             * (SUMMARY_HISTORY_ROUNDS + 1)
@@ -170,3 +172,30 @@ def test_summary_publisher_publishes_each_round_and_survives_a_failing_dht():
     assert published[0].reachability == "unknown" and published[1].reachability == "relayed"
     assert published[1].bytes_sent == 3000  # round 2 still counted in the totals
     assert [p.round for p in published[1].recent] == [1, 2, 3]
+
+
+def test_the_loop_publishes_a_summary_of_every_round(tmp_path):
+    from peer.signals import StopFlag
+    from peer.train import Peer
+    from tests.unit.fake_network import FakeSwarm
+    from tests.unit.test_train import make_config
+
+    swarm = FakeSwarm(companions=1)
+    assert (
+        Peer(
+            make_config(tmp_path, eval_every=2), StopFlag(handle_signals=False), network_factory=swarm.factory
+        ).run()
+        == 0
+    )
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s.round for s in swarm.published_summaries] == [r["round"] for r in records] == [1, 2, 3]
+    last, record = swarm.published_summaries[-1], records[-1]
+    assert (last.peer_id, last.last_hash, last.tokens) == (
+        record["peer_id"],
+        record["global_params_sha256"],
+        record["tokens"],
+    )
+    assert last.loss == pytest.approx(record["loss"]) and last.eval_loss == pytest.approx(
+        records[1]["eval_loss"]
+    )
+    assert (last.device, last.reachability, last.max_rounds) == ("cpu", "direct", 3)

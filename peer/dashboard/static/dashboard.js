@@ -120,7 +120,7 @@ function renderLoss(rounds) {
       width: el.clientWidth,
       height: 300,
       scales: { x: { time: false } },
-      axes: [{ label: "round" }, { label: "loss" }],
+      axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000] }, { label: "loss" }],
       series: [
         { label: "round" },
         { label: "training loss", stroke: "#3867d6", width: 2, spanGaps: true },
