@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass
+from functools import partial
 
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import dht_pb2
@@ -25,6 +26,8 @@ DIAL_TIMEOUT_S = 5.0
 """How long a checker tries to open a fresh connection to the asking peer."""
 ASK_TIMEOUT_S = 30.0
 """How long the asking peer waits for one answer (the checker starts a p2p daemon first)."""
+CHECK_TIMEOUT_S = 60.0
+"""The longest a whole check may take (at start, before the peer trains)."""
 MAX_CHECKERS = 3
 MAX_ADDRESSES = 8
 """A request names at most this many addresses to dial (it comes from a stranger)."""
@@ -157,10 +160,15 @@ async def ask_peers_to_dial_back(_dht, node, *, maddrs: list[str]) -> list[bool 
     random.shuffle(candidates)
     request = dht_pb2.FindRequest(keys=[m.encode() for m in own_addresses(maddrs)])
     answers: list[bool | None] = []
+    deadline = asyncio.get_running_loop().time() + CHECK_TIMEOUT_S
     for peer in candidates[: 3 * MAX_CHECKERS]:
+        remaining_s = deadline - asyncio.get_running_loop().time()
+        if remaining_s <= 0:
+            break
         try:
             response = await asyncio.wait_for(
-                node.p2p.call_protobuf_handler(peer, HANDLER, request, dht_pb2.PingResponse), ASK_TIMEOUT_S
+                node.p2p.call_protobuf_handler(peer, HANDLER, request, dht_pb2.PingResponse),
+                min(ASK_TIMEOUT_S, remaining_s),
             )
             answers.append(bool(response.available))
         except Exception as e:
@@ -169,3 +177,19 @@ async def ask_peers_to_dial_back(_dht, node, *, maddrs: list[str]) -> list[bool 
         if any(answers) or sum(a is not None for a in answers) >= MAX_CHECKERS:
             break
     return answers
+
+
+def check_reachability(dht, *, client_mode: bool) -> Reachability:
+    """Serve other peers' checks from now on and find out how this peer is reached (blocks for the check)."""
+    if client_mode:  # a client cannot serve checks (nobody can dial it) and needs none
+        return classify(client_mode=True, answers=[], relay_addresses=[])
+    try:
+        dht.run_coroutine(serve_reachability_checks)
+        maddrs = [str(m) for m in dht.get_visible_maddrs(latest=True)]
+        answers = dht.run_coroutine(partial(ask_peers_to_dial_back, maddrs=maddrs))
+    except Exception as e:  # a failed check is no reason not to train
+        logger.warning(f"reachability check failed: {e!r}")
+        maddrs, answers = [], []
+    return classify(
+        client_mode=False, answers=answers, relay_addresses=[m for m in maddrs if "/p2p-circuit" in m]
+    )

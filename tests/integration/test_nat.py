@@ -50,11 +50,12 @@ def test_peer_behind_nat_contributes_every_round_and_agrees(local_swarm, lab):
         )
         for name in ("a", "b")
     ]
+    wait_for(lambda: all(p.maddrs() for p in peers), timeout_s=120, what="the public peers to be up")
+    # no --client-mode: the reachability check finds that nobody can dial it and makes it a client
     peers.append(
         local_swarm.start_peer(
             "home",
             *common,
-            "--client-mode",
             "--host-maddrs",
             "/ip4/0.0.0.0/tcp/0",
             prefix=tuple(lab.command("home")),
@@ -65,9 +66,10 @@ def test_peer_behind_nat_contributes_every_round_and_agrees(local_swarm, lab):
         records = peer.records()
         assert [r["group_size"] for r in records] == [3, 3, 3], peer.log()[-3000:]
         assert all(not r["failed"] and r["resyncs"] == 0 for r in records)
-    assert all(
-        r["bytes_sent"] > 0 for r in peers[2].records()
-    )  # the NAT'd peer's update went out every round
+    assert all(r["bytes_sent"] > 0 for r in peers[2].records())  # its update went out every round
+    assert "reachability: outgoing-only (none of" in peers[2].log(), peers[2].log()[-3000:]
+    for peer in peers[:2]:
+        assert "reachability: direct" in peer.log() or "reachability: unknown" in peer.log()
     for round_index, by_peer in hashes_by_round(peers).items():
         assert len(set(by_peer.values())) == 1, f"round {round_index}: peers disagree: {by_peer}"
 
