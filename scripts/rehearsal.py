@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--workdir", type=Path, default=None, help="keep logs and metrics here (default: a temp dir)"
     )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--screenshot", type=Path, default=None, help="save the dashboard as PNG at the end (chromium)"
+    )
     return p.parse_args(argv)
 
 
@@ -102,8 +106,7 @@ class Rehearsal:
                 "--num-threads", "1", "--eval-every", "2", "--eval-batches", "2", "--matchmaking-s", "3",
                 "--progress-period-s", "1", "--host-maddrs", f"/ip4/{host}/tcp/0", "--initial-peers", *maddrs,
                 "--metrics-file", str(self.workdir / f"{name}.jsonl"), "--wait-for-peers", "3",
-                *(["--client-mode"] if behind_nat else []),
-            ],
+            ],  # behind NAT without --client-mode: its reachability check makes it outgoing-only
         )  # fmt: skip
 
     def run(self) -> dict:
@@ -124,6 +127,10 @@ class Rehearsal:
         )
         started = time.time()
         for name, _, behind_nat in PEERS:
+            if behind_nat:  # checked by the public peers: they must be up and serving checks first
+                self.wait_for(
+                    lambda: len(self.reachability_lines()) >= len(PEERS) - 1, "the public peers", 300
+                )
             self.start_peer(name, maddrs, behind_nat=behind_nat)
         self.wait_for(lambda: len(self.records("fast")) >= args.late_after, "the first rounds", 600)
         self.start_peer("late", maddrs, behind_nat=False)
@@ -138,12 +145,39 @@ class Rehearsal:
             args.timeout_s,
         )
         dashboard = self.dashboard_status(boot.address)
+        if self.args.screenshot is not None:
+            self.screenshot(boot.address, self.args.screenshot)
         for name in survivors:
             self.procs[name].send_signal(signal.SIGTERM)
         for name in survivors:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.procs[name].wait(timeout=60)
-        return summarize({name: self.records(name) for name, *_ in [*PEERS, ("late",)]}, started, dashboard)
+        summary = summarize(
+            {name: self.records(name) for name, *_ in [*PEERS, ("late",)]}, started, dashboard
+        )
+        summary["reachability"] = self.reachability_lines()
+        return summary
+
+    def reachability_lines(self) -> dict[str, str]:
+        """name -> the reachability line each started peer logged."""
+        lines = {}
+        for name in self.procs:
+            log = self.workdir / f"{name}.log"
+            found = [
+                line for line in log.read_text(errors="replace").splitlines() if "reachability: " in line
+            ]
+            if found:
+                lines[name] = found[0].split("reachability: ", 1)[1].split(" (")[0]
+        return lines
+
+    def screenshot(self, address: str, path: Path) -> None:
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is None:
+            print("screenshot: skipped (no chromium)", file=sys.stderr)
+            return
+        argv = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,1150",
+                "--virtual-time-budget=6000", f"--screenshot={path.resolve()}", f"http://{address}:8080/"]  # fmt: skip
+        subprocess.run(self.lab.command("boot", *argv), capture_output=True, timeout=120)
 
     def dashboard_status(self, address: str) -> dict | None:
         code = f"import urllib.request; print(urllib.request.urlopen('http://{address}:8080/api/status', timeout=10).read().decode())"
@@ -213,6 +247,7 @@ def print_summary(summary: dict) -> None:
         util = f"{100 * p['utilization']:.1f}%" if p["utilization"] is not None else "-"
         print(f"{name:>7} {p['rounds']:>6} {p['first_round']:>5} {p['last_round']:>4} {p['failed_rounds']:>6} "
               f"{p['resyncs']:>7} {p['mb_sent']:>8.2f} {p['mb_received']:>8.2f} {util:>6}")  # fmt: skip
+    print("reachability: " + ", ".join(f"{name} {kind}" for name, kind in summary["reachability"].items()))
     if "dashboard" in summary:
         d = summary["dashboard"]
         print(f"dashboard at the end: live {', '.join(d['live_peers'])}; {d['rounds_shown']} rounds shown; "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import hivemind
+import torch.multiprocessing
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
@@ -21,6 +22,10 @@ from peer.records import (
     summary_key,
 )
 from peer.summary import build_summary
+
+# as the peers do (peer/__main__.py): hivemind's default "file_system" starts a torch_shm_manager process that the
+# suite's leftover-process cleanup would kill under this test process's feet
+torch.multiprocessing.set_sharing_strategy("file_descriptor")
 
 TTL_S = 15.0  # as swarm.RECORD_TTL_S: the monitor reads the publication time as expiration - 15 s
 
