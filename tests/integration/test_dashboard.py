@@ -315,7 +315,7 @@ def test_live_swarm_dashboard_matches_the_metrics_files(local_swarm, tmp_path):
         assert row["last_hash"] == record["global_params_sha256"]
         assert (row["failed_rounds"], row["resyncs"]) == (record["failed_rounds"], record["resyncs"])
         assert row["bytes_sent"] == sum(r["bytes_sent"] for rnd, r in mine.items() if rnd <= row["round"])
-        assert row["reachability"] in ("direct", "unknown") and row["device"] == "cpu"
+        assert row["reachability"] == "direct" and row["device"] == "cpu"
     by_round = {row["round"]: row for row in status["rounds"]}
     for round_index in range(1, 5):
         row = by_round[round_index]
