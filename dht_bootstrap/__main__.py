@@ -1,7 +1,8 @@
 """CLI of the bootstrap node: parse flags, start the DHT, print how to join, log status until a signal.
 
 Run as `python -m dht_bootstrap` or `diloco-bootstrap`. Imports nothing from the `peer` package but
-peer/preflight.py (checks of what the user typed, standard library only, shared with the peer CLI).
+peer/preflight.py (checks of what the user typed, standard library only, shared with the peer CLI) and the swarm
+monitor (peer/monitor.py), imported only when --dashboard-port is given.
 """
 
 from __future__ import annotations
@@ -91,6 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="seconds between status log lines (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also serve the swarm dashboard (live peers, loss, hash agreement; JSON at /api/status) on this TCP "
+        "port, the same page as `python -m peer.monitor` (default: no dashboard)",
+    )
+    parser.add_argument(
+        "--dashboard-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address the dashboard listens on (default: %(default)s, every interface; 127.0.0.1: this machine)",
+    )
+    parser.add_argument(
+        "--dashboard-run-id",
+        default="diloco",
+        metavar="RUN_ID",
+        help="the run (the peers' --run-id) the dashboard shows (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level",
@@ -185,6 +206,7 @@ def run(config: BootstrapConfig, *, stop: _StopSignal, peer_filter: _PeerIdFilte
     node = BootstrapNode.start(config, should_stop=stop.is_set)
     if node is None:
         return 0
+    dashboard = None
     try:
         peer_filter.short_peer_id = str(node.peer_id)[-6:]
         maddrs = _connect_addresses(node)
@@ -194,6 +216,9 @@ def run(config: BootstrapConfig, *, stop: _StopSignal, peer_filter: _PeerIdFilte
         if config.maddrs_file is not None:
             write_maddrs_file(config.maddrs_file, maddrs)
             logger.info("wrote %d multiaddrs to %s", len(maddrs), config.maddrs_file)
+
+        if config.dashboard_port is not None:
+            dashboard = _start_dashboard(node)
 
         next_status_at = time.monotonic() + config.status_interval_s
         while not stop.event.wait(timeout=max(0.0, min(1.0, next_status_at - time.monotonic()))):
@@ -206,8 +231,34 @@ def run(config: BootstrapConfig, *, stop: _StopSignal, peer_filter: _PeerIdFilte
         return 0
     finally:
         started = time.monotonic()
+        if dashboard is not None:
+            dashboard.stop()
         node.shutdown()
         logger.info("stopped in %.1f s after %.0f s of uptime", time.monotonic() - started, node.uptime_s)
+
+
+def _start_dashboard(node: BootstrapNode):
+    """The swarm monitor and its web page on this node's DHT. Imported here, only with --dashboard-port: without it
+    the bootstrap node imports nothing from the peer package."""
+    from dht_bootstrap.node import BootstrapError
+
+    try:
+        from peer.monitor import Dashboard, MonitorConfig, MonitorError, dashboard_url
+    except ImportError as e:
+        raise BootstrapError(f"--dashboard-port needs the peer package and its dependencies ({e})") from None
+    config = node.config
+    monitor_config = MonitorConfig(
+        run_id=config.dashboard_run_id, host=config.dashboard_host, port=config.dashboard_port
+    )
+    try:
+        dashboard = Dashboard(node.dht, config=monitor_config, lock=node.dht_lock)
+        port = dashboard.start()
+    except MonitorError as e:
+        raise BootstrapError(str(e)) from None
+    logger.info(
+        "dashboard of run %s: %s", config.dashboard_run_id, dashboard_url(config.dashboard_host, port)
+    )
+    return dashboard
 
 
 def _log_status(node: BootstrapNode) -> None:
@@ -265,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             identity_path=args.identity_path,
             maddrs_file=args.maddrs_file,
             status_interval_s=args.status_interval,
+            dashboard_port=args.dashboard_port,
+            dashboard_host=args.dashboard_host,
+            dashboard_run_id=args.dashboard_run_id,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -6,11 +6,13 @@ file, and the multiaddrs it reports. Written against hivemind 1.1.12.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -64,6 +66,12 @@ class BootstrapConfig:
     """Give up if the DHT is not ready after this many seconds."""
     shutdown_timeout_s: float = 5.0
     """Grace period for a clean DHT shutdown before its process is terminated."""
+    dashboard_port: int | None = None
+    """Serve the swarm dashboard (peer/monitor.py) on this TCP port; None: no dashboard."""
+    dashboard_host: str = "0.0.0.0"
+    """Address the dashboard listens on."""
+    dashboard_run_id: str = "diloco"
+    """The run the dashboard shows."""
 
     def __post_init__(self) -> None:
         check_host_maddrs(self.host_maddrs)
@@ -73,6 +81,12 @@ class BootstrapConfig:
             raise ValueError(f"--status-interval must be > 0 seconds, got {self.status_interval_s}")
         if not self.startup_timeout_s > 0 or not self.shutdown_timeout_s > 0:
             raise ValueError("startup and shutdown timeouts must be > 0 seconds")
+        if self.dashboard_port is not None and not 0 <= self.dashboard_port <= 65535:
+            raise ValueError(f"--dashboard-port must be in 0..65535, got {self.dashboard_port}")
+        if not self.dashboard_run_id or any(ch in self.dashboard_run_id for ch in ". \t\n"):
+            raise ValueError(
+                f"--dashboard-run-id must be non-empty without dots or spaces, got {self.dashboard_run_id!r}"
+            )
 
 
 def load_or_create_identity(path: Path) -> PeerID:
@@ -179,6 +193,8 @@ class BootstrapNode:
     peer_id: PeerID
     p2pd_pid: int | None
     started_at: float = field(default_factory=time.monotonic)
+    dht_lock: threading.Lock = field(default_factory=threading.Lock)
+    """hivemind's DHT pipe is not thread-safe: every call from this process (status, the dashboard) takes it."""
 
     @classmethod
     def start(cls, config: BootstrapConfig, *, should_stop=lambda: False) -> BootstrapNode | None:
@@ -251,10 +267,10 @@ class BootstrapNode:
     def visible_maddrs(self) -> list[Multiaddr]:
         """Multiaddrs (with /p2p/<peer id>) as the daemon reports them: the announced ones if any,
         else the concrete interface addresses it listens on (0.0.0.0 is expanded)."""
-        return list(_call_in_dht(self.dht, _read_visible_maddrs, RPC_TIMEOUT_S))
+        return list(_call_in_dht(self.dht, _read_visible_maddrs, RPC_TIMEOUT_S, lock=self.dht_lock))
 
     def status(self) -> NodeStatus:
-        return _call_in_dht(self.dht, _read_status, RPC_TIMEOUT_S)
+        return _call_in_dht(self.dht, _read_status, RPC_TIMEOUT_S, lock=self.dht_lock)
 
     def shutdown(self) -> None:
         """Stop the DHT and make sure p2pd is gone; bounded by about shutdown_timeout_s + 3 s."""
@@ -264,9 +280,10 @@ class BootstrapNode:
                 self.config.maddrs_file.unlink()
 
 
-def _call_in_dht(dht: hivemind.DHT, coro_fn, timeout_s: float):
+def _call_in_dht(dht: hivemind.DHT, coro_fn, timeout_s: float, *, lock: threading.Lock | None = None):
     """Run `coro_fn(dht, node)` inside the DHT process, waiting at most timeout_s."""
-    future = dht.run_coroutine(coro_fn, return_future=True)
+    with lock or contextlib.nullcontext():
+        future = dht.run_coroutine(coro_fn, return_future=True)
     try:
         return future.result(timeout=timeout_s)
     except FutureTimeoutError:

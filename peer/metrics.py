@@ -41,6 +41,17 @@ class JsonlMetrics:
                 file.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+class MetricsSinks:
+    """Several sinks behind one: each round's record goes to every one of them, in order."""
+
+    def __init__(self, *sinks: MetricsSink):
+        self.sinks = sinks
+
+    def log_round(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.log_round(record)
+
+
 @dataclass
 class RoundStats:
     """One round's measurements, logged once its outer step is applied."""

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from peer.outer import AveragingResult
-from peer.records import HashRecord, ProgressRecord
+from peer.records import HashRecord, ProgressRecord, SummaryRecord
 
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
 """Returns (metadata, tensors) of this peer's global state, for a peer that downloads it from us."""
@@ -49,6 +49,8 @@ class SwarmNetwork(Protocol):
     peer_id: str
     """This peer's id as printed in logs and metrics."""
     short_id: str
+    reachability: str
+    """How other peers reach this one: direct, relayed, outgoing-only or unknown (peer/reachability.py)."""
 
     def time(self) -> float:
         """The swarm's clock (DHT time) used in every record."""
@@ -86,6 +88,10 @@ class SwarmNetwork(Protocol):
 
     def hash_records(self) -> dict[bytes, HashRecord]:
         """Every live hash record, by the key that signed it (one key, one vote)."""
+        ...
+
+    def publish_summary(self, summary: SummaryRecord) -> None:
+        """Publish this peer's summary of its latest round for monitors (peer/monitor.py), without waiting."""
         ...
 
     def schedule_averaging(

@@ -7,7 +7,19 @@ pydantic v1 models because hivemind's SchemaValidator is built on pydantic v1.
 
 from __future__ import annotations
 
-from pydantic.v1 import BaseModel, Extra, StrictBool, conbytes, confloat, conint, constr, validator
+from typing import Optional
+
+from pydantic.v1 import (
+    BaseModel,
+    Extra,
+    StrictBool,
+    conbytes,
+    confloat,
+    conint,
+    conlist,
+    constr,
+    validator,
+)
 
 MAX_ROUND = 10**9
 MAX_TOKENS = 10**15  # tokens one peer may claim for one round
@@ -68,3 +80,89 @@ class SettingsRecord(StrictRecord):
     peer_id: PeerIdBytes
     fingerprint: constr(strict=True, regex=r"^[0-9a-f]{16}$")
     settings_json: constr(strict=True, max_length=65536)
+
+
+# ---- the per-round summary a peer publishes for monitors (peer/monitor.py) -------------------------------------
+# Every field is bounded: the record comes from strangers, and a monitor must never crash or grow without bound on
+# what one peer claims. The bounds are far beyond anything real (a round number of 10^9, 10^18 tokens or bytes).
+
+SUMMARY_TTL_S = 1800.0
+"""How long the DHT keeps a peer's summary: one is published per round, so this outlasts long rounds; a monitor
+shows a summary only while the peer's progress record says it is live."""
+SUMMARY_HISTORY_ROUNDS = 8
+"""Rounds of loss history in each summary, so a monitor that polls less often than rounds end misses none."""
+REACHABILITY = ("direct", "relayed", "outgoing-only", "unknown")
+"""How others reach a peer: it accepts connections, it is reachable through a relay, or it only dials out."""
+
+MAX_COUNT = 10**18  # tokens and bytes in total
+MAX_LOSS = 1e4
+MAX_GROUP_SIZE = 10**6
+
+RoundNumber = conint(strict=True, ge=0, le=MAX_ROUND)
+TotalCount = conint(strict=True, ge=0, le=MAX_COUNT)
+Loss = confloat(strict=True, ge=0.0, le=MAX_LOSS)  # NaN and inf fail the bounds
+
+
+class RoundLoss(BaseModel):
+    """One round of one peer in a summary's short history."""
+
+    round: RoundNumber
+    loss: Optional[Loss]  # noqa: UP045 (pydantic v1 needs Optional)
+    """Mean inner training loss of the round (None: not finite)."""
+    eval_loss: Optional[Loss]  # noqa: UP045
+    """Held-out loss of the global parameters after the round (None: not evaluated this round)."""
+    tokens: TotalCount
+    """Tokens this peer processed in the round: the weight of its loss in the swarm's average."""
+
+    class Config:
+        extra = Extra.forbid
+
+
+class SummaryRecord(BaseModel):
+    """A peer's state after its latest round, stored under `summary_key(fingerprint)` with subkey = the peer's
+    public key (signed), next to its progress record."""
+
+    peer_id: constr(strict=True, regex=r"^[\x21-\x7e]{1,64}\Z")  # as in the metrics file (base58)
+    round: RoundNumber
+    """The round just completed (as `round` in the metrics file)."""
+    loss: Optional[Loss]  # noqa: UP045
+    eval_loss: Optional[Loss]  # noqa: UP045
+    """The latest held-out loss this peer measured (None: none yet)."""
+    tokens: TotalCount
+    """Tokens this peer processed since it started."""
+    tokens_per_s: confloat(strict=True, ge=0.0, le=MAX_TOKENS_PER_S)
+    bytes_sent: TotalCount
+    """All-reduce bytes this peer sent since it started."""
+    bytes_received: TotalCount
+    group_size: conint(strict=True, ge=0, le=MAX_GROUP_SIZE)
+    """Peers in the latest round's all-reduce (0: it failed)."""
+    device: constr(strict=True, regex=r"^[\x20-\x7e]{0,64}\Z")
+    """What the peer trains on, e.g. 'cpu' or 'cuda NVIDIA H100 80GB HBM3'."""
+    reachability: constr(strict=True, regex="^(" + "|".join(REACHABILITY) + r")\Z")
+    last_hash: constr(strict=True, regex=r"^[0-9a-f]{64}\Z")
+    """sha256 of the global parameters after the latest round."""
+    failed_rounds: TotalCount
+    resyncs: TotalCount
+    max_rounds: RoundNumber
+    """The round this peer stops after (0: runs until stopped)."""
+    recent: conlist(RoundLoss, max_items=SUMMARY_HISTORY_ROUNDS)
+    """The latest rounds, oldest first."""
+
+    class Config:
+        extra = Extra.forbid
+
+
+def progress_key(fingerprint: str) -> str:
+    return f"{fingerprint}_progress"
+
+
+def hashes_key(fingerprint: str) -> str:
+    return f"{fingerprint}_hashes"
+
+
+def summary_key(fingerprint: str) -> str:
+    return f"{fingerprint}_summary"
+
+
+def settings_key(run_id: str) -> str:
+    return f"{run_id}_settings"

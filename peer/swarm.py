@@ -8,6 +8,7 @@ wait for and when to average is decided in peer/rounds.py and acted on in peer/c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -21,9 +22,10 @@ from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, Schem
 from hivemind.utils.timed_storage import get_dht_time
 from pydantic.v1 import BaseModel  # hivemind's schemas are pydantic v1
 
-from peer.config import RunConfig, differing_settings
+from peer.config import RunConfig, SwarmConfig, differing_settings
 from peer.network import AveragingAttempt
-from peer.records import HashRecord, ProgressRecord, SettingsRecord
+from peer.reachability import check_reachability
+from peer.records import SUMMARY_TTL_S, HashRecord, ProgressRecord, SettingsRecord, SummaryRecord, summary_key
 from peer.rounds import conflicting_settings, remembered_peers, stale_after_s
 from peer.swarm_averaging import RoundAveraging, ScheduledStep, ensure_stopped
 
@@ -49,10 +51,30 @@ class LookupFailed(RuntimeError):
 class RoundSchema(BaseModel):
     progress: dict[BytesWithPublicKey, Optional[ProgressRecord]]  # noqa: UP045 (pydantic needs Optional here)
     hashes: dict[BytesWithPublicKey, Optional[HashRecord]]  # noqa: UP045
+    summary: dict[BytesWithPublicKey, Optional[SummaryRecord]]  # noqa: UP045 (for monitors: peer/monitor.py)
 
 
 class RunSchema(BaseModel):
     settings: dict[BytesWithPublicKey, Optional[SettingsRecord]]  # noqa: UP045
+
+
+def _start_dht(swarm: SwarmConfig) -> hivemind.DHT:
+    try:
+        return hivemind.DHT(
+            initial_peers=list(swarm.initial_peers),
+            host_maddrs=list(swarm.host_maddrs),
+            announce_maddrs=list(swarm.announce_maddrs) or None,
+            identity_path=swarm.identity_path,
+            client_mode=swarm.client_mode,
+            start=True,
+            await_ready=True,
+            wait_timeout=10,
+        )
+    except Exception as e:  # hivemind raises RuntimeError/ValueError/P2PDaemonError with long messages
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SwarmError(
+            f"could not start or join the DHT ({first_line}); check --initial-peers and --host-maddrs"
+        ) from None
 
 
 class Swarm:
@@ -72,26 +94,22 @@ class Swarm:
         self._hash_history: dict[int, tuple[str, str]] = {}
         self._ignored: dict[bytes, float] = {}  # subkey -> monotonic time until which its records are skipped
         swarm = config.swarm
+        self.dht = _start_dht(swarm)
         try:
-            self.dht = hivemind.DHT(
-                initial_peers=list(swarm.initial_peers),
-                host_maddrs=list(swarm.host_maddrs),
-                announce_maddrs=list(swarm.announce_maddrs) or None,
-                identity_path=swarm.identity_path,
-                client_mode=swarm.client_mode,
-                start=True,
-                await_ready=True,
-                wait_timeout=10,
-            )
-        except Exception as e:  # hivemind raises RuntimeError/ValueError/P2PDaemonError with long messages
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SwarmError(
-                f"could not start or join the DHT ({first_line}); check --initial-peers and --host-maddrs"
-            ) from None
-        try:
+            reachability = check_reachability(self.dht, client_mode=swarm.client_mode)
+            if reachability.kind == "outgoing-only" and not swarm.client_mode:
+                # nobody can dial us: train as a client, which sends its update every round but never reduces a
+                # shard or serves state (others would wait for us in vain)
+                self.dht.shutdown()
+                ensure_stopped(self.dht)
+                swarm = dataclasses.replace(swarm, client_mode=True)
+                self.config = config = dataclasses.replace(config, swarm=swarm)
+                self.dht = _start_dht(swarm)
+            self.reachability = reachability.kind
             self._peer_id = self.dht.peer_id
             self.peer_id = str(self._peer_id)
             self.short_id = self.peer_id[-6:]
+            logger.info(f"[{self.short_id}] {reachability.line}")
             signature = RSASignatureValidator()
             self._public_key = signature.local_public_key
             self.dht.add_validators(
@@ -339,6 +357,15 @@ class Swarm:
         )
 
     # ---- agreement (I1/I3) -----------------------------------------------------------------------------------
+    def publish_summary(self, summary: SummaryRecord) -> None:
+        """Publish this peer's summary of its latest round for monitors (stored without waiting)."""
+        self._store(
+            summary_key(self.fingerprint),
+            subkey=self._public_key,
+            value=summary.dict(),
+            expiration_time=get_dht_time() + SUMMARY_TTL_S,
+        )
+
     def publish_hash(self, round_index: int, params_sha256: str, state_sha256: str) -> None:
         """Publish our hashes for this round along with the last few (slower peers compare against them)."""
         self._hash_history[round_index] = (params_sha256, state_sha256)

@@ -28,7 +28,7 @@ from peer.device import (
 from peer.faults import FaultPlan
 from peer.inner import evaluate
 from peer.inner_phase import CHECK_PERIOD_S, InnerPhase, LocalTrainer
-from peer.metrics import JsonlMetrics, RoundStats, round_record, summary_line
+from peer.metrics import JsonlMetrics, MetricsSinks, RoundStats, round_record, summary_line
 from peer.model import count_parameters
 from peer.network import NetworkFactory, ScheduledAveraging, SwarmNetwork
 from peer.outer import AveragingResult, all_finite
@@ -36,6 +36,7 @@ from peer.overlap import PendingAverage, start_in_background
 from peer.robust import pseudo_gradient_bound, within_bound
 from peer.signals import StopFlag
 from peer.state import ReplicatedState
+from peer.summary import SummaryPublisher, device_kind
 from peer.workload import build_workload
 
 logger = logging.getLogger(__name__)
@@ -231,7 +232,15 @@ class Peer:
             faults=self.faults,
             optimizer_state=self.resumed.get("inner_optimizer"),
         )
-        self.metrics = JsonlMetrics(config.metrics_file)
+        self.metrics = MetricsSinks(
+            JsonlMetrics(config.metrics_file),
+            SummaryPublisher(  # a small signed summary per round in the DHT, for monitors (peer/monitor.py)
+                self.network.publish_summary,
+                device=device_kind(self.device),
+                reachability=self.network.reachability,
+                max_rounds=config.max_rounds,
+            ),
+        )
 
     # ---- 1. the inner phase ----------------------------------------------------------------------------------
     @property

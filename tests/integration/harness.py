@@ -59,12 +59,12 @@ def wait_for(condition, *, timeout_s: float, what: str, interval_s: float = 0.2)
 class Proc:
     """One child process (its own session, so killing it takes its hivemind children too)."""
 
-    def __init__(self, name: str, args: list[str], workdir: Path):
+    def __init__(self, name: str, args: list[str], workdir: Path, *, prefix: tuple[str, ...] = ()):
         self.name, self.workdir = name, workdir
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(
-            [sys.executable, *args],
+            [*prefix, sys.executable, *args],  # prefix: e.g. `ip netns exec NS` to run in a network namespace
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=child_env(),
@@ -96,7 +96,9 @@ class Proc:
 
 
 class Peer(Proc):
-    def __init__(self, name: str, args: list[str], workdir: Path, *, module: str = "peer"):
+    def __init__(
+        self, name: str, args: list[str], workdir: Path, *, module: str = "peer", prefix: tuple[str, ...] = ()
+    ):
         self.metrics_path = workdir / f"{name}.jsonl"
         self.maddrs_path = workdir / f"{name}.maddrs"
         super().__init__(
@@ -111,6 +113,7 @@ class Peer(Proc):
                 str(self.maddrs_path),
             ],
             workdir,
+            prefix=prefix,
         )
 
     def records(self) -> list[dict]:
@@ -131,7 +134,9 @@ class LocalSwarm:
         self.bootstrap: Proc | None = None
         self.bootstrap_maddrs: list[str] = []
 
-    def start_bootstrap(self, timeout_s: float = 60) -> list[str]:
+    def start_bootstrap(
+        self, timeout_s: float = 60, *, host: str = "127.0.0.1", prefix: tuple[str, ...] = (), extra=()
+    ) -> list[str]:
         maddrs_file = self.workdir / "bootstrap.maddrs"
         self.bootstrap = Proc(
             "bootstrap",
@@ -139,11 +144,13 @@ class LocalSwarm:
                 "-m",
                 "dht_bootstrap",
                 "--host-maddrs",
-                "/ip4/127.0.0.1/tcp/0",
+                f"/ip4/{host}/tcp/0",
                 "--maddrs-file",
                 str(maddrs_file),
+                *extra,
             ],
             self.workdir,
+            prefix=prefix,
         )
         self.procs.append(self.bootstrap)
         wait_for(
@@ -155,12 +162,18 @@ class LocalSwarm:
         return self.bootstrap_maddrs
 
     def start_peer(
-        self, name: str, *extra: str, initial_peers: list[str] | None = None, module: str = "peer"
+        self,
+        name: str,
+        *extra: str,
+        initial_peers: list[str] | None = None,
+        module: str = "peer",
+        prefix: tuple[str, ...] = (),
     ) -> Peer:
-        """A peer process; `module` may name a test-only variant (tests.attacker) that takes the same flags."""
+        """A peer process; `module` may name a test-only variant (tests.attacker) that takes the same flags, and
+        `prefix` a command that runs it elsewhere (a network namespace)."""
         initial = self.bootstrap_maddrs if initial_peers is None else initial_peers
         args = [*FAST_PEER_ARGS, *(["--initial-peers", *initial] if initial else []), *extra]
-        peer = Peer(name, args, self.workdir, module=module)
+        peer = Peer(name, args, self.workdir, module=module, prefix=prefix)
         self.procs.append(peer)
         return peer
 

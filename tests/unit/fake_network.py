@@ -57,6 +57,7 @@ class FakeSwarm:
     scheduled: list[FakeScheduled] = field(default_factory=list)
     published_hashes: dict[int, str] = field(default_factory=dict)
     published_state_hashes: dict[int, str] = field(default_factory=dict)
+    published_summaries: list = field(default_factory=list)
     downloads: int = 0
     shut_down: bool = False
 
@@ -69,6 +70,7 @@ class FakeNetwork:
 
     peer_id = "FakePeer0001"
     short_id = "eer0001"
+    reachability = "direct"
 
     def __init__(self, swarm: FakeSwarm, *, state_provider):
         self.swarm, self.state_provider = swarm, state_provider
@@ -128,6 +130,9 @@ class FakeNetwork:
     def publish_hash(self, round_index: int, params_sha256: str, state_sha256: str) -> None:
         self.swarm.published_hashes[round_index] = params_sha256
         self.swarm.published_state_hashes[round_index] = state_sha256
+
+    def publish_summary(self, summary) -> None:
+        self.swarm.published_summaries.append(summary)
 
     def hash_records(self) -> dict[bytes, HashRecord]:
         ours = {str(r): h for r, h in self.swarm.published_hashes.items()}
