@@ -199,7 +199,8 @@ def test_records_far_ahead_of_the_swarm_are_ignored():
                 b"liar": {
                     "progress": progress(10),
                     "summary": summary("QmLiar", 10**8, [(10**8, 0.1, None, 10**9)]),
-                    "hashes": {str(10**8): "b" * 64, "abc": "c" * 64, "10": "not a hash", "9": "9" * 64},
+                    # (malformed round keys or hashes do not parse at all: tests/unit/test_records.py)
+                    "hashes": {str(10**8): "b" * 64, "9": "9" * 64},
                 },
             },
         ),

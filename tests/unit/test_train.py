@@ -50,19 +50,33 @@ class ScriptedPeer(Peer):
 
     def prepare_training(self) -> None:
         super().prepare_training()
-        batches, peer = self.trainer.batches, self
-
-        def scripted():
-            for count, batch in enumerate(batches, start=1):
-                if peer.on_step is not None:
-                    peer.on_step(peer, peer.training_round, count)
-                yield batch
-
-        self.trainer.batches = scripted()
+        self.trainer.batches = ScriptedBatches(self.trainer.batches, self)
         self.metrics.log_round, log = (
             (lambda record: (self.records.append(record), log(record))),
             self.metrics.log_round,
         )
+
+
+class ScriptedBatches:
+    """The peer's batch stream, calling its on_step hook before each batch (the stream's position is kept)."""
+
+    def __init__(self, stream, peer: ScriptedPeer):
+        self.stream, self.peer, self.count = stream, peer, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.count += 1
+        if self.peer.on_step is not None:
+            self.peer.on_step(self.peer, self.peer.training_round, self.count)
+        return next(self.stream)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
 
 
 def run_peer(config: RunConfig, swarm: FakeSwarm, *, on_step=None) -> ScriptedPeer:
