@@ -8,8 +8,8 @@ KIND:
   weight    claims a huge token count (its averaging weight) in every all-reduce
   values    contributes huge finite values (3e38) as its pseudo-gradient
   reducer   returns averaged parts full of huge values for the shard it reduces
-  records   publishes progress records with a group time far in the future, a false 'done', the whole token budget and
-            an expiration that never comes, and a settings record of another fingerprint
+  records   publishes progress records with a group time far in the future, a false 'done' and the whole token
+            budget, and a settings record of another fingerprint
 """
 
 from __future__ import annotations
@@ -100,13 +100,12 @@ def attacking_network(attack: str):
             if attack != "records":
                 return super()._publish_periodically()
             while not self._stop.is_set():
-                never = get_dht_time() + 10**6
                 other = SettingsRecord(
                     peer_id=self._peer_id.to_bytes(), fingerprint="0" * 16, settings_json="{}"
                 )
                 try:
                     self._store(self._progress_key, subkey=self._public_key, value=self._progress.dict(),
-                                expiration_time=never)  # fmt: skip
+                                expiration_time=get_dht_time() + RECORD_TTL_S)  # fmt: skip
                     self._store(self._settings_key, subkey=self._public_key, value=other.dict(),
                                 expiration_time=get_dht_time() + RECORD_TTL_S)  # fmt: skip
                 except Exception:

@@ -15,13 +15,15 @@ from tests.integration.harness import hashes_by_round
 ROUNDS = 4
 
 
-def start(local_swarm, attack: str, *extra: str):
+def start(local_swarm, attack: str, *extra: str, wait_for: int = 3):
+    """Two honest peers and the attacker; the honest peers start training once `wait_for` peers look live to them
+    (an attacker whose records they ignore does not count)."""
     local_swarm.start_bootstrap()
-    args = ["--wait-for-peers", "3", *extra]
+    attacker = local_swarm.start_peer("attacker", *extra, "--attack", attack, module="tests.attacker")
+    args = ["--wait-for-peers", str(wait_for), *extra]
     honest = [local_swarm.start_peer(f"honest{i}", "--max-rounds", str(ROUNDS), *args) for i in range(2)]
-    attacker = local_swarm.start_peer("attacker", *args, "--attack", attack, module="tests.attacker")
     local_swarm.wait_rounds(honest, ROUNDS, timeout_s=300)
-    assert attacker.alive() or "ATTACKING" in attacker.log(), attacker.log()[-2000:]
+    assert "ATTACKING" in attacker.log(), attacker.log()[-2000:]
     return honest, attacker
 
 

@@ -1,0 +1,50 @@
+"""Reading records from the DHT (peer/swarm.py, without a DHT): one record per signing key, and the author of a
+malformed or never-expiring record is ignored for a while, its other records included."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+from hivemind.utils.timed_storage import get_dht_time
+
+from peer.records import ProgressRecord
+from peer.swarm import IGNORE_S, RECORD_TTL_S, Swarm
+
+
+def progress(peer: bytes) -> dict:
+    return ProgressRecord(
+        peer_id=peer, round=1, inner_step=0, tokens=0, done=False, averaging=-1,
+        scheduled_time=0.0, tokens_per_s=0.0, eta=0.0, client_mode=False,
+    ).dict()  # fmt: skip
+
+
+def swarm_reading(entries: dict) -> Swarm:
+    swarm = Swarm.__new__(Swarm)  # no DHT: the lookup returns `entries`
+    swarm.short_id, swarm._ignored = "test", {}
+    swarm._get = lambda key: SimpleNamespace(value=entries)
+    return swarm
+
+
+def entry(value, *, expires_in_s: float = RECORD_TTL_S):
+    return SimpleNamespace(value=value, expiration_time=get_dht_time() + expires_in_s)
+
+
+def test_records_are_keyed_by_the_signing_key_not_by_what_they_claim():
+    swarm = swarm_reading({b"key-a": entry(progress(b"claims-b")), b"key-b": entry(progress(b"claims-b"))})
+    assert set(swarm._read_records("p", ProgressRecord)) == {b"key-a", b"key-b"}
+
+
+def test_a_never_expiring_or_malformed_record_gets_its_author_ignored():
+    entries = {
+        b"forever": entry(progress(b"f"), expires_in_s=10**6),
+        b"malformed": entry({**progress(b"m"), "round": float("inf")}),
+        b"left": entry(None),  # a peer that left deletes its record: not an offense
+        b"honest": entry(progress(b"h")),
+    }
+    swarm = swarm_reading(entries)
+    assert set(swarm._read_records("p", ProgressRecord)) == {b"honest"}
+    assert set(swarm._ignored) == {b"forever", b"malformed"}
+    assert all(until > time.monotonic() + IGNORE_S / 2 for until in swarm._ignored.values())
+    entries[b"forever"] = entry(progress(b"f"))  # even its well-formed records are skipped for a while
+    assert set(swarm._read_records("p", ProgressRecord)) == {b"honest"}
