@@ -7,7 +7,7 @@ agreement, failed rounds, bytes, utilization (time in inner steps / wall time).
     sudo python scripts/rehearsal.py --rounds 12 --json
 
 Namespaces are removed on exit, Ctrl+C and SIGTERM (and by the next run if this one was SIGKILLed). No traffic
-leaves them. The model export step runs only if the peer package has an export command (peer/export.py).
+leaves them. At the end the model is exported from the live swarm (`python -m peer.export`) into the work directory.
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ class Rehearsal:
         dashboard = self.dashboard_status(boot.address)
         if self.args.screenshot is not None:
             self.screenshot(boot.address, self.args.screenshot)
+        exported = self.export(maddrs)  # from the live swarm, while the survivors still train
         for name in survivors:
             self.procs[name].send_signal(signal.SIGTERM)
         for name in survivors:
@@ -156,7 +157,25 @@ class Rehearsal:
             {name: self.records(name) for name, *_ in [*PEERS, ("late",)]}, started, dashboard
         )
         summary["reachability"] = self.reachability_lines()
+        summary["export"] = exported
         return summary
+
+    def export(self, maddrs: list[str]) -> str:
+        """`python -m peer.export` from the live swarm into the work directory; its last line (or the error)."""
+        argv = ["-m", "peer.export", "--initial-peers", *maddrs, "--run-id", self.run_id, "--model", "tiny",
+                "--out", str(self.workdir / "model")]  # fmt: skip
+        try:
+            done = subprocess.run(
+                self.lab.command("boot", sys.executable, *argv),
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        except subprocess.TimeoutExpired:
+            return "export timed out after 300 s"
+        lines = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
+        return lines[-1] if lines else f"export exited with {done.returncode}"
 
     def reachability_lines(self) -> dict[str, str]:
         """name -> the reachability line each started peer logged."""
@@ -248,6 +267,7 @@ def print_summary(summary: dict) -> None:
         print(f"{name:>7} {p['rounds']:>6} {p['first_round']:>5} {p['last_round']:>4} {p['failed_rounds']:>6} "
               f"{p['resyncs']:>7} {p['mb_sent']:>8.2f} {p['mb_received']:>8.2f} {util:>6}")  # fmt: skip
     print("reachability: " + ", ".join(f"{name} {kind}" for name, kind in summary["reachability"].items()))
+    print(f"export: {summary['export']}")
     if "dashboard" in summary:
         d = summary["dashboard"]
         print(f"dashboard at the end: live {', '.join(d['live_peers'])}; {d['rounds_shown']} rounds shown; "
@@ -282,8 +302,6 @@ def main(argv=None) -> int:
     print(json.dumps(summary, indent=1) if args.json else "", end="\n" if args.json else "")
     if not args.json:
         print_summary(summary)
-    if not (REPO_ROOT / "peer" / "export.py").exists():
-        print("export: skipped (this checkout has no peer/export.py yet)")
     print(f"logs and metrics: {workdir}", file=sys.stderr)
     return 0
 
