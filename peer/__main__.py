@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     from peer import train  # imported late: torch, transformers and hivemind take seconds to load
     from peer.checkpoint import CheckpointError
     from peer.swarm import SwarmError
+    from peer.wandb_sink import WandbError
 
     try:
         return train.run(config)
-    except (SwarmError, CheckpointError, ValueError) as e:
+    except (SwarmError, CheckpointError, WandbError, ValueError) as e:
         print(f"error: {preflight.one_line(e)}", file=sys.stderr)
         return 1
 

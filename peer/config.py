@@ -327,6 +327,9 @@ class RunConfig:
     """CPU threads for torch (0: torch's default). Use 1 when several peers share one machine."""
     metrics_file: str | None = None
     """Append one JSON record per round to this file."""
+    wandb_project: str | None = None
+    """Also log this peer's per-round metrics to this Weights & Biases project (pip install 'diloco-swarm[wandb]';
+    WANDB_MODE=offline writes to disk)."""
     eval_every: int = 5
     """Evaluate the held-out loss every this many rounds (0 disables)."""
     eval_batches: int = 8

@@ -82,13 +82,17 @@ def view_of_round(
     not us) once `expected` of them published theirs (or the timeout passed). Donors are network addresses."""
     deadline = time.monotonic() + timeout_s
     while True:
-        records = network.hash_records()
-        hashes = round_hashes(records, live=network.live_peers(), round_index=round_index, voters=voters)
+        records, live = network.hash_records(), network.live_peers()
+        hashes = round_hashes(records, live=live, round_index=round_index, voters=voters)
         if without_me:
             hashes.pop(network.my_key(), None)
         if len(hashes) >= expected or time.monotonic() >= deadline:
             view = majority_view(hashes, round_index=round_index, me=network.my_key())
-            return dataclasses.replace(view, donors=[records[key].peer_id for key in view.donors])
+            # a client-mode (outgoing-only) peer cannot serve its state: it votes but never donates
+            donors = [
+                records[key].peer_id for key in view.donors if not (key in live and live[key].client_mode)
+            ]
+            return dataclasses.replace(view, donors=donors)
         time.sleep(0.2)
 
 

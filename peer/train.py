@@ -240,6 +240,18 @@ class Peer:
                 reachability=self.network.reachability,
                 max_rounds=config.max_rounds,
             ),
+            *([self.wandb_sink()] if config.wandb_project else []),
+        )
+
+    def wandb_sink(self):
+        from peer.wandb_sink import WandbMetrics  # lazy: wandb is an optional extra
+
+        config = self.config
+        return WandbMetrics(
+            config.wandb_project,
+            run_id=config.swarm.run_id,
+            peer_id=self.network.peer_id,
+            config=config.to_dict(),
         )
 
     # ---- 1. the inner phase ----------------------------------------------------------------------------------

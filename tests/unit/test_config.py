@@ -67,6 +67,7 @@ SAMPLE_VALUES = {
     "init_from": "org/pretrained",
     "dataset": "corpus.txt",
     "dataset_config": "en",
+    "wandb_project": "swarm-runs",
     "split": "validation",
     "text_field": "content",
     "eval_split": "test",
