@@ -75,10 +75,16 @@ def load_global_params_(
 def from_checkpoint(path: Path, state: dict) -> Exportable:
     """The model of a checkpoint's run (rebuilt from its saved config) with its global parameters."""
     config = state["config"]
-    tokenizer = Tokenizer(config["data"]["tokenizer"])
-    model_config = load_model_config(
-        config["model"]["name"], vocab_size=tokenizer.vocab_size, max_seq_len=config["data"]["seq_len"]
-    )
+    if isinstance(state.get("model_config"), dict):  # the exact transformers config the run trained
+        model_config = config_from_dict(state["model_config"])
+    else:  # rebuilt from the run's --model (a preset, or a config that must exist here too)
+        tokenizer = Tokenizer(config["data"]["tokenizer"])
+        model_config = load_model_config(
+            config["model"]["name"],
+            vocab_size=tokenizer.vocab_size,
+            max_seq_len=config["data"]["seq_len"],
+            pretrained=config["model"].get("init_from") is not None,
+        )
     model = build_model(model_config, seed=config.get("seed", 0))
     names = [name for name, _ in model.named_parameters()]
     if state.get("param_names") not in (None, names):
@@ -92,6 +98,17 @@ def from_checkpoint(path: Path, state: dict) -> Exportable:
     provenance = {key: state.get(key) for key in ("round", "fingerprint", "params_sha256")}
     provenance.update(run_id=config.get("swarm", {}).get("run_id"), source=str(path))
     return Exportable(model, config["data"]["tokenizer"], config["data"]["seq_len"], provenance)
+
+
+def config_from_dict(values: dict):
+    """A transformers config from its to_dict() (as a checkpoint saves it)."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in values.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(values["model_type"], **fields)
+    except Exception as e:
+        raise CheckpointError(f"the checkpoint's model config cannot be used: {e}") from None
 
 
 # Bounds on a model architecture read from the swarm (another peer's record): nothing absurd gets allocated.

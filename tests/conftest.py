@@ -109,19 +109,32 @@ def _reap_(pids: set[int]) -> None:
                 os.waitpid(pid, os.WNOHANG)
 
 
-def kill_new_descendants(before: set[int]) -> list[str]:
-    """SIGKILL every running descendant of this process that is not in `before` (nor a multiprocessing
-    helper), wait until they are gone and reap them; returns 'pid command' for each one killed."""
+# A process the test already stopped may still be exiting when the test returns (its memory released, not yet a
+# zombie): it gets this long to finish before it counts as left over.
+EXITING_GRACE_S = 1.0
+
+
+def _wait_until_exited(pids: list[int], timeout_s: float) -> list[int]:
+    """Those of `pids` still running after at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    running = [pid for pid in pids if not _is_zombie(pid)]
+    while running and time.monotonic() < deadline:
+        time.sleep(0.02)
+        running = [pid for pid in running if not _is_zombie(pid)]
+    return running
+
+
+def kill_new_descendants(before: set[int], *, grace_s: float = EXITING_GRACE_S) -> list[str]:
+    """SIGKILL every descendant of this process that is not in `before` (nor a session helper) and is still
+    running after `grace_s`; wait until they are gone and reap them. Returns 'pid command' for each one killed."""
     new = descendants(os.getpid()) - before
     leftovers = new - _session_helpers(new)
-    running = sorted(pid for pid in leftovers if not _is_zombie(pid))
+    running = sorted(_wait_until_exited(sorted(leftovers), grace_s))
     killed = [f"{pid} {_command(pid)[:120]}" for pid in running]
     for pid in running:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not all(_is_zombie(pid) for pid in running):
-        time.sleep(0.02)
+    _wait_until_exited(running, 10)
     _reap_(leftovers)
     return killed
 
@@ -131,8 +144,8 @@ def no_leftover_processes():
     """Kill every process the test started, directly or not, that is still running after it.
 
     Only descendants of this pytest process that did not exist before the test are touched, so module-scoped
-    fixtures' processes, the session's helpers (_session_helpers), pytest itself and unrelated processes are left alone. A
-    leftover is reported as a warning: a test should clean up after itself, this is the safety net."""
+    fixtures' processes, the session's helpers (_session_helpers), pytest itself and unrelated processes are
+    left alone. A leftover is reported as a warning: a test should clean up after itself, this is the safety net."""
     before = descendants(os.getpid())
     yield
     killed = kill_new_descendants(before)

@@ -36,6 +36,9 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     save_checkpoint(str(folder), {**state, "round": 6, "params_sha256": "0" * 64}, round_index=6, keep=5)
     save_checkpoint(str(folder), state, round_index=7, keep=5)
+    # a run of a model that is not a preset: the checkpoint carries its exact transformers config
+    custom = {**model.config.to_dict(), "hidden_act": "gelu", "rms_norm_eps": 1e-5}
+    save_checkpoint(str(folder / "custom"), {**state, "model_config": custom}, round_index=7, keep=5)
     return folder, model
 
 
@@ -77,3 +80,13 @@ def test_bad_exports_are_refused_with_one_line(trained, tmp_path, capsys):
     )
     assert code == 1 and "do not match their recorded hash" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.*"))
+
+
+def test_a_checkpoint_with_its_model_config_exports_that_exact_config(trained, tmp_path):
+    from transformers import AutoConfig
+
+    folder, ours = trained
+    assert export.main(["--checkpoint", str(folder / "custom"), "--out", str(tmp_path / "m")]) == 0
+    config = AutoConfig.from_pretrained(tmp_path / "m")
+    assert (config.hidden_act, config.rms_norm_eps) == ("gelu", 1e-5)  # not the preset's silu and 1e-6
+    assert config.hidden_size == ours.config.hidden_size

@@ -34,11 +34,12 @@ def test_new_children_and_orphans_are_killed_older_processes_are_not(tmp_path):
         )
         orphan = int(out.stdout)
         assert _running(orphan) and orphan in descendants(os.getpid())
+        exiting = subprocess.Popen(["sleep", "0.1"])  # ends by itself within the grace period: not reported
 
-        killed = kill_new_descendants(before)
+        killed = kill_new_descendants(before, grace_s=0.5)
 
         assert sorted(int(k.split()[0]) for k in killed) == sorted([child.pid, orphan])
-        assert not _running(child.pid) and not _running(orphan)
+        assert not _running(child.pid) and not _running(orphan) and exiting.poll() is not None
         assert _running(older.pid) and _running(os.getpid())
     finally:
         older.kill()
