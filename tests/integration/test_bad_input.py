@@ -115,11 +115,30 @@ def test_peer_bad_input_is_one_line_before_any_heavy_work(tmp_path: Path) -> Non
     a_file.write_text("not a directory")
     garbage_tokenizer = tmp_path / "tokenizer.json"
     garbage_tokenizer.write_text("{ this is not json")
+    wrong_type = tmp_path / "wrong-type.toml"
+    wrong_type.write_text('inner_steps = "fifty"\n')
+    not_a_number = tmp_path / "nan.toml"
+    not_a_number.write_text("weight_decay = nan\n")
     refused = closed_port()
     hub_down = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}  # never reaches the internet
     unreachable = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{FAKE_PEER_ID}" for port in (refused, closed_port())]
     with busy_port() as port:
         cases = {
+            "config-wrong-type": Case(
+                ["--config", str(wrong_type), *LOCAL, *keep],
+                ["inner_steps must be an integer", "'fifty'"],
+                exit_code=2,
+            ),
+            "config-not-a-number": Case(
+                ["--config", str(not_a_number), *LOCAL, *keep],
+                ["--weight-decay must be a finite number, got nan"],
+                exit_code=2,
+            ),
+            "flag-infinite": Case(
+                [*LOCAL, *keep, "--outer-lr", "inf"],
+                ["--outer-lr must be a finite number, got inf"],
+                exit_code=2,
+            ),
             "maddr-garbage": Case(
                 [*LOCAL, *keep, "--initial-peers", "nonsense"],
                 ["--initial-peers", "'nonsense' is not a valid multiaddr"],
