@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import importlib.util
 import logging
 import math
@@ -294,9 +295,18 @@ def check_identity_path(path: str | os.PathLike, *, flag: str = "--identity-path
 
 
 # ---- tokenizer and dataset -------------------------------------------------------------------------------------
+LOCAL_SUFFIXES = (".json", ".jsonl", ".txt", ".md", ".csv", ".parquet", ".gz", ".arrow")
+"""Names ending like this are files, never Hugging Face hub ids."""
+
+
 def _is_local_spec(spec: str) -> bool:
-    """A tokenizer or dataset named by a path rather than a Hugging Face hub id."""
-    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(spec))
+    """A tokenizer or dataset named by a path (or glob pattern) rather than a Hugging Face hub id."""
+    return (
+        spec.startswith(("/", "./", "../", "~"))
+        or spec.lower().endswith(LOCAL_SUFFIXES)
+        or any(ch in spec for ch in "*?[")
+        or os.path.exists(os.path.expanduser(spec))
+    )
 
 
 def hub_unreachable_reason(*, timeout_s: float = REACHABLE_TIMEOUT_S) -> str | None:
@@ -326,7 +336,7 @@ def check_tokenizer(spec: str, *, hub_unreachable: str | None = None) -> None:
     """The tokenizer loads (with peer.data's own loader); `hub_unreachable` says why the hub is not available."""
     if spec == "embedded":
         return  # shipped with the package (tests/unit/test_assets.py)
-    if (spec.endswith(".json") or _is_local_spec(spec)) and not os.path.exists(os.path.expanduser(spec)):
+    if _is_local_spec(spec) and not os.path.exists(os.path.expanduser(spec)):
         raise PreflightError(f"--tokenizer {spec}: no such file or directory")
     from peer.data import Tokenizer  # imports torch: only once every cheap check has passed
 
@@ -351,7 +361,11 @@ def check_dataset(dataset: str, *, hub_unreachable: str | None = None) -> None:
     if dataset == "embedded":
         return
     path = Path(dataset).expanduser()
-    if _is_local_spec(dataset) or any(ch in dataset for ch in "*?"):
+    if any(ch in dataset for ch in "*?["):  # a glob pattern of local files
+        if not glob.glob(str(path)):
+            raise PreflightError(f"--dataset {dataset}: no file matches")
+        return
+    if _is_local_spec(dataset):
         if not path.exists():
             raise PreflightError(f"--dataset {dataset}: no such file or directory")
         try:
@@ -379,8 +393,8 @@ def check_dataset(dataset: str, *, hub_unreachable: str | None = None) -> None:
         ) from None
 
 
-def _names_hub_resource(spec: str, *, file_suffixes: tuple[str, ...] = ()) -> bool:
-    return spec != "embedded" and not spec.endswith(file_suffixes) and not _is_local_spec(spec)
+def _names_hub_resource(spec: str) -> bool:
+    return spec != "embedded" and not _is_local_spec(spec)
 
 
 # ---- settings ---------------------------------------------------------------------------------------------------
@@ -432,7 +446,7 @@ def check_peer(config: Any) -> None:
     check_reachable(swarm.initial_peers)
     data = config.data
     hub_unreachable = None
-    if _names_hub_resource(data.tokenizer, file_suffixes=(".json",)) or _names_hub_resource(data.dataset):
+    if _names_hub_resource(data.tokenizer) or _names_hub_resource(data.dataset):
         hub_unreachable = use_hub_offline_if_unreachable()
     check_dataset(data.dataset, hub_unreachable=hub_unreachable)
     check_tokenizer(data.tokenizer, hub_unreachable=hub_unreachable)
