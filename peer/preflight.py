@@ -183,6 +183,20 @@ def check_ports_free(host_maddrs: Iterable[str], *, flag: str = "--host-maddrs")
                 ) from None
 
 
+def check_listen_port(host: str, port: int, *, flag: str) -> None:
+    """A TCP server of ours (the dashboard) can listen on host:port (port 0: any free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            hint = "stop the other process or choose another port" if e.errno == 98 else "check the address"
+            raise PreflightError(
+                f"{flag} {port}: cannot listen on {host} port {port} ({e.strerror}); {hint}"
+            ) from None
+
+
 def fixed_tcp_ports(host_maddrs: Iterable[str]) -> list[int]:
     """The non-zero TCP ports among the listen addresses."""
     ports = []
@@ -463,6 +477,8 @@ def check_bootstrap(
     initial_peers: Sequence[str] = (),
     identity_path: str | os.PathLike | None = None,
     maddrs_file: str | os.PathLike | None = None,
+    dashboard_host: str = "0.0.0.0",
+    dashboard_port: int | None = None,
 ) -> None:
     """Every check of the bootstrap node's flags, cheapest first; raises the first PreflightError."""
     check_host_maddrs(host_maddrs)
@@ -473,4 +489,13 @@ def check_bootstrap(
     if maddrs_file is not None:
         check_writable_file(maddrs_file, flag="--maddrs-file")
     check_ports_free(host_maddrs)
+    if dashboard_port is not None:
+        check_listen_port(dashboard_host, dashboard_port, flag="--dashboard-port")
+    check_reachable(initial_peers)
+
+
+def check_monitor(*, initial_peers: Sequence[str], host: str, port: int) -> None:
+    """Every check of the monitor's flags (python -m peer.monitor), cheapest first."""
+    check_peer_maddrs(initial_peers)
+    check_listen_port(host, port, flag="--port")
     check_reachable(initial_peers)

@@ -227,33 +227,55 @@ def test_peer_bad_input_is_one_line_before_any_heavy_work(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(300)
-def test_bootstrap_bad_input_is_one_line(tmp_path: Path) -> None:
+def test_bootstrap_and_monitor_bad_input_is_one_line(tmp_path: Path) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
-    refused = closed_port()
-    unreachable = f"/ip4/127.0.0.1/tcp/{refused}/p2p/{FAKE_PEER_ID}"
+    unreachable = f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{FAKE_PEER_ID}"
     maddrs = ["--maddrs-file", str(tmp_path / "node.maddrs")]
-    cases = {
-        "maddr-garbage": Case(
-            [*LOCAL, *maddrs, "--initial-peers", "/ip4/127.0.0.1/tcp"],
-            ["--initial-peers", "not a valid multiaddr"],
-            exit_code=2,
-        ),
-        "unreachable-peers": Case(
-            [*LOCAL, *maddrs, "--initial-peers", unreachable],
-            ["none of the --initial-peers answered", unreachable, "Connection refused"],
-        ),
-        "maddrs-file-under-a-file": Case(
-            [*LOCAL, "--maddrs-file", str(a_file / "node.maddrs")], ["--maddrs-file", "not a directory"]
-        ),
-        "identity-under-a-file": Case(
-            [*LOCAL, *maddrs, "--identity-path", str(a_file / "node.key")],
-            ["--identity-path", "not a directory"],
-        ),
-    }
-    results = run_all("dht_bootstrap", cases, tmp_path)
-    for name, case in cases.items():
+    with busy_port() as port:
+        bootstrap = {
+            "maddr-garbage": Case(
+                [*LOCAL, *maddrs, "--initial-peers", "/ip4/127.0.0.1/tcp"],
+                ["--initial-peers", "not a valid multiaddr"],
+                exit_code=2,
+            ),
+            "unreachable-peers": Case(
+                [*LOCAL, *maddrs, "--initial-peers", unreachable],
+                ["none of the --initial-peers answered", unreachable, "Connection refused"],
+            ),
+            "maddrs-file-under-a-file": Case(
+                [*LOCAL, "--maddrs-file", str(a_file / "node.maddrs")], ["--maddrs-file", "not a directory"]
+            ),
+            "identity-under-a-file": Case(
+                [*LOCAL, *maddrs, "--identity-path", str(a_file / "node.key")],
+                ["--identity-path", "not a directory"],
+            ),
+            "dashboard-port-in-use": Case(
+                [*LOCAL, *maddrs, "--dashboard-host", "127.0.0.1", "--dashboard-port", str(port)],
+                ["--dashboard-port", f"port {port}", "Address already in use"],
+            ),
+        }
+        monitor = {
+            "monitor-maddr-no-peer-id": Case(
+                ["--initial-peers", "/ip4/127.0.0.1/tcp/1"],
+                ["must hold an address and the peer id"],
+                exit_code=2,
+            ),
+            "monitor-unreachable-peers": Case(
+                ["--initial-peers", unreachable, "--port", "0"],
+                ["none of the --initial-peers answered", unreachable],
+            ),
+            "monitor-port-in-use": Case(
+                ["--initial-peers", unreachable, "--host", "127.0.0.1", "--port", str(port)],
+                ["--port", f"port {port}", "Address already in use"],
+            ),
+        }
+        results = run_all("dht_bootstrap", bootstrap, tmp_path)
+        monitor_results = run_all("peer.monitor", monitor, tmp_path)
+    for name, case in bootstrap.items():
         assert_one_line_error(name, case, *results[name], prefix="diloco-bootstrap: error:")
+    for name, case in monitor.items():
+        assert_one_line_error(name, case, *monitor_results[name], prefix="python -m peer.monitor: error:")
     assert not (tmp_path / "node.maddrs").exists()
 
 
