@@ -369,7 +369,9 @@ def check_tokenizer(spec: str, *, hub_unreachable: str | None = None) -> None:
         ) from None
 
 
-def check_dataset(dataset: str, *, hub_unreachable: str | None = None) -> None:
+def check_dataset(
+    dataset: str, *, dataset_config: str | None = None, hub_unreachable: str | None = None
+) -> None:
     """A local dataset exists and is readable; a hub dataset resolves (from the local cache if the hub cannot be
     reached). Reading and checking its contents is peer.data's job, with its own clear errors."""
     if dataset == "embedded":
@@ -398,7 +400,7 @@ def check_dataset(dataset: str, *, hub_unreachable: str | None = None) -> None:
         import datasets
 
         datasets.disable_progress_bars()
-        datasets.load_dataset_builder(name, subset or None)
+        datasets.load_dataset_builder(name, dataset_config or subset or None)
     except Exception:  # datasets raises many types for a dataset it cannot find
         raise PreflightError(
             f"--dataset {dataset} is not a local file or directory, and the Hugging Face hub cannot be reached "
@@ -462,7 +464,9 @@ def check_peer(config: Any) -> None:
     hub_unreachable = None
     if _names_hub_resource(data.tokenizer) or _names_hub_resource(data.dataset):
         hub_unreachable = use_hub_offline_if_unreachable()
-    check_dataset(data.dataset, hub_unreachable=hub_unreachable)
+    check_dataset(
+        data.dataset, dataset_config=getattr(data, "dataset_config", None), hub_unreachable=hub_unreachable
+    )
     check_tokenizer(data.tokenizer, hub_unreachable=hub_unreachable)
     if hub_unreachable is not None and "HF_HUB_OFFLINE" not in hub_unreachable:
         logger.warning(
