@@ -16,7 +16,7 @@ from pydantic.v1.fields import ModelField
 
 from peer import records
 
-FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 SCHEMAS = sorted(
     (

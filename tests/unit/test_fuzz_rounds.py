@@ -17,7 +17,7 @@ from peer.inner_phase import CHECK_PERIOD_S
 from peer.records import HashRecord, ProgressRecord, SettingsRecord
 from peer.rounds import Timing
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 NOW = 1.8e9  # DHT time is Unix time
 ME = b"me"
