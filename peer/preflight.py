@@ -445,7 +445,6 @@ def check_finite_numbers(config: Any) -> None:
 # ---- everything a command checks before it starts --------------------------------------------------------------
 def check_peer(config: Any) -> None:
     """Every check of a peer's settings (a peer.config.RunConfig), cheapest first; raises the first PreflightError."""
-    check_finite_numbers(config)
     swarm = config.swarm
     check_host_maddrs(swarm.host_maddrs)
     check_announce_maddrs(swarm.announce_maddrs)
@@ -460,6 +459,12 @@ def check_peer(config: Any) -> None:
         check_writable_dir(config.checkpoint_dir, flag="--checkpoint-dir")
     check_ports_free(swarm.host_maddrs)
     check_reachable(swarm.initial_peers)
+    check_workload(config)
+
+
+def check_workload(config: Any) -> None:
+    """The checks of what a run trains on (also for the in-process simulation): numbers, dataset, tokenizer."""
+    check_finite_numbers(config)
     data = config.data
     hub_unreachable = None
     if _names_hub_resource(data.tokenizer) or _names_hub_resource(data.dataset):

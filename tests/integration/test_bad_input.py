@@ -20,6 +20,7 @@ from tests.integration.harness import child_env
 EXIT_TIMEOUT_S = 180.0  # the tokenizer and dataset cases import torch first: slow on a loaded 2-core machine
 FAKE_PEER_ID = "QmSoLPppuBtQSGwKDZT2M73ULpjvfd3aZ6ha4oFGL1KrGM"  # a well-formed id nobody on 127.0.0.1 has
 LOCAL = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+ONE_ROUND = ["--max-rounds", "1"]
 
 
 @dataclass
@@ -277,6 +278,26 @@ def test_bootstrap_and_monitor_bad_input_is_one_line(tmp_path: Path) -> None:
     for name, case in monitor.items():
         assert_one_line_error(name, case, *monitor_results[name], prefix="python -m peer.monitor: error:")
     assert not (tmp_path / "node.maddrs").exists()
+
+
+@pytest.mark.timeout(300)
+def test_simulation_bad_input_is_one_line(tmp_path: Path) -> None:
+    garbage_tokenizer = tmp_path / "tokenizer.json"
+    garbage_tokenizer.write_text("{ this is not json")
+    cases = {
+        "tokenizer-garbage": Case(
+            [*ONE_ROUND, "--tokenizer", str(garbage_tokenizer)], ["--tokenizer", "cannot be loaded"], 2
+        ),
+        "not-a-number": Case(
+            [*ONE_ROUND, "--weight-decay", "nan"], ["--weight-decay must be a finite number, got nan"], 2
+        ),
+        "dataset-missing": Case(
+            [*ONE_ROUND, "--dataset", str(tmp_path / "missing.parquet")], ["--dataset", "no such file"], 2
+        ),
+    }
+    results = run_all("peer.simulate", cases, tmp_path)
+    for name, case in cases.items():
+        assert_one_line_error(name, case, *results[name], prefix="error:")
 
 
 # ---- the checks themselves, in this process, against real sockets on 127.0.0.1 --------------------------------
