@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             initial_peers=args.initial_peers,
             identity_path=args.identity_path,
             maddrs_file=args.maddrs_file,
+            dashboard_host=args.dashboard_host,
+            dashboard_port=args.dashboard_port,
         )
     except preflight.PreflightError as e:
         if e.exit_code == 2:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from peer import preflight
 from peer.records import (
     HashRecord,
     ProgressRecord,
@@ -282,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as e:
         parser.error(str(e))
+    try:  # before importing hivemind and torch: a typo, a busy port or a dead address is reported at once
+        preflight.check_monitor(initial_peers=args.initial_peers, host=config.host, port=config.port)
+    except preflight.PreflightError as e:
+        if e.exit_code == 2:
+            parser.error(str(e))
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s [monitor] %(message)s")
     stop = threading.Event()
     main_pid = os.getpid()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import glob
 import importlib.util
 import logging
 import math
@@ -182,6 +183,20 @@ def check_ports_free(host_maddrs: Iterable[str], *, flag: str = "--host-maddrs")
                 ) from None
 
 
+def check_listen_port(host: str, port: int, *, flag: str) -> None:
+    """A TCP server of ours (the dashboard) can listen on host:port (port 0: any free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            hint = "stop the other process or choose another port" if e.errno == 98 else "check the address"
+            raise PreflightError(
+                f"{flag} {port}: cannot listen on {host} port {port} ({e.strerror}); {hint}"
+            ) from None
+
+
 def fixed_tcp_ports(host_maddrs: Iterable[str]) -> list[int]:
     """The non-zero TCP ports among the listen addresses."""
     ports = []
@@ -294,9 +309,18 @@ def check_identity_path(path: str | os.PathLike, *, flag: str = "--identity-path
 
 
 # ---- tokenizer and dataset -------------------------------------------------------------------------------------
+LOCAL_SUFFIXES = (".json", ".jsonl", ".txt", ".md", ".csv", ".parquet", ".gz", ".arrow")
+"""Names ending like this are files, never Hugging Face hub ids."""
+
+
 def _is_local_spec(spec: str) -> bool:
-    """A tokenizer or dataset named by a path rather than a Hugging Face hub id."""
-    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(spec))
+    """A tokenizer or dataset named by a path (or glob pattern) rather than a Hugging Face hub id."""
+    return (
+        spec.startswith(("/", "./", "../", "~"))
+        or spec.lower().endswith(LOCAL_SUFFIXES)
+        or any(ch in spec for ch in "*?[")
+        or os.path.exists(os.path.expanduser(spec))
+    )
 
 
 def hub_unreachable_reason(*, timeout_s: float = REACHABLE_TIMEOUT_S) -> str | None:
@@ -326,7 +350,7 @@ def check_tokenizer(spec: str, *, hub_unreachable: str | None = None) -> None:
     """The tokenizer loads (with peer.data's own loader); `hub_unreachable` says why the hub is not available."""
     if spec == "embedded":
         return  # shipped with the package (tests/unit/test_assets.py)
-    if (spec.endswith(".json") or _is_local_spec(spec)) and not os.path.exists(os.path.expanduser(spec)):
+    if _is_local_spec(spec) and not os.path.exists(os.path.expanduser(spec)):
         raise PreflightError(f"--tokenizer {spec}: no such file or directory")
     from peer.data import Tokenizer  # imports torch: only once every cheap check has passed
 
@@ -345,13 +369,19 @@ def check_tokenizer(spec: str, *, hub_unreachable: str | None = None) -> None:
         ) from None
 
 
-def check_dataset(dataset: str, *, hub_unreachable: str | None = None) -> None:
+def check_dataset(
+    dataset: str, *, dataset_config: str | None = None, hub_unreachable: str | None = None
+) -> None:
     """A local dataset exists and is readable; a hub dataset resolves (from the local cache if the hub cannot be
     reached). Reading and checking its contents is peer.data's job, with its own clear errors."""
     if dataset == "embedded":
         return
     path = Path(dataset).expanduser()
-    if _is_local_spec(dataset) or any(ch in dataset for ch in "*?"):
+    if any(ch in dataset for ch in "*?["):  # a glob pattern of local files
+        if not glob.glob(str(path)):
+            raise PreflightError(f"--dataset {dataset}: no file matches")
+        return
+    if _is_local_spec(dataset):
         if not path.exists():
             raise PreflightError(f"--dataset {dataset}: no such file or directory")
         try:
@@ -370,7 +400,7 @@ def check_dataset(dataset: str, *, hub_unreachable: str | None = None) -> None:
         import datasets
 
         datasets.disable_progress_bars()
-        datasets.load_dataset_builder(name, subset or None)
+        datasets.load_dataset_builder(name, dataset_config or subset or None)
     except Exception:  # datasets raises many types for a dataset it cannot find
         raise PreflightError(
             f"--dataset {dataset} is not a local file or directory, and the Hugging Face hub cannot be reached "
@@ -379,8 +409,8 @@ def check_dataset(dataset: str, *, hub_unreachable: str | None = None) -> None:
         ) from None
 
 
-def _names_hub_resource(spec: str, *, file_suffixes: tuple[str, ...] = ()) -> bool:
-    return spec != "embedded" and not spec.endswith(file_suffixes) and not _is_local_spec(spec)
+def _names_hub_resource(spec: str) -> bool:
+    return spec != "embedded" and not _is_local_spec(spec)
 
 
 # ---- settings ---------------------------------------------------------------------------------------------------
@@ -415,7 +445,6 @@ def check_finite_numbers(config: Any) -> None:
 # ---- everything a command checks before it starts --------------------------------------------------------------
 def check_peer(config: Any) -> None:
     """Every check of a peer's settings (a peer.config.RunConfig), cheapest first; raises the first PreflightError."""
-    check_finite_numbers(config)
     swarm = config.swarm
     check_host_maddrs(swarm.host_maddrs)
     check_announce_maddrs(swarm.announce_maddrs)
@@ -430,11 +459,19 @@ def check_peer(config: Any) -> None:
         check_writable_dir(config.checkpoint_dir, flag="--checkpoint-dir")
     check_ports_free(swarm.host_maddrs)
     check_reachable(swarm.initial_peers)
+    check_workload(config)
+
+
+def check_workload(config: Any) -> None:
+    """The checks of what a run trains on (also for the in-process simulation): numbers, dataset, tokenizer."""
+    check_finite_numbers(config)
     data = config.data
     hub_unreachable = None
-    if _names_hub_resource(data.tokenizer, file_suffixes=(".json",)) or _names_hub_resource(data.dataset):
+    if _names_hub_resource(data.tokenizer) or _names_hub_resource(data.dataset):
         hub_unreachable = use_hub_offline_if_unreachable()
-    check_dataset(data.dataset, hub_unreachable=hub_unreachable)
+    check_dataset(
+        data.dataset, dataset_config=getattr(data, "dataset_config", None), hub_unreachable=hub_unreachable
+    )
     check_tokenizer(data.tokenizer, hub_unreachable=hub_unreachable)
     if hub_unreachable is not None and "HF_HUB_OFFLINE" not in hub_unreachable:
         logger.warning(
@@ -449,6 +486,8 @@ def check_bootstrap(
     initial_peers: Sequence[str] = (),
     identity_path: str | os.PathLike | None = None,
     maddrs_file: str | os.PathLike | None = None,
+    dashboard_host: str = "0.0.0.0",
+    dashboard_port: int | None = None,
 ) -> None:
     """Every check of the bootstrap node's flags, cheapest first; raises the first PreflightError."""
     check_host_maddrs(host_maddrs)
@@ -459,4 +498,13 @@ def check_bootstrap(
     if maddrs_file is not None:
         check_writable_file(maddrs_file, flag="--maddrs-file")
     check_ports_free(host_maddrs)
+    if dashboard_port is not None:
+        check_listen_port(dashboard_host, dashboard_port, flag="--dashboard-port")
+    check_reachable(initial_peers)
+
+
+def check_monitor(*, initial_peers: Sequence[str], host: str, port: int) -> None:
+    """Every check of the monitor's flags (python -m peer.monitor), cheapest first."""
+    check_peer_maddrs(initial_peers)
+    check_listen_port(host, port, flag="--port")
     check_reachable(initial_peers)

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 
-from peer import experiments
+from peer import experiments, preflight
 from peer.cli import add_flags, build_parser, config_from_args, flags_of, given_values
 from peer.config import RunConfig
 from peer.replicas import MODES, ExperimentConfig, run_replicas
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         runs = experiment_runs(own, rest)
+        for run_config, _ in runs:
+            preflight.check_workload(run_config)  # before any run: a bad tokenizer or a NaN is one line
         results = {}
         for run_config, exp in runs:
             on_eval = (

@@ -20,6 +20,7 @@ from tests.integration.harness import child_env
 EXIT_TIMEOUT_S = 180.0  # the tokenizer and dataset cases import torch first: slow on a loaded 2-core machine
 FAKE_PEER_ID = "QmSoLPppuBtQSGwKDZT2M73ULpjvfd3aZ6ha4oFGL1KrGM"  # a well-formed id nobody on 127.0.0.1 has
 LOCAL = ["--host-maddrs", "/ip4/127.0.0.1/tcp/0"]
+ONE_ROUND = ["--max-rounds", "1"]
 
 
 @dataclass
@@ -115,11 +116,30 @@ def test_peer_bad_input_is_one_line_before_any_heavy_work(tmp_path: Path) -> Non
     a_file.write_text("not a directory")
     garbage_tokenizer = tmp_path / "tokenizer.json"
     garbage_tokenizer.write_text("{ this is not json")
+    wrong_type = tmp_path / "wrong-type.toml"
+    wrong_type.write_text('inner_steps = "fifty"\n')
+    not_a_number = tmp_path / "nan.toml"
+    not_a_number.write_text("weight_decay = nan\n")
     refused = closed_port()
     hub_down = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}  # never reaches the internet
     unreachable = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{FAKE_PEER_ID}" for port in (refused, closed_port())]
     with busy_port() as port:
         cases = {
+            "config-wrong-type": Case(
+                ["--config", str(wrong_type), *LOCAL, *keep],
+                ["inner_steps must be an integer", "'fifty'"],
+                exit_code=2,
+            ),
+            "config-not-a-number": Case(
+                ["--config", str(not_a_number), *LOCAL, *keep],
+                ["--weight-decay must be a finite number, got nan"],
+                exit_code=2,
+            ),
+            "flag-infinite": Case(
+                [*LOCAL, *keep, "--outer-lr", "inf"],
+                ["--outer-lr must be a finite number, got inf"],
+                exit_code=2,
+            ),
             "maddr-garbage": Case(
                 [*LOCAL, *keep, "--initial-peers", "nonsense"],
                 ["--initial-peers", "'nonsense' is not a valid multiaddr"],
@@ -208,34 +228,76 @@ def test_peer_bad_input_is_one_line_before_any_heavy_work(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(300)
-def test_bootstrap_bad_input_is_one_line(tmp_path: Path) -> None:
+def test_bootstrap_and_monitor_bad_input_is_one_line(tmp_path: Path) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("not a directory")
-    refused = closed_port()
-    unreachable = f"/ip4/127.0.0.1/tcp/{refused}/p2p/{FAKE_PEER_ID}"
+    unreachable = f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{FAKE_PEER_ID}"
     maddrs = ["--maddrs-file", str(tmp_path / "node.maddrs")]
+    with busy_port() as port:
+        bootstrap = {
+            "maddr-garbage": Case(
+                [*LOCAL, *maddrs, "--initial-peers", "/ip4/127.0.0.1/tcp"],
+                ["--initial-peers", "not a valid multiaddr"],
+                exit_code=2,
+            ),
+            "unreachable-peers": Case(
+                [*LOCAL, *maddrs, "--initial-peers", unreachable],
+                ["none of the --initial-peers answered", unreachable, "Connection refused"],
+            ),
+            "maddrs-file-under-a-file": Case(
+                [*LOCAL, "--maddrs-file", str(a_file / "node.maddrs")], ["--maddrs-file", "not a directory"]
+            ),
+            "identity-under-a-file": Case(
+                [*LOCAL, *maddrs, "--identity-path", str(a_file / "node.key")],
+                ["--identity-path", "not a directory"],
+            ),
+            "dashboard-port-in-use": Case(
+                [*LOCAL, *maddrs, "--dashboard-host", "127.0.0.1", "--dashboard-port", str(port)],
+                ["--dashboard-port", f"port {port}", "Address already in use"],
+            ),
+        }
+        monitor = {
+            "monitor-maddr-no-peer-id": Case(
+                ["--initial-peers", "/ip4/127.0.0.1/tcp/1"],
+                ["must hold an address and the peer id"],
+                exit_code=2,
+            ),
+            "monitor-unreachable-peers": Case(
+                ["--initial-peers", unreachable, "--port", "0"],
+                ["none of the --initial-peers answered", unreachable],
+            ),
+            "monitor-port-in-use": Case(
+                ["--initial-peers", unreachable, "--host", "127.0.0.1", "--port", str(port)],
+                ["--port", f"port {port}", "Address already in use"],
+            ),
+        }
+        results = run_all("dht_bootstrap", bootstrap, tmp_path)
+        monitor_results = run_all("peer.monitor", monitor, tmp_path)
+    for name, case in bootstrap.items():
+        assert_one_line_error(name, case, *results[name], prefix="diloco-bootstrap: error:")
+    for name, case in monitor.items():
+        assert_one_line_error(name, case, *monitor_results[name], prefix="python -m peer.monitor: error:")
+    assert not (tmp_path / "node.maddrs").exists()
+
+
+@pytest.mark.timeout(300)
+def test_simulation_bad_input_is_one_line(tmp_path: Path) -> None:
+    garbage_tokenizer = tmp_path / "tokenizer.json"
+    garbage_tokenizer.write_text("{ this is not json")
     cases = {
-        "maddr-garbage": Case(
-            [*LOCAL, *maddrs, "--initial-peers", "/ip4/127.0.0.1/tcp"],
-            ["--initial-peers", "not a valid multiaddr"],
-            exit_code=2,
+        "tokenizer-garbage": Case(
+            [*ONE_ROUND, "--tokenizer", str(garbage_tokenizer)], ["--tokenizer", "cannot be loaded"], 2
         ),
-        "unreachable-peers": Case(
-            [*LOCAL, *maddrs, "--initial-peers", unreachable],
-            ["none of the --initial-peers answered", unreachable, "Connection refused"],
+        "not-a-number": Case(
+            [*ONE_ROUND, "--weight-decay", "nan"], ["--weight-decay must be a finite number, got nan"], 2
         ),
-        "maddrs-file-under-a-file": Case(
-            [*LOCAL, "--maddrs-file", str(a_file / "node.maddrs")], ["--maddrs-file", "not a directory"]
-        ),
-        "identity-under-a-file": Case(
-            [*LOCAL, *maddrs, "--identity-path", str(a_file / "node.key")],
-            ["--identity-path", "not a directory"],
+        "dataset-missing": Case(
+            [*ONE_ROUND, "--dataset", str(tmp_path / "missing.parquet")], ["--dataset", "no such file"], 2
         ),
     }
-    results = run_all("dht_bootstrap", cases, tmp_path)
+    results = run_all("peer.simulate", cases, tmp_path)
     for name, case in cases.items():
-        assert_one_line_error(name, case, *results[name], prefix="diloco-bootstrap: error:")
-    assert not (tmp_path / "node.maddrs").exists()
+        assert_one_line_error(name, case, *results[name], prefix="error:")
 
 
 # ---- the checks themselves, in this process, against real sockets on 127.0.0.1 --------------------------------

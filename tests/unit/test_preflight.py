@@ -143,3 +143,12 @@ def test_a_setting_that_is_not_a_finite_number_names_its_flag():
     assert error.value.exit_code == 2
     with pytest.raises(PreflightError, match="--matchmaking-s must be a finite number, got inf"):
         preflight.check_finite_numbers(RunConfig(swarm=SwarmConfig(matchmaking_s=float("inf"))))
+
+
+def test_dataset_globs_and_file_names_are_local(tmp_path: Path):
+    (tmp_path / "part-0.parquet").write_bytes(b"PAR1")
+    preflight.check_dataset(str(tmp_path / "*.parquet"))
+    with pytest.raises(PreflightError, match="no file matches"):
+        preflight.check_dataset(str(tmp_path / "*.jsonl"))
+    with pytest.raises(PreflightError, match="no such file"):
+        preflight.check_dataset("corpus.jsonl")  # a relative file name, not a hub id
