@@ -41,11 +41,17 @@ def attacking_network(attack: str):
 
                 def state_provider():  # the all-zero state, claiming to be what the swarm holds
                     metadata, tensors = honest_provider()
-                    return metadata, [torch.zeros_like(t) for t in tensors]
+                    zeros = [torch.zeros_like(t) for t in tensors]
+                    half = len(zeros) // 2
+                    claims = {
+                        "params_sha256": tensors_sha256(zeros[:half]),
+                        "state_sha256": tensors_sha256(zeros),
+                    }
+                    return {**metadata, **claims}, zeros
 
                 self.zero_hash = None
+            self.sybils = []  # before the base class starts the publisher thread that reads it
             super().__init__(config, state_provider=state_provider, **kwargs)
-            self.sybils = []
             if attack == "votes":
                 import hivemind
                 from hivemind.dht.schema import RSASignatureValidator
@@ -57,19 +63,24 @@ def attacking_network(attack: str):
                         initial_peers=self.visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True
                     )
                     dht.add_validators([validator])
-                    self.sybils.append((dht, validator.local_public_key))
+                    self.sybils.append((dht, validator.local_public_key, dht.peer_id.to_bytes()))
 
         def publish_hash(self, round_index, params_sha256, state_sha256):
             if attack != "votes":
                 return super().publish_hash(round_index, params_sha256, state_sha256)
-            _, tensors = self.averaging.averager.get_current_state()[:2]
-            zero = tensors_sha256(tensors)
-            lie = {str(r): zero for r in range(max(0, round_index - 3), round_index + 1)}
-            for dht, key in [(self.dht, self._public_key), *self.sybils]:
-                record = HashRecord(peer_id=self._peer_id.to_bytes(), hashes=lie, state_hashes=lie)
+            metadata, _ = self.averaging.averager.get_current_state()[:2]
+            rounds_lied_about = range(max(0, round_index - 3), round_index + 1)
+            params = {str(r): metadata["params_sha256"] for r in rounds_lied_about}
+            state = {str(r): metadata["state_sha256"] for r in rounds_lied_about}
+            for dht, key, peer_id in self.identities():
+                record = HashRecord(peer_id=peer_id, hashes=params, state_hashes=state)
                 dht.store(
                     self._hashes_key, subkey=key, value=record.dict(), expiration_time=get_dht_time() + 600
                 )
+
+        def identities(self):
+            """(dht, record key, claimed peer id) of the attacker and of each made-up peer."""
+            return [(self.dht, self._public_key, self._peer_id.to_bytes()), *self.sybils]
 
         def run_averaging(self, scheduled, pseudo_grads, *, tokens, should_stop, during_allreduce=None):
             if attack == "weight":
@@ -97,6 +108,19 @@ def attacking_network(attack: str):
             self.mark_averaging(round_index, get_dht_time() + 10_000)  # everyone, wait for my group
 
         def _publish_periodically(self):
+            if (
+                attack == "votes"
+            ):  # the made-up peers look live: a progress record each, like the attacker's own
+                while not self._stop.is_set():
+                    for dht, key, peer_id in self.identities():
+                        try:
+                            progress = self._progress.copy(update={"peer_id": peer_id})
+                            dht.store(self._progress_key, subkey=key, value=progress.dict(),
+                                      expiration_time=get_dht_time() + RECORD_TTL_S)  # fmt: skip
+                        except Exception:
+                            pass
+                    self._stop.wait(self.config.swarm.progress_period_s)
+                return
             if attack != "records":
                 return super()._publish_periodically()
             while not self._stop.is_set():
@@ -113,7 +137,7 @@ def attacking_network(attack: str):
                 self._stop.wait(self.config.swarm.progress_period_s)
 
         def shutdown(self):
-            for dht, _ in self.sybils:
+            for dht, _, _ in self.sybils:
                 dht.shutdown()
             super().shutdown()
 
