@@ -61,6 +61,7 @@ from peer.robust import capped_weights, clamp_contribution, within_bound
 
 logger = get_logger(__name__)
 
+STATE_TENSORS_KEY = "_num_tensors"  # added to served metadata: how many tensors follow (removed on receipt)
 HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
 EncodedPart = tuple[object, torch.Tensor]  # (serialized runtime_pb2.Tensor, its decoded value)
 
@@ -319,8 +320,10 @@ class ExactAllReduceRunner(AllReduceRunner):
             yield message
 
     async def rpc_aggregate_part(
-        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
-    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        self, stream: typing.AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> typing.AsyncIterator[
+        averaging_pb2.AveragingData
+    ]:  # typing's: hivemind reads the hint to see a stream
         """Serve one sender (AllReduceRunner.rpc_aggregate_part), then keep the stream open until it hangs up.
 
         hivemind's p2p daemon (go-libp2p-daemon v0.5.0.hivemind1, stream.go `doStreamPipe`) pipes each stream
@@ -434,6 +437,10 @@ class ExactAverager(DecentralizedAverager):
         # overrides DecentralizedAverager.get_current_state (meant to be overridden): the state comes from the
         # training process's callback instead of the averaged tensors
         metadata, tensors = self._state_provider()
+        if isinstance(
+            metadata, dict
+        ):  # the receiver hangs up once it has this many tensors (_download_state)
+            metadata = {**metadata, STATE_TENSORS_KEY: len(tensors)}
         return metadata, tensors, None
 
     def last_transport_stats(self) -> dict:
@@ -500,11 +507,17 @@ class ExactAverager(DecentralizedAverager):
         # beyond that is refused at once (the downloader moves on to its next donor)
         if self._state_requests_serving is None:  # created in the averager process, on its event loop
             self._state_requests_serving = asyncio.Semaphore(self._max_state_requests)
+        # extends it too: after the last chunk the stream stays open until the receiver hangs up, for the reason
+        # given in ExactAllReduceRunner.rpc_aggregate_part
         if self._state_requests_serving.locked():
             return
         async with self._state_requests_serving:
+            num_sent = 0
             async for message in super().rpc_download_state(request, context):
+                num_sent += 1
                 yield message
+            if num_sent:  # cancelled when the receiver hangs up
+                await asyncio.sleep(self.next_chunk_timeout or HANG_UP_TIMEOUT_S)
 
     def load_state_from(
         self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float, max_bytes: int
@@ -544,21 +557,35 @@ class ExactAverager(DecentralizedAverager):
                 future.set_result(None)
 
     async def _download_state(self, donor: PeerID, timeout: float, max_bytes: int, future: MPFuture) -> None:
+        """We hang up as soon as the number of tensors the donor announced in its metadata arrived whole (the donor
+        keeps its end open until then, see rpc_download_state); a shorter stream is a failed download."""
         stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
         stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
         metadata, parts, tensors, received = None, [], [], 0
-        async for message in aiter_with_timeout(stream, timeout=timeout):
-            received += message.ByteSize()
-            if received > max_bytes:
-                raise AllreduceException(
-                    f"donor {donor} sent more than the {max_bytes} bytes a state can take"
-                )
-            if message.metadata:
-                metadata = self.serializer.loads(message.metadata)
-            if message.tensor_part.dtype and parts:  # a dtype marks the first chunk of the next tensor
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                parts = []
-            parts.append(message.tensor_part)
+        num_tensors, chunks_left = None, 0
+        try:
+            async for message in aiter_with_timeout(stream, timeout=timeout):
+                received += message.ByteSize()
+                if received > max_bytes:
+                    raise AllreduceException(
+                        f"donor {donor} sent more than the {max_bytes} bytes a state can take"
+                    )
+                if message.metadata:
+                    metadata = self.serializer.loads(message.metadata)
+                    if isinstance(metadata, dict):
+                        num_tensors = metadata.pop(STATE_TENSORS_KEY, None)
+                if message.tensor_part.dtype:  # a dtype marks the first chunk of the next tensor
+                    if parts:
+                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    parts, chunks_left = [], max(message.tensor_part.chunks, 1)
+                parts.append(message.tensor_part)
+                chunks_left -= 1
+                if chunks_left == 0 and isinstance(num_tensors, int) and len(tensors) + 1 == num_tensors:
+                    break  # everything arrived: hang up
+        finally:
+            await stream.aclose()
         if parts:
             tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        if num_tensors is not None and (len(tensors) != num_tensors or chunks_left != 0):
+            raise AllreduceException(f"donor {donor} sent {len(tensors)} of {num_tensors} tensors")
         future.set_result((metadata, tensors) if isinstance(metadata, dict) else None)
