@@ -107,6 +107,7 @@ def worker(peer_index: int, args, initial_peers: list[str], barrier, results) ->
         compression=args.compression,
         num_peers=args.peers,
         matchmaking_s=args.matchmaking_s,
+        part_size_bytes=args.part_size,
     )
     timeout_s = bar.step_timeout_s(args.values, args.compression)
     try:
@@ -124,16 +125,20 @@ def worker(peer_index: int, args, initial_peers: list[str], barrier, results) ->
         dht.shutdown()
 
 
-def parse_raw(path: Path) -> collections.Counter:
-    """py-spy --format raw: one 'frame;frame;... count' line per distinct stack."""
+def parse_raw(path: Path) -> tuple[collections.Counter, collections.Counter]:
+    """py-spy --format raw: one 'frame;frame;... count' line per distinct stack -> samples by stage and by the
+    innermost frame (self time)."""
     stages: collections.Counter = collections.Counter()
+    leaves: collections.Counter = collections.Counter()
     if not path.exists():
-        return stages
+        return stages, leaves
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
-            stages[classify(stack.split(";"))] += int(count)
-    return stages
+            frames = stack.split(";")
+            stages[classify(frames)] += int(count)
+            leaves[frames[-1]] += int(count)
+    return stages, leaves
 
 
 def run(args) -> dict:
@@ -166,6 +171,7 @@ def run(args) -> dict:
         spies = [
             subprocess.Popen(
                 [shutil.which("py-spy") or "py-spy", "record", "--format", "raw", "--rate", str(args.rate)]
+                + (["--gil"] if args.gil else [])
                 + ["--pid", str(pid), "--output", str(out_dir / f"averager{i}.txt"), "--nonblocking"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -193,9 +199,11 @@ def run(args) -> dict:
         measured = [runs[i] for i in sorted(runs) if i > 0]
         transfer_s = [max(r[p][1]["transfer_s"] for p in r) for r in measured]
         identical = all(len({r[p][2] for p in r}) == 1 for r in measured)
-        stages = collections.Counter()
+        stages, leaves = collections.Counter(), collections.Counter()
         for i in range(args.peers):
-            stages += parse_raw(out_dir / f"averager{i}.txt")
+            peer_stages, peer_leaves = parse_raw(out_dir / f"averager{i}.txt")
+            stages += peer_stages
+            leaves += peer_leaves
         samples = sum(stages.values())
         cpu = {kind: (cpu_after[kind] - cpu_before[kind]) / args.allreduces / args.peers for kind in kinds}
         return {
@@ -208,6 +216,9 @@ def run(args) -> dict:
             "wall_s_all": wall_s,
             "cpu_s_per_allreduce_per_peer": cpu,
             "averager_stage_share": {k: v / samples for k, v in stages.most_common()} if samples else {},
+            "averager_top_functions": {k: v / samples for k, v in leaves.most_common(args.top)}
+            if samples
+            else {},
             "averager_stage_cpu_s": {k: v / samples * cpu["averager"] for k, v in stages.most_common()}
             if samples
             else {},
@@ -218,8 +229,7 @@ def run(args) -> dict:
                 spy.kill()
         for proc in procs:
             proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+        bar.kill_trees(procs)
         with contextlib.suppress(Exception):
             root.shutdown()
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -239,6 +249,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second (default 250)")
     p.add_argument("--matchmaking-s", type=float, default=1.0, help="min_matchmaking_time (default 1)")
+    p.add_argument(
+        "--gil",
+        action="store_true",
+        help="count only samples of threads holding the GIL (Python work; leaves out idle waits that py-spy "
+        "cannot tell from work inside uvloop, and native work done without the GIL)",
+    )
+    p.add_argument(
+        "--top", type=int, default=15, help="innermost functions to list by self time (default 15)"
+    )
+    p.add_argument(
+        "--part-size", type=bar.parse_size, default=None, help="bytes per part (default: ExactAverager's)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     if args.peers < 2 or args.allreduces < 1:
@@ -270,6 +292,9 @@ def main(argv=None) -> int:
     print("averager process CPU by stage (py-spy, busy samples only):")
     for stage, share in result["averager_stage_share"].items():
         print(f"  {stage:>36}: {share * 100:5.1f} %  {result['averager_stage_cpu_s'][stage]:7.3f} s")
+    print("averager process, innermost functions by self time:")
+    for function, share in result["averager_top_functions"].items():
+        print(f"  {share * 100:5.1f} %  {function}")
     return 0
 
 

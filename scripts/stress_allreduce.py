@@ -114,9 +114,7 @@ def run(args: argparse.Namespace, initial_peers: list[str]) -> dict:
         for proc in procs:
             proc.join(timeout=15)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
+        bar.kill_trees(procs)
     failed = [i for i, by_peer in sorted(outcomes.items()) if not all(ok for ok, _ in by_peer.values())]
     disagreed = [
         i
