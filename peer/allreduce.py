@@ -52,7 +52,7 @@ from hivemind.compression import (
     deserialize_torch_tensor,
 )
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture, get_logger
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.streaming import combine_from_streaming
@@ -63,20 +63,18 @@ from peer.robust import capped_weights, clamp_contribution, within_bound
 logger = get_logger(__name__)
 
 STATE_TENSORS_KEY = "_num_tensors"  # added to served metadata: how many tensors follow (removed on receipt)
-HANG_UP_TIMEOUT_S = 30.0
-PREFETCH_PARTS = 2  # parts decoded (received) or encoded (to send) ahead of the one being processed  # how long a reducer waits for a sender to hang up when no reducer timeout is set
-EncodedPart = tuple[
-    averaging_pb2.AveragingData, torch.Tensor
-]  # (the reply every sender gets, its decoded value)
+HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
+PREFETCH_PARTS = 2  # parts decoded (received) or encoded (to send) ahead of the one being processed
+EncodedPart = tuple[runtime_pb2.Tensor, torch.Tensor]  # (the serialized averaged part, its decoded value)
+# (the reply message every sender of a part gets, its decoded value)
+ReducedPart = tuple[averaging_pb2.AveragingData, torch.Tensor]
 
 
 def encode_once(compression: CompressionBase, averaged: torch.Tensor) -> EncodedPart:
     """Encode an averaged part for the wire and decode it back: every peer, the reducer too, uses the decoded
-    value of these same bytes, so a lossy codec cannot make peers disagree (I1). The reply message is built
-    once, here, and sent as is to every sender."""
+    value of these same bytes, so a lossy codec cannot make peers disagree (I1)."""
     serialized = compression.compress(averaged, CompressionInfo.from_tensor(averaged), allow_inplace=True)
-    reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
-    return reply, deserialize_torch_tensor(serialized)
+    return serialized, deserialize_torch_tensor(serialized)
 
 
 def _settle(future: asyncio.Future, work: asyncio.Future) -> None:
@@ -155,7 +153,7 @@ class OrderedPartReducer(TensorPartReducer):
 
     async def accumulate_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
-    ) -> EncodedPart:
+    ) -> ReducedPart:
         # mirrors TensorPartReducer.accumulate_part (wait for the part's turn, refuse a banned sender); differs:
         # the turn is `next_turn`, the part is checked (check_part) and stored rather than added, and the result
         # is the (reply message, decoded) average instead of a tensor
@@ -215,11 +213,12 @@ class OrderedPartReducer(TensorPartReducer):
 
     def average_and_encode(
         self, parts: list[torch.Tensor], weights: list[float], order_keys: list[bytes]
-    ) -> EncodedPart:
+    ) -> ReducedPart:
         """(in a worker thread) Clamp each contribution to the bound, cap the weights (peer/robust.py), average in
-        canonical order and encode the result once."""
+        canonical order, encode the result once and wrap it in the one reply message every sender gets."""
         clamped = [clamp_contribution(part, self.value_bound) for part in parts]
-        return self.encode(average_contributions(clamped, capped_weights(weights), order_keys))
+        serialized, decoded = self.encode(average_contributions(clamped, capped_weights(weights), order_keys))
+        return averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized), decoded
 
 
 class ExactAllReduceRunner(AllReduceRunner):
