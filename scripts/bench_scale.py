@@ -4,7 +4,8 @@ in its own network namespace behind a 100 Mbit/s tbf link (up and down), for k =
     sudo python scripts/bench_scale.py                          # k = 2, 4, 8, 16
     sudo python scripts/bench_scale.py --peers 2,4 --rounds 6 --json
 
-Per k, k - 1 peers start together; once they finished --join-after-rounds rounds a newcomer starts. Reported:
+Per k, k - 1 peers start together; once they finished --join-after-rounds rounds a newcomer starts; once the
+newcomer has logged --rounds rounds, every peer gets SIGTERM (and leaves within seconds). Reported:
 - all-reduce time (transfer_s, slowest peer per round, median) against the bandwidth bound 2(k-1)/k x P x 4 / R;
 - bytes each peer sent per round against the bound 2(k-1)/k x P x 4 (none compression);
 - how often every peer of a round was in its group (rounds where all k peers trained);
@@ -33,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_wan, bench_all
 import bench_wan as wan  # noqa: E402
 
 SAMPLE_PERIOD_S = 1.0
+UNTIL_STOPPED = 10**6  # --max-rounds of every peer: the benchmark stops them itself
+LEAVE_TIMEOUT_S = 30.0
 
 
 def link_counters(net: wan.Network) -> dict[int, tuple[int, int]]:
@@ -89,7 +92,12 @@ def run_k(args, k: int, workdir: Path) -> dict:
     started_at: dict[int, float] = {}
     samples: list[tuple[float, dict[int, tuple[int, int]]]] = []
     peak_pss: dict[int, int] = {}
-    budget_s = 240 + k * 20 + args.rounds * (args.inner_steps * args.step_budget_s * max(1, k / 2) + 120)
+    budget_s = (
+        240
+        + k * 20
+        + (args.rounds + args.join_after_rounds)
+        * (args.inner_steps * args.step_budget_s * max(1, k / 2) + 120)
+    )
     deadline = time.monotonic() + budget_s
     newcomer = k - 1
 
@@ -116,7 +124,7 @@ def run_k(args, k: int, workdir: Path) -> dict:
             raise RuntimeError(f"k={k}: not finished within {budget_s:.0f} s")
         for i, proc in procs.items():
             code = proc.poll()
-            if code not in (None, 0):
+            if code is not None:  # nobody leaves before the benchmark says so
                 raise RuntimeError(
                     f"k={k}: peer {i} exited with {code}: {wan._tail(run_dir / f'peer{i}.log')}"
                 )
@@ -129,22 +137,22 @@ def run_k(args, k: int, workdir: Path) -> dict:
         net.up()
         net.shape(args.mbit)
         samples.append((time.time(), link_counters(net)))
-        start(0, args.rounds, k - 1, None)
+        start(0, UNTIL_STOPPED, k - 1, None)
         while not (run_dir / "maddrs").exists():
             tick()
         initial_peers = (run_dir / "maddrs").read_text().split()
         for i in range(1, k - 1):
-            start(i, args.rounds, k - 1, initial_peers)
+            start(i, UNTIL_STOPPED, k - 1, initial_peers)
         while len(read_records(run_dir / "peer0.jsonl")) < args.join_after_rounds:
             tick()  # (with k = 2 the first peer trains these rounds alone)
-        start(newcomer, args.rounds - args.join_after_rounds - 1, 1, initial_peers)
-        while any(proc.poll() is None for proc in procs.values()):
+        start(newcomer, UNTIL_STOPPED, 1, initial_peers)
+        while len(read_records(run_dir / f"peer{newcomer}.jsonl")) < args.rounds:
             tick()
-        for i, proc in procs.items():
-            if proc.returncode != 0:
-                raise RuntimeError(
-                    f"k={k}: peer {i} exited with {proc.returncode}: {wan._tail(run_dir / f'peer{i}.log')}"
-                )
+        for proc in procs.values():  # leave the swarm as a user would (Ctrl+C / SIGTERM)
+            proc.send_signal(signal.SIGTERM)
+        leave_deadline = time.monotonic() + LEAVE_TIMEOUT_S
+        while any(proc.poll() is None for proc in procs.values()) and time.monotonic() < leave_deadline:
+            time.sleep(0.2)
     finally:
         for proc in procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -262,12 +270,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", default="2,4,8,16", help="comma-separated k (default 2,4,8,16)")
     p.add_argument("--mbit", type=float, default=100.0, help="link rate in Mbit/s, up and down (default 100)")
-    p.add_argument("--rounds", type=int, default=8, help="rounds of the first k - 1 peers (default 8)")
+    p.add_argument(
+        "--rounds", type=int, default=6, help="rounds the newcomer trains before all stop (default 6)"
+    )
     p.add_argument(
         "--join-after-rounds", type=int, default=2, help="rounds before the newcomer starts (default 2)"
     )
-    p.add_argument("--inner-steps", type=int, default=10, help="H (default 10)")
-    p.add_argument("--batch-size", type=int, default=2, help="sequences per inner step (default 2)")
+    p.add_argument("--inner-steps", type=int, default=20, help="H (default 20)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per inner step (default 4)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--matchmaking-s", type=float, default=5.0, help="peers' --matchmaking-s (default 5)")
     p.add_argument("--step-budget-s", type=float, default=2.0, help="time bound per inner step, for timeouts")
@@ -279,8 +289,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--peers must be comma-separated integers, got {args.peers!r}")
     if any(not 2 <= k <= 200 for k in args.peers) or args.mbit <= 0:
         p.error("every k must be 2..200 and --mbit positive")
-    if args.rounds < args.join_after_rounds + 3:
-        p.error("--rounds must exceed --join-after-rounds by at least 3 (the newcomer needs rounds to join)")
+    if args.rounds < 3 or args.join_after_rounds < 1:
+        p.error("--rounds must be at least 3 and --join-after-rounds at least 1")
     return args
 
 
