@@ -48,10 +48,11 @@ from hivemind.compression import (
     BlockwiseQuantization,
     CompressionBase,
     CompressionInfo,
+    NoCompression,
     deserialize_torch_tensor,
 )
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture, get_logger
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.streaming import combine_from_streaming
@@ -61,8 +62,12 @@ from peer.robust import capped_weights, clamp_contribution, within_bound
 
 logger = get_logger(__name__)
 
+STATE_TENSORS_KEY = "_num_tensors"  # added to served metadata: how many tensors follow (removed on receipt)
 HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
-EncodedPart = tuple[object, torch.Tensor]  # (serialized runtime_pb2.Tensor, its decoded value)
+PREFETCH_PARTS = 2  # parts decoded (received) or encoded (to send) ahead of the one being processed
+EncodedPart = tuple[runtime_pb2.Tensor, torch.Tensor]  # (the serialized averaged part, its decoded value)
+# (the reply message every sender of a part gets, its decoded value)
+ReducedPart = tuple[averaging_pb2.AveragingData, torch.Tensor]
 
 
 def encode_once(compression: CompressionBase, averaged: torch.Tensor) -> EncodedPart:
@@ -72,12 +77,26 @@ def encode_once(compression: CompressionBase, averaged: torch.Tensor) -> Encoded
     return serialized, deserialize_torch_tensor(serialized)
 
 
+def _settle(future: asyncio.Future, work: asyncio.Future) -> None:
+    """Hand the outcome of a worker thread's `work` to the future the senders of that part wait on."""
+    if future.done():
+        return
+    if work.cancelled():
+        future.cancel()
+    elif work.exception() is not None:
+        future.set_exception(work.exception())
+    else:
+        future.set_result(work.result())
+
+
 class OrderedPartReducer(TensorPartReducer):
     """Collects every sender's copy of a part, then averages them in canonical order and encodes the result once.
 
     Everything a sender hands in is checked first: a part of the wrong shape or dtype, a non-finite value or a
     weight that is not a positive finite number fails that sender (AllreduceException, the runner then bans it)
-    and never reaches the sum. Inherited unchanged from TensorPartReducer: `on_sender_failed`, `finalize`.
+    and never reaches the sum. The sum and the encoding run in a worker thread (torch and the codecs release the
+    GIL), so the event loop keeps moving bytes and the next part accumulates meanwhile. Inherited unchanged
+    from TensorPartReducer: `on_sender_failed`, `finalize`.
     """
 
     def __init__(
@@ -96,14 +115,19 @@ class OrderedPartReducer(TensorPartReducer):
         self.value_bound = value_bound
         """Every contribution is clamped into [-value_bound, value_bound] (0: no bound; see peer/robust.py)."""
         self.pending: dict[int, tuple[torch.Tensor, float]] = {}
+        self.next_turn: asyncio.Future | None = None
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
         # mirrors TensorPartReducer.reset_accumulators; differs: the parts are kept whole in `pending` (summed
-        # later, in canonical order) instead of being added to a running-sum accumulator as they arrive
+        # later, in canonical order) instead of being added to a running-sum accumulator as they arrive, and
+        # senders of later parts are woken by `next_turn` (the previous part's average may still be computed)
         super().reset_accumulators()
         self.pending = {}
         self.accumulator = None
+        if self.next_turn is not None and not self.next_turn.done():
+            self.next_turn.set_result(None)
+        self.next_turn = asyncio.Future()
 
     def check_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float
@@ -129,17 +153,17 @@ class OrderedPartReducer(TensorPartReducer):
 
     async def accumulate_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
-    ) -> EncodedPart:
+    ) -> ReducedPart:
         # mirrors TensorPartReducer.accumulate_part (wait for the part's turn, refuse a banned sender); differs:
-        # the part is checked (check_part) and stored rather than added, and the result is the (serialized,
-        # decoded) average instead of a tensor
+        # the turn is `next_turn`, the part is checked (check_part) and stored rather than added, and the result
+        # is the (reply message, decoded) average instead of a tensor
         assert 0 <= sender_index < self.num_senders, "sender indices are ours, not the sender's"
         if not 0 <= part_index < self.num_parts:
             raise AllreduceException(f"sender {sender_index} sent more than {self.num_parts} parts")
         self.num_parts_received[sender_index] += 1
         while part_index > self.current_part_index:
             finished = asyncio.create_task(self.finished.wait())
-            await asyncio.wait({self.current_part_future, finished}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({self.next_turn, finished}, return_when=asyncio.FIRST_COMPLETED)
             finished.cancel()
             if self.finished.is_set():
                 raise AllreduceException(
@@ -153,9 +177,7 @@ class OrderedPartReducer(TensorPartReducer):
             try:
                 self.check_part(sender_index, part_index, tensor_part, weight)
             except AllreduceException:
-                self.num_parts_received[sender_index] -= (
-                    1  # so that banning the sender excludes this very part
-                )
+                self.num_parts_received[sender_index] -= 1  # so banning the sender excludes this very part
                 raise
             self.pending[sender_index] = (tensor_part, float(weight))
             self.current_part_accumulated_from += 1
@@ -164,23 +186,39 @@ class OrderedPartReducer(TensorPartReducer):
         return await current_part_future
 
     def check_current_part_finished(self) -> None:
-        # mirrors TensorPartReducer.check_current_part_finished; differs: the average is computed here, over
-        # the senders sorted by index and summed in order-key order (average_contributions), and encoded once;
+        # mirrors TensorPartReducer.check_current_part_finished; differs: the average, over the senders sorted by
+        # index and summed in order-key order (average_contributions), and its encoding run in a worker thread;
         # a part that every sender failed fails instead of dividing by zero
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from != self.num_current_senders:
             return
-        if not self.pending:
-            self.current_part_future.set_exception(AllreduceException("every sender of this part failed"))
+        future, pending = self.current_part_future, self.pending
+        if not pending:
+            future.set_exception(AllreduceException("every sender of this part failed"))
         else:
-            senders = sorted(self.pending)
-            averaged = average_contributions(
-                [clamp_contribution(self.pending[s][0], self.value_bound) for s in senders],
-                capped_weights([self.pending[s][1] for s in senders]),
+            senders = sorted(pending)
+            work = functools.partial(
+                self.average_and_encode,
+                [pending[s][0] for s in senders],
+                [pending[s][1] for s in senders],
                 [self.order_keys[s] for s in senders],
             )
-            self.current_part_future.set_result(self.encode(averaged))
+            asyncio.get_running_loop().run_in_executor(None, work).add_done_callback(
+                functools.partial(_settle, future)
+            )
+            # a placeholder: after the last part, finalize() cancels the current future, and this part's senders
+            # must still get its result once the worker thread is done
+            self.current_part_future = asyncio.Future()
         self.reset_accumulators()
+
+    def average_and_encode(
+        self, parts: list[torch.Tensor], weights: list[float], order_keys: list[bytes]
+    ) -> ReducedPart:
+        """(in a worker thread) Clamp each contribution to the bound, cap the weights (peer/robust.py), average in
+        canonical order, encode the result once and wrap it in the one reply message every sender gets."""
+        clamped = [clamp_contribution(part, self.value_bound) for part in parts]
+        serialized, decoded = self.encode(average_contributions(clamped, capped_weights(weights), order_keys))
+        return averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized), decoded
 
 
 class ExactAllReduceRunner(AllReduceRunner):
@@ -196,6 +234,7 @@ class ExactAllReduceRunner(AllReduceRunner):
     ):
         # extends AllReduceRunner.__init__: the container returns averages instead of deltas, and hivemind's
         # running-sum TensorPartReducer is replaced by an OrderedPartReducer over the same part shapes
+        kwargs.setdefault("prefetch", PREFETCH_PARTS)  # parts encoded ahead of sending (hivemind: 1)
         super().__init__(compression=compression, **kwargs)
         self.compression, self.value_bound = compression, value_bound
         # the shape of every part each reducer owes us, read before sending consumes the container's queues
@@ -236,11 +275,17 @@ class ExactAllReduceRunner(AllReduceRunner):
         peer_index = self.ordered_peer_ids.index(peer_id)
         if peer_id == self.peer_id:
             sender_index = self.sender_peer_ids.index(peer_id)
+            lossless = isinstance(self.compression, NoCompression)
             for part_index, raw_part in enumerate(self.parts_for_local_averaging):
                 # our own part goes through the same lossy encoding as everyone else's, so the result does not
-                # depend on which peer happened to reduce which shard (hivemind orders groups randomly)
-                tensor_part = deserialize_torch_tensor(
-                    self.compression.compress(raw_part, CompressionInfo.from_tensor(raw_part))
+                # depend on which peer happened to reduce which shard (hivemind orders groups randomly); without
+                # compression that round trip gives back the same bits, so it is skipped
+                tensor_part = (
+                    raw_part
+                    if lossless
+                    else deserialize_torch_tensor(
+                        self.compression.compress(raw_part, CompressionInfo.from_tensor(raw_part))
+                    )
                 )
                 _, decoded = await self.tensor_part_reducer.accumulate_part(
                     sender_index, part_index, tensor_part, weight=self.weight
@@ -269,7 +314,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 return deserialize_torch_tensor(msg.tensor_part)
 
             parts = amap_in_executor(
-                _deserialize, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=1
+                _deserialize, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=PREFETCH_PARTS
             )
             async with contextlib.aclosing(parts):
                 async for averaged_part in parts:
@@ -287,10 +332,8 @@ class ExactAllReduceRunner(AllReduceRunner):
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
         finally:
-            if stream is not None:
-                await (
-                    stream.aclose()
-                )  # closes our end of the p2p stream (hivemind's reader closes its writer)
+            if stream is not None:  # close our end of the p2p stream (hivemind's reader closes its writer)
+                await stream.aclose()
 
     def check_averaged_part(
         self, reducer: PeerID, part: torch.Tensor, expected_shapes: Sequence[torch.Size], index: int
@@ -319,8 +362,10 @@ class ExactAllReduceRunner(AllReduceRunner):
             yield message
 
     async def rpc_aggregate_part(
-        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
-    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        self, stream: typing.AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> typing.AsyncIterator[
+        averaging_pb2.AveragingData
+    ]:  # typing's: hivemind reads the hint to see a stream
         """Serve one sender (AllReduceRunner.rpc_aggregate_part), then keep the stream open until it hangs up.
 
         hivemind's p2p daemon (go-libp2p-daemon v0.5.0.hivemind1, stream.go `doStreamPipe`) pipes each stream
@@ -362,19 +407,18 @@ class ExactAllReduceRunner(AllReduceRunner):
             return deserialize_torch_tensor(msg.tensor_part), msg.weight
 
         try:
-            async for tensor_part, weight in amap_in_executor(_deserialize, stream, max_prefetch=1):
+            async for tensor_part, weight in amap_in_executor(
+                _deserialize, stream, max_prefetch=PREFETCH_PARTS
+            ):
                 try:
-                    serialized, _ = await self.tensor_part_reducer.accumulate_part(
+                    reply, _ = await self.tensor_part_reducer.accumulate_part(
                         sender_index, part_index, tensor_part, weight=weight
                     )
                     part_index += 1
                 except BannedException:
                     break
-                message = averaging_pb2.AveragingData(
-                    code=averaging_pb2.AVERAGED_PART, tensor_part=serialized
-                )
-                self.bytes_sent += message.ByteSize()
-                yield message
+                self.bytes_sent += reply.ByteSize()
+                yield reply
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
@@ -434,6 +478,10 @@ class ExactAverager(DecentralizedAverager):
         # overrides DecentralizedAverager.get_current_state (meant to be overridden): the state comes from the
         # training process's callback instead of the averaged tensors
         metadata, tensors = self._state_provider()
+        if isinstance(
+            metadata, dict
+        ):  # the receiver hangs up once it has this many tensors (_download_state)
+            metadata = {**metadata, STATE_TENSORS_KEY: len(tensors)}
         return metadata, tensors, None
 
     def last_transport_stats(self) -> dict:
@@ -500,11 +548,17 @@ class ExactAverager(DecentralizedAverager):
         # beyond that is refused at once (the downloader moves on to its next donor)
         if self._state_requests_serving is None:  # created in the averager process, on its event loop
             self._state_requests_serving = asyncio.Semaphore(self._max_state_requests)
+        # extends it too: after the last chunk the stream stays open until the receiver hangs up, for the reason
+        # given in ExactAllReduceRunner.rpc_aggregate_part
         if self._state_requests_serving.locked():
             return
         async with self._state_requests_serving:
+            num_sent = 0
             async for message in super().rpc_download_state(request, context):
+                num_sent += 1
                 yield message
+            if num_sent:  # cancelled when the receiver hangs up
+                await asyncio.sleep(self.next_chunk_timeout or HANG_UP_TIMEOUT_S)
 
     def load_state_from(
         self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float, max_bytes: int
@@ -544,21 +598,35 @@ class ExactAverager(DecentralizedAverager):
                 future.set_result(None)
 
     async def _download_state(self, donor: PeerID, timeout: float, max_bytes: int, future: MPFuture) -> None:
+        """We hang up as soon as the number of tensors the donor announced in its metadata arrived whole (the donor
+        keeps its end open until then, see rpc_download_state); a shorter stream is a failed download."""
         stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
         stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
         metadata, parts, tensors, received = None, [], [], 0
-        async for message in aiter_with_timeout(stream, timeout=timeout):
-            received += message.ByteSize()
-            if received > max_bytes:
-                raise AllreduceException(
-                    f"donor {donor} sent more than the {max_bytes} bytes a state can take"
-                )
-            if message.metadata:
-                metadata = self.serializer.loads(message.metadata)
-            if message.tensor_part.dtype and parts:  # a dtype marks the first chunk of the next tensor
-                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-                parts = []
-            parts.append(message.tensor_part)
+        num_tensors, chunks_left = None, 0
+        try:
+            async for message in aiter_with_timeout(stream, timeout=timeout):
+                received += message.ByteSize()
+                if received > max_bytes:
+                    raise AllreduceException(
+                        f"donor {donor} sent more than the {max_bytes} bytes a state can take"
+                    )
+                if message.metadata:
+                    metadata = self.serializer.loads(message.metadata)
+                    if isinstance(metadata, dict):
+                        num_tensors = metadata.pop(STATE_TENSORS_KEY, None)
+                if message.tensor_part.dtype:  # a dtype marks the first chunk of the next tensor
+                    if parts:
+                        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                    parts, chunks_left = [], max(message.tensor_part.chunks, 1)
+                parts.append(message.tensor_part)
+                chunks_left -= 1
+                if chunks_left == 0 and isinstance(num_tensors, int) and len(tensors) + 1 == num_tensors:
+                    break  # everything arrived: hang up
+        finally:
+            await stream.aclose()
         if parts:
             tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        if num_tensors is not None and (len(tensors) != num_tensors or chunks_left != 0):
+            raise AllreduceException(f"donor {donor} sent {len(tensors)} of {num_tensors} tensors")
         future.set_result((metadata, tensors) if isinstance(metadata, dict) else None)

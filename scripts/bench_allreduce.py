@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # p2p_floor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import p2p_floor  # noqa: E402
 
 BYTES_PER_ELEMENT = {"none": 4, "fp16": 2, "int8": 1}
 DEFAULT_SIZES = "1M,10M,50M"
@@ -69,10 +71,20 @@ def step_timeout_s(num_values: int, compression: str) -> float:
     return 60.0 + per_million * num_values / 1e6
 
 
-def make_averager(tensors, dht, *, prefix: str, compression: str, num_peers: int, matchmaking_s: float):
+def make_averager(
+    tensors,
+    dht,
+    *,
+    prefix: str,
+    compression: str,
+    num_peers: int,
+    matchmaking_s: float,
+    part_size_bytes: int | None = None,
+):
     from peer.allreduce import ExactAverager
     from peer.swarm_averaging import COMPRESSION
 
+    extra = {} if part_size_bytes is None else {"part_size_bytes": part_size_bytes}
     return ExactAverager(
         tensors,
         dht,
@@ -86,6 +98,7 @@ def make_averager(tensors, dht, *, prefix: str, compression: str, num_peers: int
         compression=COMPRESSION[compression],
         state_provider=lambda: ({}, []),
         shutdown_timeout=3,
+        **extra,
     )
 
 
@@ -108,6 +121,14 @@ def average_once(averager, values: torch.Tensor, *, peer_index: int, order_key: 
     with averager.get_tensors() as tensors:
         digest = tensors_sha256(tensors)
     return wall_s, averager.last_transport_stats(), digest, len(group)
+
+
+def default_part_size() -> int:
+    import peer.allreduce
+
+    return getattr(
+        peer.allreduce, "PART_SIZE_BYTES", 2**19
+    )  # hivemind's default before the project set its own
 
 
 def worker(
@@ -154,6 +175,19 @@ def worker(
 
         dht = hivemind.DHT(initial_peers=initial_peers, start=True)
         for num_values in args.sizes:
+            for compression in args.compressions:
+                floor_times = p2p_floor.measure(
+                    dht,
+                    key=f"floor{num_peers}_{num_values}_{compression}",
+                    peer_index=peer_index,
+                    num_peers=num_peers,
+                    bytes_to_each=num_values // num_peers * BYTES_PER_ELEMENT[compression],
+                    part_bytes=args.part_size or default_part_size(),
+                    barrier=barrier,
+                    repeats=args.repeats,
+                )
+                results.put(("floor", peer_index, num_values, compression, floor_times))
+        for num_values in args.sizes:
             values = make_input(peer_index, num_values)
             order_key = contribution_key([values])
             for compression in args.compressions:
@@ -164,6 +198,7 @@ def worker(
                     compression=compression,
                     num_peers=num_peers,
                     matchmaking_s=args.matchmaking_s,
+                    part_size_bytes=args.part_size,
                 )
                 runs = []
                 try:
@@ -236,6 +271,20 @@ def kill_descendants() -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def kill_trees(procs) -> None:
+    """Kill the peer processes still alive and everything under them. Their descendants are listed first: once
+    a peer dies, its hivemind children (DHT, averager, p2pd) are orphaned out of this process's tree."""
+    leftovers = [pid for proc in procs if proc.pid is not None for pid in descendants(proc.pid)]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    for pid in reversed(leftovers):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for proc in procs:
+        proc.join(timeout=5)
+
+
 def run_peers(num_peers: int, args: argparse.Namespace, initial_peers: list[str]) -> tuple[dict, dict]:
     """Fork k peers, collect their gloo times and our results; kill whatever is left on the way out."""
     ctx = mp.get_context("fork")
@@ -253,6 +302,7 @@ def run_peers(num_peers: int, args: argparse.Namespace, initial_peers: list[str]
     for proc in procs:
         proc.start()
     gloo: dict[int, list[list[float]]] = {}
+    floor: dict[tuple[int, str], list[list[float]]] = {}
     ours: dict[tuple[int, str], list] = {}
     budget_s = READY_TIMEOUT_S + sum(
         (args.repeats + 1) * (step_timeout_s(n, c) + args.matchmaking_s + 5)
@@ -281,6 +331,9 @@ def run_peers(num_peers: int, args: argparse.Namespace, initial_peers: list[str]
             elif kind == "gloo":
                 _, _, num_values, times = message
                 gloo.setdefault(num_values, []).append(times)
+            elif kind == "floor":
+                _, _, num_values, compression, times = message
+                floor.setdefault((num_values, compression), []).append(times)
             elif kind == "ours":
                 _, index, num_values, compression, runs, expected = message
                 ours.setdefault((num_values, compression), []).append((index, runs, expected))
@@ -293,15 +346,11 @@ def run_peers(num_peers: int, args: argparse.Namespace, initial_peers: list[str]
         for proc in procs:
             proc.join(timeout=15)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in procs:
-            proc.join(timeout=5)
-    return gloo, ours
+        kill_trees(procs)
+    return gloo, floor, ours
 
 
-def summarize(num_peers: int, args, gloo: dict, ours: dict) -> list[dict]:
+def summarize(num_peers: int, args, gloo: dict, floor: dict, ours: dict) -> list[dict]:
     rows = []
     for num_values in args.sizes:
         # an all-reduce is over when its slowest peer is done: per repetition the max over peers, then the median
@@ -313,6 +362,7 @@ def summarize(num_peers: int, args, gloo: dict, ours: dict) -> list[dict]:
                 max(run[1]["transfer_s"] for run in rep) for rep in zip(*runs_by_peer, strict=True)
             )
             step_s = statistics.median(max(run[0] for run in rep) for rep in zip(*runs_by_peer, strict=True))
+            floor_s = statistics.median(max(t) for t in zip(*floor[(num_values, compression)], strict=True))
             sent = [run[1]["bytes_sent"] for runs in runs_by_peer for run in runs]
             received = [run[1]["bytes_received"] for runs in runs_by_peer for run in runs]
             # I1: within each all-reduce every peer holds the same bytes
@@ -331,6 +381,8 @@ def summarize(num_peers: int, args, gloo: dict, ours: dict) -> list[dict]:
                     "ours_step_s": step_s,
                     "gloo_fp32_s": gloo_s,
                     "ratio": transfer_s / gloo_s,
+                    "p2p_floor_s": floor_s,
+                    "ratio_to_floor": transfer_s / floor_s,
                     "bytes_sent_mean": statistics.mean(sent),
                     "bytes_sent_max": max(sent),
                     "bytes_received_mean": statistics.mean(received),
@@ -350,7 +402,7 @@ def summarize(num_peers: int, args, gloo: dict, ours: dict) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'k':>2} {'P':>5} {'comp':>5} | {'ours s':>7} {'gloo s':>7} {'ratio':>6} | "
+        f"{'k':>2} {'P':>5} {'comp':>5} | {'ours s':>7} {'gloo s':>7} {'ratio':>6} | {'p2p s':>6} {'/p2p':>5} | "
         f"{'sent/peer MB':>12} {'bound MB':>9} {'sent/bnd':>8} | {'step s':>7} | identical (sha256)"
     )
     print(header)
@@ -365,6 +417,7 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"{row['peers']:>2} {human(row['values']):>5} {row['compression']:>5} | "
             f"{row['ours_s']:>7.3f} {row['gloo_fp32_s']:>7.3f} {row['ratio']:>6.2f} | "
+            f"{row['p2p_floor_s']:>6.3f} {row['ratio_to_floor']:>5.2f} | "
             f"{row['bytes_sent_mean'] / 1e6:>12.2f} {row['bytes_bound'] / 1e6:>9.2f} "
             f"{row['sent_over_bound']:>8.3f} | {row['ours_step_s']:>7.2f} | {identical} ({sha})"
         )
@@ -386,6 +439,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="timed all-reduces per setting (median; default 1)")
     p.add_argument(
         "--matchmaking-s", type=float, default=1.0, help="min_matchmaking_time of each all-reduce (default 1)"
+    )
+    p.add_argument(
+        "--part-size",
+        type=parse_size,
+        default=None,
+        help="bytes per all-reduce part (after compression), e.g. 4M (default: ExactAverager's)",
     )
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
@@ -416,8 +475,8 @@ def main(argv=None) -> int:
     try:
         initial_peers = [str(m) for m in root.get_visible_maddrs()]
         for num_peers in args.peers:
-            gloo, ours = run_peers(num_peers, args, initial_peers)
-            rows += summarize(num_peers, args, gloo, ours)
+            gloo, floor, ours = run_peers(num_peers, args, initial_peers)
+            rows += summarize(num_peers, args, gloo, floor, ours)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -438,6 +497,8 @@ def main(argv=None) -> int:
         print(
             "ours s: ExactAverager transfer (group formed -> averaged tensor copied), slowest peer, median;\n"
             "gloo s: torch.distributed gloo all_reduce of the same fp32 tensors by the same processes;\n"
+            "p2p s: the same bytes streamed to every other peer and echoed back through hivemind's p2p daemon, "
+            "nothing else (scripts/p2p_floor.py);\n"
             "sent/peer: bytes each peer sent (measured, protobuf framing included), mean over peers;\n"
             "bound: 2(k-1)/k x P x bytes per element; step s: averager.step() incl. matchmaking;\n"
             "identical: every peer's result has the same sha256 in each repetition (invariant I1)."

@@ -114,9 +114,7 @@ def run(args: argparse.Namespace, initial_peers: list[str]) -> dict:
         for proc in procs:
             proc.join(timeout=15)
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
+        bar.kill_trees(procs)
     failed = [i for i, by_peer in sorted(outcomes.items()) if not all(ok for ok, _ in by_peer.values())]
     disagreed = [
         i
@@ -131,6 +129,7 @@ def run(args: argparse.Namespace, initial_peers: list[str]) -> dict:
         "values": args.values,
         "compression": args.compression,
         "hogs": args.hogs,
+        "daemon_threads": args.daemon_threads,
         "allreduces": len(outcomes),
         "failed": len(failed),
         "failed_indices": failed,
@@ -153,6 +152,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--hogs", type=int, default=2, help="`yes > /dev/null` processes beside the peers (default 2)"
     )
+    p.add_argument(
+        "--daemon-threads",
+        type=int,
+        default=0,
+        help="GOMAXPROCS of the p2p daemons (default: Go's, one per core); more threads than cores make the "
+        "daemons' goroutines run in parallel more often, which is what the lost-stream race needs",
+    )
     p.add_argument("--matchmaking-s", type=float, default=0.5, help="min_matchmaking_time (default 0.5)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--verbose", action="store_true", help="each failure on stderr as it happens")
@@ -169,6 +175,10 @@ def main(argv=None) -> int:
     import hivemind
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks below
+    if args.daemon_threads:
+        os.environ["GOMAXPROCS"] = str(
+            args.daemon_threads
+        )  # hivemind starts p2pd with a copy of our environment
     hogs = start_hogs(args.hogs)
     root = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     try:
@@ -190,7 +200,8 @@ def main(argv=None) -> int:
     else:
         print(
             f"k={summary['peers']} P={bar.human(summary['values'])} {summary['compression']}, "
-            f"{summary['hogs']} CPU hogs, {os.cpu_count()} cores: {summary['failed']} of {summary['allreduces']} "
+            f"{summary['hogs']} CPU hogs, {os.cpu_count()} cores, daemon threads {args.daemon_threads or 'default'}: "
+            f"{summary['failed']} of {summary['allreduces']} "
             f"all-reduces failed, {summary['disagreed']} disagreed ({summary['wall_s']} s) {summary['errors']}"
         )
     return 0 if summary["failed"] == 0 and summary["disagreed"] == 0 else 2

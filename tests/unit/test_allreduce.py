@@ -235,3 +235,40 @@ def test_importing_next_to_another_hivemind_release_fails_with_one_line(monkeypa
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
     message = str(raised.value)
     assert "\n" not in message and "1.1.11" in message and "pip install hivemind==1.1.12" in message
+
+
+def test_the_next_part_accumulates_while_the_previous_average_is_still_encoded():
+    import threading
+
+    release = threading.Event()
+    encode = functools.partial(encode_once, NoCompression())
+
+    def slow_encode(averaged):
+        if not release.wait(timeout=5):  # part 0 only: held until the test saw part 1 accumulate
+            raise TimeoutError("never released")
+        return encode(averaged)
+
+    parts = make_parts(num_senders=2)
+
+    async def run():
+        reducer = make_reducer(num_senders=2)
+        reducer.encode = slow_encode
+        first = [
+            asyncio.create_task(reducer.accumulate_part(s, 0, parts[s][0], weight=WEIGHTS[s])) for s in (0, 1)
+        ]
+        await asyncio.sleep(0.05)
+        assert reducer.current_part_index == 1 and not any(t.done() for t in first)
+        reducer.encode = encode
+        second = [
+            asyncio.create_task(reducer.accumulate_part(s, 1, parts[s][1], weight=WEIGHTS[s])) for s in (0, 1)
+        ]
+        deadline = asyncio.get_running_loop().time() + 5
+        while reducer.current_part_index < 2 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert reducer.current_part_index == 2, "part 1 was not accumulated while part 0 was being encoded"
+        release.set()
+        return await asyncio.gather(*first), await asyncio.gather(*second)
+
+    first, second = asyncio.run(run())
+    assert tensors_sha256([first[0][1]]) == tensors_sha256([expected_average(parts, (0, 1), 0)])
+    assert tensors_sha256([second[1][1]]) == tensors_sha256([expected_average(parts, (0, 1), 1)])
