@@ -433,6 +433,15 @@ def gathered_metadata(serializer, gathered: bytes) -> dict:
     return metadata if isinstance(metadata, dict) else {}
 
 
+def full_group_size(metadata: dict) -> int | None:
+    """The group size at which a leader closes its group at once: our own gathered "group_size" (None: none, or
+    fewer than 2, and the group closes at its scheduled time as hivemind's default does)."""
+    expected = metadata.get("group_size")
+    if isinstance(expected, int) and not isinstance(expected, bool) and expected >= 2:
+        return expected
+    return None
+
+
 def metadata_order_key(metadata: dict, peer_id: PeerID) -> bytes:
     """A member's place in the canonical summation order: its data-stream key, or (if it sent none that parses) one
     derived from its peer id, so a malformed entry cannot fail the round for everyone."""
@@ -473,6 +482,14 @@ class ExactAverager(DecentralizedAverager):
             # chunk timeout on a loaded machine; import it before the averager process is forked
             import bitsandbytes.functional  # noqa: F401
         super().__init__(*args, **kwargs)
+
+    async def _step(self, *, step, future_for_init):
+        # extends DecentralizedAverager._step: as a leader, assemble the group as soon as every peer expected in
+        # the round joined (our own gathered "group_size", counted from the round's progress records) instead of
+        # waiting until the group time; 0 keeps hivemind's "wait until the group time" (target_group_size None)
+        metadata = gathered_metadata(self.serializer, step.data_for_gather)
+        self._matchmaking.target_group_size = full_group_size(metadata)
+        return await super()._step(step=step, future_for_init=future_for_init)
 
     def get_current_state(self):
         # overrides DecentralizedAverager.get_current_state (meant to be overridden): the state comes from the

@@ -30,6 +30,7 @@ from peer.rounds import (
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.25  # how often a wait re-reads the DHT (a lookup costs milliseconds)
+HASH_POLL_S = 0.05  # how often the agreement check re-reads the hashes: the group publishes them within milliseconds
 
 
 def wait_for_peers(
@@ -93,7 +94,7 @@ def view_of_round(
                 records[key].peer_id for key in view.donors if not (key in live and live[key].client_mode)
             ]
             return dataclasses.replace(view, donors=donors)
-        time.sleep(0.2)
+        time.sleep(HASH_POLL_S)
 
 
 def joining_view(network: SwarmNetwork) -> SwarmView | None:
@@ -148,6 +149,7 @@ def average_round(
                 order_key=order_key,
                 how="after-inner",
                 value_bound=value_bound,
+                expected_peers=len(company.peers) + 1,
             )
         attempt = network.run_averaging(
             scheduled, pseudo_grads, tokens=tokens, should_stop=should_stop, during_allreduce=during_allreduce

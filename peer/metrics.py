@@ -67,6 +67,12 @@ class RoundStats:
     allreduce_s: float = 0.0
     utilization: dict = field(default_factory=dict)
     """peak_memory_bytes and mfu of the inner phase (peer.device.round_utilization)."""
+    stage_at: dict[str, float] = field(default_factory=dict)
+    """Wall-clock time (time.time()) at which each step after the inner phase ended, by step name; with the other
+    peers' records it gives the swarm's fixed cost per round (scripts/bench_round_overhead.py)."""
+
+    def mark(self, stage: str) -> None:
+        self.stage_at[stage] = time.time()
 
 
 def round_record(
@@ -116,6 +122,13 @@ def round_record(
     # time from our last inner step to the start of the data transfer (waiting for peers, matchmaking)
     started_at = record.pop("transfer_started_at", None)
     record["sync_wait_s"] = max(0.0, started_at - stats.inner_ended_at) if started_at else None
+    transfer_s = record.get("transfer_s")
+    transfer = (
+        {"transfer_started": started_at, "transfer_ended": started_at + transfer_s}
+        if started_at and transfer_s
+        else {}
+    )
+    record["stage_at"] = {"inner_ended": stats.inner_ended_at, **transfer, **stats.stage_at}
     return record
 
 

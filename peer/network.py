@@ -95,10 +95,19 @@ class SwarmNetwork(Protocol):
         ...
 
     def schedule_averaging(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
+        self,
+        round_index: int,
+        *,
+        scheduled_time: float,
+        order_key: bytes,
+        how: str,
+        value_bound: float,
+        expected_peers: int = 0,
     ) -> ScheduledAveraging:
         """Start matchmaking for a round's all-reduce for the given group time. `value_bound` (peer/robust.py): this
-        peer clamps the contributions it reduces to it and checks the averaged parts it receives against it."""
+        peer clamps the contributions it reduces to it and checks the averaged parts it receives against it.
+        `expected_peers`: the round's live peers, this one included; a group that has them all starts at once
+        instead of at the group time (0: unknown, wait for the group time)."""
         ...
 
     def run_averaging(

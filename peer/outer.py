@@ -17,9 +17,13 @@ from peer.config import OuterConfig
 def tensors_sha256(tensors: Sequence[torch.Tensor]) -> str:
     """sha256 over the fp32 bytes of the tensors, in order."""
     digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    _feed(digest, tensors)
     return digest.hexdigest()
+
+
+def _feed(digest, tensors: Sequence[torch.Tensor]) -> None:
+    for tensor in tensors:  # the array's own buffer: no copy of the bytes (hashlib releases the GIL on it)
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().reshape(-1))
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -74,6 +78,10 @@ class OuterOptimizer:
         self.config = config
         self.global_params = [p.detach().to("cpu", torch.float32).clone() for p in params]
         self.momentum = [torch.zeros_like(p) for p in self.global_params]
+        # the hashes are read several times a round (agreement, donors, metrics): each read would hash every byte
+        # again, seconds per round for a 150M model, so they are kept until the state changes (`changed`)
+        self._version = 0
+        self._hashes: tuple[int, str, str] | None = None
 
     @torch.no_grad()
     def pseudo_gradient(self, local_params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -87,6 +95,7 @@ class OuterOptimizer:
     def step_(self, averaged_pseudo_grads: Sequence[torch.Tensor]) -> None:
         """SGD with Nesterov momentum, written out so every peer does exactly the same float operations:
         buf = m * buf + g;  theta -= lr * (g + m * buf)."""
+        self.changed()
         lr, momentum = self.config.lr, self.config.momentum
         for theta, buf, grad in zip(self.global_params, self.momentum, averaged_pseudo_grads, strict=True):
             buf.mul_(momentum).add_(grad)
@@ -110,8 +119,31 @@ class OuterOptimizer:
         for p, g in zip(local_params, self.global_params, strict=True):
             p.copy_(g.to(p.device, p.dtype))
 
+    def changed(self) -> None:
+        """Forget the hashes: the global parameters or the momentum were (or are about to be) modified."""
+        self._version += 1
+        self._hashes = None
+
+    def hashes(self) -> tuple[str, str]:
+        """(sha256 of the global parameters, sha256 of the global parameters then the momentum), in one pass over
+        the parameters; computed once per change of the state."""
+        memo, version = self._hashes, self._version
+        if memo is not None and memo[0] == version:
+            return memo[1], memo[2]
+        params = hashlib.sha256()
+        _feed(params, self.global_params)
+        state = params.copy()  # the state hash continues the parameters' one: the same as hashing them again
+        _feed(state, self.momentum)
+        result = params.hexdigest(), state.hexdigest()
+        if self._version == version:  # nothing changed the state while we hashed it
+            self._hashes = (version, *result)
+        return result
+
     def params_hash(self) -> str:
-        return tensors_sha256(self.global_params)
+        return self.hashes()[0]
+
+    def state_hash(self) -> str:
+        return self.hashes()[1]
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Everything needed for bit-identical continuation: global params, then momentum buffers."""
@@ -120,6 +152,7 @@ class OuterOptimizer:
     @torch.no_grad()
     def load_state_tensors_(self, tensors: Sequence[torch.Tensor]) -> None:
         num = len(self.global_params)
+        self.changed()
         if len(tensors) != 2 * num:
             raise ValueError(f"state has {len(tensors)} tensors, expected {2 * num}")
         for dst, src in zip(self.global_params + self.momentum, tensors, strict=True):

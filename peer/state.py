@@ -45,7 +45,7 @@ class ReplicatedState:
         with self.lock:
             metadata = {
                 "round": self.round,
-                "state_sha256": tensors_sha256(self.outer.state_tensors()),
+                "state_sha256": self.outer.state_hash(),
                 "inner_step": 0 if self.averaging_in_background else self.inner_step,
                 "fingerprint": self.fingerprint,
                 "params_sha256": self.outer.params_hash(),
@@ -54,7 +54,7 @@ class ReplicatedState:
 
     def state_hash(self) -> str:
         """sha256 over the global parameters and the outer momentum: what must agree for the next step to agree."""
-        return tensors_sha256(self.outer.state_tensors())
+        return self.outer.state_hash()
 
     def check_donation(
         self, metadata: object, tensors: object, *, min_round: int, expected_state_hash

@@ -335,10 +335,22 @@ class Swarm:
 
     # ---- averaging ---------------------------------------------------------------------------------------------
     def schedule_averaging(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
+        self,
+        round_index: int,
+        *,
+        scheduled_time: float,
+        order_key: bytes,
+        how: str,
+        value_bound: float,
+        expected_peers: int = 0,
     ) -> ScheduledStep:
         scheduled = self.averaging.schedule(
-            round_index, scheduled_time=scheduled_time, order_key=order_key, how=how, value_bound=value_bound
+            round_index,
+            scheduled_time=scheduled_time,
+            order_key=order_key,
+            how=how,
+            value_bound=value_bound,
+            expected_peers=expected_peers,
         )
         self.mark_averaging(round_index, scheduled.scheduled_time)
         return scheduled

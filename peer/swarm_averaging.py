@@ -71,10 +71,18 @@ class RoundAveraging:
         self.averager = _make_averager(config, prefix, dht, averaged_tensors, state_provider)
 
     def schedule(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
+        self,
+        round_index: int,
+        *,
+        scheduled_time: float,
+        order_key: bytes,
+        how: str,
+        value_bound: float,
+        expected_peers: int = 0,
     ) -> ScheduledStep:
         """Start matchmaking for a round's all-reduce ahead of its end, so the group is ready when the
-        pseudo-gradient is (the all-reduce waits for `run_averaging` to trigger it)."""
+        pseudo-gradient is (the all-reduce waits for `run_averaging` to trigger it). A leader whose group reaches
+        `expected_peers` (this one included) closes it at once rather than at the group time (0: at the group time)."""
         now = get_dht_time()
         scheduled_time = max(scheduled_time, now + 1.0)
         # The round number is part of the group key, so peers of different rounds can never meet.
@@ -89,6 +97,7 @@ class RoundAveraging:
             "order_key": order_key.hex(),
             "voter": self.voter_key,
             "value_bound": float(value_bound),  # read back by our own averager process (allreduce.py)
+            "group_size": int(expected_peers),  # likewise: close the group as soon as it has this many
         }
         join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
         # A client-mode peer cannot lead a group; it joins one, and hivemind's leaders refuse (for good) a join

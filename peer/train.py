@@ -155,6 +155,7 @@ class Peer:
         )
         # 3. pseudo-gradient (I6: never a non-finite one)
         pseudo_grads = self.pseudo_gradient_or_none(round_index, phase.tokens)
+        stats.mark("pseudo_grad_ready")
         if self.config.outer.overlap:
             self.start_background_average(stats, pseudo_grads, phase.scheduled)
             return True
@@ -162,11 +163,14 @@ class Peer:
         result = self.average(stats, pseudo_grads, phase.scheduled)
         if result is None and self.stop:
             return False  # leaving mid-all-reduce: this round did not happen for us
+        stats.mark("averaged")
         # 5. the replicated outer step
         self.apply_outer_step(round_index, result)
         stats.allreduce_s = time.perf_counter() - stats.outer_started
+        stats.mark("outer_applied")
         # 6. agreement: publish our hash; adopt the majority's state if ours differs (I3)
         resynced = self.agreement.check_round(result)
+        stats.mark("agreed")
         # 7. metrics
         self.log_round(stats, result, resynced=resynced)
         if self.faults:
@@ -310,6 +314,7 @@ class Peer:
                 order_key=self.order_key,
                 how=how,
                 value_bound=pseudo_gradient_bound(self.state.outer.global_params, self.config),
+                expected_peers=progress.peers,
             )
         return bool(timing.round_tokens) and progress.closed
 
@@ -373,6 +378,7 @@ class Peer:
                 state.inner_step = 0
             if self.faults:
                 self.faults.after_outer_step(state.round, state.outer.global_params)
+                state.outer.changed()  # the fault may have modified the parameters behind the optimizer's back
         if snapshot is None:
             state.outer.copy_to_(self.params)
         else:
@@ -405,6 +411,7 @@ class Peer:
         stats = pending.stats
         self.apply_outer_step(stats.round_index, pending.result, snapshot=pending.snapshot)
         stats.allreduce_s = time.perf_counter() - stats.outer_started
+        stats.mark("outer_applied")
         if pending.result is not None:
             # the swarm's hashes of this round are checked before our next contribution (forked_from_swarm)
             self.agreement.record_group(pending.result)
@@ -412,6 +419,7 @@ class Peer:
             resynced = False
         else:  # we missed the round; if the others did not, adopt their state now rather than a round later
             resynced = self.agreement.check_round(None)
+        stats.mark("agreed")
         self.log_round(stats, pending.result, resynced=resynced)
         return resynced
 

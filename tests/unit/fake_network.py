@@ -146,7 +146,14 @@ class FakeNetwork:
         return {**companions, **self.swarm.other_hashes, ME: holding_ours(ME)}
 
     def schedule_averaging(
-        self, round_index: int, *, scheduled_time: float, order_key: bytes, how: str, value_bound: float
+        self,
+        round_index: int,
+        *,
+        scheduled_time: float,
+        order_key: bytes,
+        how: str,
+        value_bound: float,
+        expected_peers: int = 0,
     ):
         scheduled = FakeScheduled(
             round_index,

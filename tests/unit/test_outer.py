@@ -103,3 +103,22 @@ def test_overlapped_update_carries_the_progress_made_since_the_snapshot():
     outer.step_([torch.tensor([0.5, 0.5])])  # the swarm moved theta to [0, 1]
     outer.rebase_(local, [torch.tensor([0.25, 2.0])])
     assert torch.equal(local[0], torch.tensor([0.0, 1.0]))
+
+
+def test_hashes_are_those_of_the_tensors_and_follow_every_change():
+    torch.manual_seed(0)
+    outer = OuterOptimizer([torch.randn(3, 4), torch.randn(5)], OuterConfig(lr=0.7, momentum=0.9))
+
+    def fresh() -> tuple[str, str]:
+        return tensors_sha256(outer.global_params), tensors_sha256(outer.state_tensors())
+
+    assert outer.hashes() == fresh()
+    outer.step_([torch.ones(3, 4), torch.ones(5)])
+    assert outer.hashes() == fresh()
+    before = outer.hashes()
+    outer.load_state_tensors_([t + 1 for t in outer.state_tensors()])
+    assert outer.hashes() == fresh() != before
+    outer.global_params[0].add_(1e-3)  # a change behind the optimizer's back is seen once it is announced
+    outer.changed()
+    assert outer.hashes() == fresh()
+    assert (outer.params_hash(), outer.state_hash()) == fresh()
