@@ -53,7 +53,7 @@ from hivemind.compression import (
 )
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
-from hivemind.utils import MPFuture, get_logger
+from hivemind.utils import MPFuture, get_dht_time, get_logger
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.streaming import combine_from_streaming
 
@@ -230,6 +230,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         order_keys_by_peer: dict[PeerID, bytes],
         compression: CompressionBase,
         value_bound: float = 0.0,
+        group_time: float = 0.0,
         **kwargs,
     ):
         # extends AllReduceRunner.__init__: the container returns averages instead of deltas, and hivemind's
@@ -237,6 +238,10 @@ class ExactAllReduceRunner(AllReduceRunner):
         kwargs.setdefault("prefetch", PREFETCH_PARTS)  # parts encoded ahead of sending (hivemind: 1)
         super().__init__(compression=compression, **kwargs)
         self.compression, self.value_bound = compression, value_bound
+        self.group_time = group_time
+        """The round's scheduled group time (DHT time). A group closes as soon as every expected peer joined, which
+        can be before the slowest of them finished its inner steps; until this time (plus the usual timeouts) a
+        member that has not started sending is still on its way, as it would be had the group closed on time."""
         # the shape of every part each reducer owes us, read before sending consumes the container's queues
         self.part_shapes_by_peer = [
             [part.shape for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer
@@ -258,6 +263,21 @@ class ExactAllReduceRunner(AllReduceRunner):
         self._streams_serving = 0
         self._all_streams_served = asyncio.Event()
         self._all_streams_served.set()
+
+    def start_grace_s(self) -> float:
+        """How much longer than the usual timeouts a member may take to start: until the group time."""
+        return max(0.0, self.group_time - get_dht_time())
+
+    async def _handle_missing_senders(self) -> None:
+        # mirrors AllReduceRunner._handle_missing_senders; differs: senders have until the group time plus the
+        # sender timeout to start (see group_time), not the sender timeout from now
+        timeout = None if self.sender_timeout is None else self.sender_timeout + self.start_grace_s()
+        try:
+            await asyncio.wait_for(self.all_senders_started.wait(), timeout)
+        except asyncio.TimeoutError:
+            for peer_id in self.sender_peer_ids:
+                if peer_id not in self.active_senders and peer_id not in self.banned_senders:
+                    await self._ban_sender(peer_id)
 
     async def wait_until_served(self, timeout: float | None) -> None:
         """Wait (bounded) until every sender of the shard this peer reduces has received its averaged parts and
@@ -313,8 +333,14 @@ class ExactAllReduceRunner(AllReduceRunner):
                 self.bytes_received += msg.ByteSize()
                 return deserialize_torch_tensor(msg.tensor_part)
 
+            # the first averaged part waits for every sender of that shard, the slowest included (see group_time)
+            first_timeout = (
+                None if self.reducer_timeout is None else self.reducer_timeout + self.start_grace_s()
+            )
             parts = amap_in_executor(
-                _deserialize, aiter_with_timeout(stream, self.reducer_timeout), max_prefetch=PREFETCH_PARTS
+                _deserialize,
+                aiter_with_first_timeout(stream, first_timeout, self.reducer_timeout),
+                max_prefetch=PREFETCH_PARTS,
             )
             async with contextlib.aclosing(parts):
                 async for averaged_part in parts:
@@ -433,6 +459,21 @@ def gathered_metadata(serializer, gathered: bytes) -> dict:
     return metadata if isinstance(metadata, dict) else {}
 
 
+async def aiter_with_first_timeout(
+    iterable: AsyncIterator, first_timeout: float | None, timeout: float | None
+) -> AsyncIterator:
+    """hivemind's aiter_with_timeout, except that the first item may take `first_timeout`."""
+    iterator = iterable.__aiter__()
+    item_timeout = first_timeout
+    while True:
+        try:
+            item = await asyncio.wait_for(iterator.__anext__(), item_timeout)
+        except StopAsyncIteration:
+            return
+        yield item
+        item_timeout = timeout
+
+
 def full_group_size(metadata: dict) -> int | None:
     """The group size at which a leader closes its group at once: our own gathered "group_size" (None: none, or
     fewer than 2, and the group closes at its scheduled time as hivemind's default does)."""
@@ -517,14 +558,15 @@ class ExactAverager(DecentralizedAverager):
         # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), waits
         # until the parts this peer owes others were served, and records the transport statistics
         group_id = group_info.group_id if group_id is None else group_id
-        order_keys, value_bound = {}, 0.0
+        order_keys, ours = {}, {}
         for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered, strict=True):
             metadata = gathered_metadata(self.serializer, gathered)
             order_keys[peer_id] = metadata_order_key(metadata, peer_id)
             if (
                 peer_id == self.peer_id
-            ):  # our own bound: honest peers all compute the same one (peer/robust.py)
-                value_bound = metadata.get("value_bound", 0.0)
+            ):  # our own bound (honest peers all compute the same one) and group time
+                ours = metadata
+        value_bound, group_time = ours.get("value_bound", 0.0), ours.get("group_time", 0.0)
         started, started_at = time.perf_counter(), time.time()
         runner = ExactAllReduceRunner(
             p2p=self._p2p,
@@ -535,6 +577,7 @@ class ExactAverager(DecentralizedAverager):
             ordered_peer_ids=group_info.peer_ids,
             order_keys_by_peer=order_keys,
             value_bound=float(value_bound),
+            group_time=float(group_time) if isinstance(group_time, (int, float)) else 0.0,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"

@@ -30,7 +30,9 @@ from peer.rounds import (
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.25  # how often a wait re-reads the DHT (a lookup costs milliseconds)
-HASH_POLL_S = 0.05  # how often the agreement check re-reads the hashes: the group publishes them within milliseconds
+HASH_POLL_S = (
+    0.05  # how often the agreement check re-reads the hashes: the group publishes them within milliseconds
+)
 
 
 def wait_for_peers(

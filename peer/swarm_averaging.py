@@ -98,6 +98,7 @@ class RoundAveraging:
             "voter": self.voter_key,
             "value_bound": float(value_bound),  # read back by our own averager process (allreduce.py)
             "group_size": int(expected_peers),  # likewise: close the group as soon as it has this many
+            "group_time": float(scheduled_time),  # likewise: members closed in early may start until then
         }
         join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
         # A client-mode peer cannot lead a group; it joins one, and hivemind's leaders refuse (for good) a join

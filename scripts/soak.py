@@ -1,6 +1,7 @@
 """Soak test: a local swarm under churn (joins, graceful leaves, SIGKILLs, a bootstrap restart) for a while.
 
     python scripts/soak.py --minutes 10 --peers 4
+    python scripts/soak.py --minutes 30 --peers 3 --no-churn --cpu-hogs 2   # no faults, a busy CPU: 0 failed rounds?
 
 Reports rounds completed, rounds in which every peer that recorded the round agreed, resyncs, the longest
 stall (the longest time between two consecutive rounds being completed anywhere in the swarm), and
@@ -10,6 +11,7 @@ whether any peer ended on a different model. Everything runs on 127.0.0.1 and is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -147,6 +149,13 @@ class Soak:
         return {name: read_records(self.run_dir / f"{name}.jsonl") for name in names}
 
 
+def cpu_hog() -> None:
+    """A process that keeps one CPU busy until killed (the soak's competing load)."""
+    os.setsid()
+    while True:
+        sum(i * i for i in range(10_000))
+
+
 def report(records: dict[str, list[dict]], final_peers: list[str]) -> dict:
     by_round: dict[int, dict[str, str]] = {}
     first_seen: dict[int, float] = {}
@@ -186,15 +195,29 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the event sequence")
     parser.add_argument("--run-dir", help="logs and metrics (default: a new temporary directory)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--no-churn",
+        action="store_true",
+        help="no joins, leaves, kills or bootstrap restart: only time passes",
+    )
+    parser.add_argument(
+        "--cpu-hogs", type=int, default=0, help="busy processes competing for the CPU (default 0)"
+    )
     args = parser.parse_args()
-    if args.peers < 3 or args.minutes <= 0:
-        parser.error("--peers must be at least 3 and --minutes positive")
+    if args.peers < 3 or args.minutes <= 0 or args.cpu_hogs < 0:
+        parser.error("--peers must be at least 3, --minutes positive and --cpu-hogs not negative")
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="diloco-soak-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     soak = Soak(run_dir, env, args.seed)
     print(f"run directory: {run_dir}", flush=True)
+    hogs: list[int] = []
     try:
+        for _ in range(args.cpu_hogs):
+            pid = os.fork()
+            if pid == 0:
+                cpu_hog()
+            hogs.append(pid)
         soak.start_bootstrap()
         for _ in range(args.peers):
             soak.start_peer("--wait-for-peers", str(args.peers))
@@ -202,6 +225,8 @@ def main() -> int:
         restart_at = time.monotonic() + args.minutes * 30  # the bootstrap node goes down half-way
         while time.monotonic() < end:
             time.sleep(min(args.event_every_s, max(0.0, end - time.monotonic())))
+            if args.no_churn:
+                continue
             if restart_at and time.monotonic() >= restart_at:
                 soak.bootstrap.kill()
                 soak.log("bootstrap SIGKILL")
@@ -224,6 +249,7 @@ def main() -> int:
         result = report(soak.records(), final_peers)
         result["events"] = len(soak.events)
         result["minutes"] = args.minutes
+        result["cpu_hogs"] = args.cpu_hogs
         if args.json:
             print(json.dumps(result, indent=1))
         else:
@@ -234,6 +260,10 @@ def main() -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        for pid in hogs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         for child in list(soak.peers.values()):
             child.kill()
         if soak.bootstrap is not None:

@@ -31,6 +31,24 @@ def test_three_peers_agree_every_round_and_learn(local_swarm):
         assert peer.wait(timeout_s=30) == 0
 
 
+@pytest.mark.timeout(300)
+def test_peers_of_different_speeds_average_every_round_with_short_timeouts(local_swarm):
+    """A group closes as soon as every expected peer joined, which is while the slower peer still trains; the fast
+    peer's all-reduce then starts first and must wait for the slow one until the group time (not ban it after the
+    2 s chunk timeout, as it did before the timeouts counted from the group time)."""
+    local_swarm.start_bootstrap()
+    args = ["--max-rounds", "4", "--wait-for-peers", "2", "--chunk-timeout-s", "2"]
+    fast = local_swarm.start_peer("fast", *args)
+    slow = local_swarm.start_peer("slow", *args, "--test-fault", "slow:3")
+    local_swarm.wait_rounds([fast, slow], 4, timeout_s=240)
+    for peer in (fast, slow):
+        records = peer.records()
+        assert [r["group_size"] for r in records] == [2, 2, 2, 2], peer.log()[-3000:]
+        assert not any(r["failed"] or r["resyncs"] for r in records), peer.log()[-3000:]
+    for round_index, by_peer in hashes_by_round([fast, slow]).items():
+        assert len(set(by_peer.values())) == 1, f"round {round_index}: peers disagree: {by_peer}"
+
+
 @pytest.mark.timeout(240)
 def test_late_joiner_matches_the_swarm_after_its_first_round(local_swarm):
     local_swarm.start_bootstrap()

@@ -12,7 +12,7 @@ import torch
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import NoCompression
 
-from peer.allreduce import OrderedPartReducer, encode_once, full_group_size
+from peer.allreduce import OrderedPartReducer, aiter_with_first_timeout, encode_once, full_group_size
 from peer.outer import average_contributions, tensors_sha256
 
 PART_SIZE = 1000
@@ -281,3 +281,17 @@ def test_the_next_part_accumulates_while_the_previous_average_is_still_encoded()
 )  # fmt: skip
 def test_a_leader_closes_its_group_early_only_for_a_real_group_size(metadata, expected):
     assert full_group_size(metadata) == expected
+
+
+def test_the_first_item_may_take_longer_than_the_next_ones():
+    async def items(delays_s):
+        for delay_s in delays_s:
+            await asyncio.sleep(delay_s)
+            yield delay_s
+
+    async def collect(delays_s):
+        return [item async for item in aiter_with_first_timeout(items(delays_s), 5.0, 0.05)]
+
+    assert asyncio.run(collect([0.2, 0.0, 0.0])) == [0.2, 0.0, 0.0]
+    with pytest.raises(asyncio.TimeoutError):
+        asyncio.run(collect([0.0, 0.5]))
