@@ -77,4 +77,9 @@ def relay_options(initial_peers: list[str]) -> dict:
     relays = [m for m in initial_peers if "/p2p/" in m and "/p2p-circuit" not in m]
     if not relays:
         return {}
-    return {"use_relay": True, "use_auto_relay": True, "trusted_relays": relays, "force_reachability": "private"}
+    return {
+        "use_relay": True,
+        "use_auto_relay": True,
+        "trusted_relays": relays,
+        "force_reachability": "private",
+    }

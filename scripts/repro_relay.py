@@ -58,7 +58,9 @@ async def run(args) -> int:
         address = Multiaddr(f"{relay_maddr}/p2p-circuit")
     else:
         address = circuit_address(relay_maddr)
-    print(f"dialing {behind.peer_id} at {relay_maddr}/p2p-circuit ({args.encoding} encoding: {address.to_bytes().hex()})")
+    print(
+        f"dialing {behind.peer_id} at {relay_maddr}/p2p-circuit ({args.encoding} encoding: {address.to_bytes().hex()})"
+    )
     status = 1
     try:
         started = time.monotonic()
@@ -74,7 +76,8 @@ async def run(args) -> int:
             return 1
         print(f"connected through the relay after {time.monotonic() - started:.1f} s")
         response = await asyncio.wait_for(
-            dialer.call_protobuf_handler(behind.peer_id, "ping", dht_pb2.PingRequest(), dht_pb2.PingResponse), 10
+            dialer.call_protobuf_handler(behind.peer_id, "ping", dht_pb2.PingRequest(), dht_pb2.PingResponse),
+            10,
         )
         print(f"unary call through the relay: available={response.available}")
         payload = runtime_pb2.Tensor(buffer=b"x" * (1 << 20))
@@ -85,10 +88,14 @@ async def run(args) -> int:
 
         for name, target in (("relayed", behind.peer_id), ("direct", relay.peer_id)):
             started, received = time.monotonic(), 0
-            async for message in await dialer.iterate_protobuf_handler(target, "echo", chunks(), runtime_pb2.Tensor):
+            async for message in await dialer.iterate_protobuf_handler(
+                target, "echo", chunks(), runtime_pb2.Tensor
+            ):
                 received += len(message.buffer)
             elapsed = time.monotonic() - started
-            print(f"{name}: echoed {received / 2**20:.0f} MiB in {elapsed:.2f} s ({received / 2**20 / elapsed:.0f} MiB/s)")
+            print(
+                f"{name}: echoed {received / 2**20:.0f} MiB in {elapsed:.2f} s ({received / 2**20 / elapsed:.0f} MiB/s)"
+            )
         status = 0
     finally:
         for p2p in (dialer, behind, relay):
