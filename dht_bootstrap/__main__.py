@@ -1,8 +1,9 @@
 """CLI of the bootstrap node: parse flags, start the DHT, print how to join, log status until a signal.
 
 Run as `python -m dht_bootstrap` or `diloco-bootstrap`. Imports nothing from the `peer` package but
-peer/preflight.py (checks of what the user typed, standard library only, shared with the peer CLI) and the swarm
-monitor (peer/monitor.py), imported only when --dashboard-port is given.
+peer/preflight.py (checks of what the user typed, standard library only, shared with the peer CLI), the reachability
+check it answers (peer/reachability.py, via dht_bootstrap/node.py) and the swarm monitor (peer/monitor.py), imported
+only when --dashboard-port is given.
 """
 
 from __future__ import annotations

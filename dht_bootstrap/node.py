@@ -1,4 +1,5 @@
-"""The bootstrap node: one long-running hivemind DHT that peers join through.
+"""The bootstrap node: one long-running hivemind DHT that peers join through, a circuit relay for peers behind NAT,
+and a checker that answers peers' reachability checks (peer/reachability.py).
 
 Owns starting and stopping the DHT (and hivemind's p2pd daemon under it), the persistent identity
 file, and the multiaddrs it reports. Written against hivemind 1.1.12.
@@ -33,6 +34,7 @@ from peer.preflight import (
     check_peer_maddrs,
     check_ports_free,
 )
+from peer.reachability import serve_reachability_checks
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +225,9 @@ class BootstrapNode:
             announce_maddrs=list(config.announce_maddrs) or None,
             identity_path=None if config.identity_path is None else str(config.identity_path),
             shutdown_timeout=config.shutdown_timeout_s,
+            # peers are told to join here, so it is reachable: say so, which starts libp2p's relay service at once
+            # (it waits for AutoNAT to find the node public otherwise) for peers that nobody can dial
+            force_reachability="public",
         )
         # Equivalent to start=True, but waits in slices so a signal during startup is honoured
         # and the total wait is bounded.
@@ -251,6 +256,8 @@ class BootstrapNode:
         peer_id = _call_in_dht(dht, _read_peer_id, RPC_TIMEOUT_S)
         assert expected_peer_id is None or peer_id == expected_peer_id, "p2pd ignored --identity-path"
         p2pd_pid = _call_in_dht(dht, _read_p2pd_pid, RPC_TIMEOUT_S)
+        # a lone first peer has nobody else to ask whether it can be dialed
+        _call_in_dht(dht, serve_reachability_checks, RPC_TIMEOUT_S)
         node = cls(config=config, dht=dht, peer_id=peer_id, p2pd_pid=p2pd_pid)
         if stop_requested or should_stop():
             node.shutdown()

@@ -24,8 +24,9 @@ from pydantic.v1 import BaseModel  # hivemind's schemas are pydantic v1
 
 from peer.config import RunConfig, SwarmConfig, differing_settings
 from peer.network import AveragingAttempt
-from peer.reachability import check_reachability
+from peer.reachability import check_reachability, check_relayed
 from peer.records import SUMMARY_TTL_S, HashRecord, ProgressRecord, SettingsRecord, SummaryRecord, summary_key
+from peer.relay import relay_options
 from peer.rounds import conflicting_settings, remembered_peers, stale_after_s
 from peer.swarm_averaging import RoundAveraging, ScheduledStep, ensure_stopped
 
@@ -58,7 +59,7 @@ class RunSchema(BaseModel):
     settings: dict[BytesWithPublicKey, Optional[SettingsRecord]]  # noqa: UP045
 
 
-def _start_dht(swarm: SwarmConfig) -> hivemind.DHT:
+def _start_dht(swarm: SwarmConfig, **p2p_options) -> hivemind.DHT:
     try:
         return hivemind.DHT(
             initial_peers=list(swarm.initial_peers),
@@ -69,6 +70,7 @@ def _start_dht(swarm: SwarmConfig) -> hivemind.DHT:
             start=True,
             await_ready=True,
             wait_timeout=10,
+            **p2p_options,
         )
     except Exception as e:  # hivemind raises RuntimeError/ValueError/P2PDaemonError with long messages
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -104,7 +106,11 @@ class Swarm:
                 ensure_stopped(self.dht)
                 swarm = dataclasses.replace(swarm, client_mode=True)
                 self.config = config = dataclasses.replace(config, swarm=swarm)
-                self.dht = _start_dht(swarm)
+                # with a slot on the bootstrap nodes (relays) others can still reach it; checked, then reported
+                options = relay_options(list(swarm.initial_peers))
+                self.dht = _start_dht(swarm, **options)
+                if options:
+                    reachability = check_relayed(self.dht, relays=options["trusted_relays"])
             self.reachability = reachability.kind
             self._peer_id = self.dht.peer_id
             self.peer_id = str(self._peer_id)
