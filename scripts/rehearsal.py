@@ -1,7 +1,8 @@
 """A rehearsal of a public run on emulated internet links (root only; network namespaces from scripts/netlab.py):
 a bootstrap node serving the dashboard, peers on links of different bandwidths (tc tbf), one peer behind a home
-router (iptables masquerade), a peer that joins late and one that is SIGKILLed; then a summary per peer: rounds,
-agreement, failed rounds, bytes, utilization (time in inner steps / wall time).
+router (iptables masquerade, reached through the bootstrap node's relay), a peer that joins late and one that is
+SIGKILLed; then a summary per peer: rounds, agreement, failed rounds, bytes, utilization (time in inner steps / wall
+time).
 
     sudo nice -n 10 python scripts/rehearsal.py                 # 4 peers + a late one, 8 rounds
     sudo python scripts/rehearsal.py --rounds 12 --json
@@ -106,7 +107,7 @@ class Rehearsal:
                 "--num-threads", "1", "--eval-every", "2", "--eval-batches", "2", "--matchmaking-s", "3",
                 "--progress-period-s", "1", "--host-maddrs", f"/ip4/{host}/tcp/0", "--initial-peers", *maddrs,
                 "--metrics-file", str(self.workdir / f"{name}.jsonl"), "--wait-for-peers", "3",
-            ],  # behind NAT without --client-mode: its reachability check makes it outgoing-only
+            ],  # behind NAT without --client-mode: its reachability check finds it relayed through the bootstrap node
         )  # fmt: skip
 
     def run(self) -> dict:
