@@ -72,8 +72,12 @@ def test_lying_records_neither_stall_the_swarm_nor_cut_its_rounds_short(local_sw
     budget = 24 * 4 * 64  # 24 steps of FAST_PEER_ARGS' batch 4 x seq 64, shared by the swarm
     honest, _ = start(local_swarm, "records", "--round-tokens", str(budget))
     assert_honest_agree_and_finite(honest)
+    # a false 'done' with the whole budget would end every round after one step of each peer; how the budget splits
+    # between the honest peers depends on their speeds (a loaded machine), what they process together does not
+    steps_by_round: dict[int, int] = {}
     for peer in honest:
         records = peer.records()
-        # a false 'done' with the whole budget would end every round after one step
-        assert all(r["inner_steps"] > 2 for r in records[1:]), [r["inner_steps"] for r in records]
+        for r in records[1:]:
+            steps_by_round[r["round"]] = steps_by_round.get(r["round"], 0) + r["inner_steps"]
         assert all(r["group_size"] >= 2 for r in records[1:]), peer.log()[-2000:]
+    assert steps_by_round and all(steps > 6 for steps in steps_by_round.values()), steps_by_round
