@@ -275,9 +275,6 @@ def test_a_newcomer_joins_at_the_lower_median_of_the_others_newest_rounds(record
         assert joined in newest and joined <= newest[(len(newest) - 1) // 2]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="RoundKey allows 10 digits, past MAX_ROUND; reported, fix in records.py"
-)
 def test_a_hash_record_cannot_name_a_round_past_the_last_one():
     """A newcomer whose only other live peer names round 9999999999 would join there and publish progress records
     no schema accepts (ProgressRecord.round <= MAX_ROUND)."""
