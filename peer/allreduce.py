@@ -41,6 +41,7 @@ import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import torch
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
@@ -59,6 +60,7 @@ from hivemind.utils.streaming import combine_from_streaming
 
 from peer.outer import average_contributions
 from peer.robust import capped_weights, clamp_contribution, within_bound
+from peer.swarm_key import OpenAccess
 
 logger = get_logger(__name__)
 
@@ -450,13 +452,36 @@ class ExactAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
-def gathered_metadata(serializer, gathered: bytes) -> dict:
-    """A group member's user metadata from matchmaking ({} if it sent something else: it came from a stranger)."""
+def _state_request_type() -> type:
+    """A state request that can carry the requester's token (peer/swarm_key.py). hivemind's DownloadRequest has no
+    field at all; this message is the same bytes on the wire when the token is empty (an open swarm), so it is
+    compatible both ways."""
+    file = descriptor_pb2.FileDescriptorProto(
+        name="diloco_swarm/state_request.proto", package="diloco_swarm", syntax="proto3"
+    )
+    message = file.message_type.add(name="StateRequest")
+    message.field.add(
+        name="token",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("diloco_swarm.StateRequest"))
+
+
+StateRequest = _state_request_type()
+
+
+def gathered_metadata(serializer, gathered: bytes, peer_id: PeerID, access: OpenAccess) -> dict | None:
+    """A group member's user metadata from matchmaking: None if it sent something else (it came from a stranger) or,
+    in a private swarm, anything not sealed with the swarm key for this very peer id."""
     try:
-        metadata = serializer.loads(serializer.loads(gathered)[2])
+        user = serializer.loads(serializer.loads(gathered)[2])
     except Exception:
-        return {}
-    return metadata if isinstance(metadata, dict) else {}
+        user = None
+    return access.open_metadata(peer_id.to_bytes(), user)
 
 
 async def aiter_with_first_timeout(
@@ -508,9 +533,12 @@ class ExactAverager(DecentralizedAverager):
         *args,
         state_provider: Callable[[], tuple[dict, list[torch.Tensor]]],
         max_state_requests: int = 2,
+        access: OpenAccess | None = None,
         **kwargs,
     ):
         self._state_provider = state_provider
+        # a private swarm's key (peer/swarm_key.py): who may join our groups and download our state
+        self._access = OpenAccess() if access is None else access
         # state downloads served at once: each one copies the whole state, so a crowd of requests (or one stranger
         # asking over and over) must not exhaust this peer's memory or bandwidth (I8)
         self._max_state_requests = max_state_requests
@@ -528,7 +556,7 @@ class ExactAverager(DecentralizedAverager):
         # extends DecentralizedAverager._step: as a leader, assemble the group as soon as every peer expected in
         # the round joined (our own gathered "group_size", counted from the round's progress records) instead of
         # waiting until the group time; 0 keeps hivemind's "wait until the group time" (target_group_size None)
-        metadata = gathered_metadata(self.serializer, step.data_for_gather)
+        metadata = gathered_metadata(self.serializer, step.data_for_gather, self.peer_id, self._access) or {}
         self._matchmaking.target_group_size = full_group_size(metadata)
         return await super()._step(step=step, future_for_init=future_for_init)
 
@@ -558,14 +586,21 @@ class ExactAverager(DecentralizedAverager):
         # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), waits
         # until the parts this peer owes others were served, and records the transport statistics
         group_id = group_info.group_id if group_id is None else group_id
-        order_keys, ours = {}, {}
-        for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered, strict=True):
-            metadata = gathered_metadata(self.serializer, gathered)
-            order_keys[peer_id] = metadata_order_key(metadata, peer_id)
-            if (
-                peer_id == self.peer_id
-            ):  # our own bound (honest peers all compute the same one) and group time
-                ours = metadata
+        members = {
+            peer_id: gathered_metadata(self.serializer, gathered, peer_id, self._access)
+            for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered, strict=True)
+        }
+        outsider = self._outsider(members)
+        if (
+            outsider is not None
+        ):  # before anything is sent: nobody outside the private swarm sees a value of ours
+            self._running_groups[group_id].cancel()  # members already streaming to us are turned away
+            raise AllreduceException(outsider)
+        order_keys = {
+            peer_id: metadata_order_key(metadata or {}, peer_id) for peer_id, metadata in members.items()
+        }
+        # our own bound (honest peers all compute the same one) and group time
+        ours = members.get(self.peer_id) or {}
         value_bound, group_time = ours.get("value_bound", 0.0), ours.get("group_time", 0.0)
         started, started_at = time.perf_counter(), time.time()
         runner = ExactAllReduceRunner(
@@ -599,13 +634,44 @@ class ExactAverager(DecentralizedAverager):
             started_at,
         ]
 
+    def _outsider(self, members: dict[PeerID, dict | None]) -> str | None:
+        """Why this group must not average, if one of its members is not of our private swarm (None: all are).
+        Every member checks every other's metadata, so a group an outsider assembled or slipped into fails for all
+        before a single value is sent."""
+        if not self._access.private:
+            return None  # an open swarm: anyone may join (the all-reduce itself is robust, peer/robust.py)
+        ours = members.get(self.peer_id)
+        for peer_id, metadata in members.items():
+            if metadata is None:
+                return f"group member {peer_id} does not hold the swarm key; not averaging with it"
+            if ours is not None and metadata.get("round") != ours.get("round"):
+                return f"group member {peer_id} is in another round; not averaging with it"
+        return None
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:  # typing's: hivemind reads the hints
+        # wraps DecentralizedAverager.rpc_join_group: in a private swarm, a leader refuses at once a follower whose
+        # metadata is not sealed with the swarm key for its own (libp2p-authenticated) peer id
+        metadata = gathered_metadata(self.serializer, request.gather, context.remote_id, self._access)
+        if self._access.private and metadata is None:
+            logger.debug(f"refused a join request from {context.remote_id}: no swarm key")
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
     async def rpc_download_state(
-        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+        self, request: StateRequest, context: P2PContext
     ) -> typing.AsyncIterator[
         averaging_pb2.DownloadData
     ]:  # typing's: hivemind reads this hint to route the RPC
         # wraps DecentralizedAverager.rpc_download_state: at most max_state_requests are served at once; a request
-        # beyond that is refused at once (the downloader moves on to its next donor)
+        # beyond that is refused at once (the downloader moves on to its next donor); in a private swarm, a request
+        # without the token of the requester's own peer id is refused too
+        if not self._access.may_download(context.remote_id.to_bytes(), getattr(request, "token", b"")):
+            logger.debug(f"refused a state request from {context.remote_id}: no swarm key")
+            return
         if self._state_requests_serving is None:  # created in the averager process, on its event loop
             self._state_requests_serving = asyncio.Semaphore(self._max_state_requests)
         # extends it too: after the last chunk the stream stays open until the receiver hangs up, for the reason
@@ -661,7 +727,8 @@ class ExactAverager(DecentralizedAverager):
         """We hang up as soon as the number of tensors the donor announced in its metadata arrived whole (the donor
         keeps its end open until then, see rpc_download_state); a shorter stream is a failed download."""
         stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
-        stream = await asyncio.wait_for(stub.rpc_download_state(averaging_pb2.DownloadRequest()), timeout)
+        request = StateRequest(token=self._access.state_token(self.peer_id.to_bytes()))
+        stream = await asyncio.wait_for(stub.rpc_download_state(request), timeout)
         metadata, parts, tensors, received = None, [], [], 0
         num_tensors, chunks_left = None, 0
         try:

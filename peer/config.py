@@ -16,6 +16,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from peer.swarm_key import read_swarm_key
+
 COMPRESSIONS = ("none", "fp16", "int8")
 INNER_OPTIMIZERS = ("adamw", "adamw8bit")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -32,15 +34,19 @@ def setting(
     parse=None,
     hidden: bool = False,
     cli: bool = True,
+    secret: bool = False,
 ):
     """A field with command-line details: `flag` (name without dashes, default: the field's name; also the
     TOML key), `metavar`, `choices`, `parse` (text -> value, for values given as one string), `hidden` (kept
-    out of --help), `cli` (False: no flag, set by the program)."""
+    out of --help), `cli` (False: no flag, set by the program), `secret` (kept out of repr() and of what
+    RunConfig.to_dict() saves with checkpoints)."""
     metadata = {"flag": flag, "metavar": metavar, "choices": choices, "parse": parse, "hidden": hidden}
     metadata = {key: value for key, value in metadata.items() if value}
     if not cli:
         metadata["cli"] = False
-    return field(default=default, metadata=metadata)
+    if secret:
+        metadata["secret"] = True
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -284,6 +290,11 @@ class SwarmConfig:
     """How often this peer publishes its progress record to the DHT."""
     wait_for_peers: int = setting(1, metavar="N")
     """When starting a fresh run, wait (up to --state-timeout-s) until N peers are live before round 1."""
+    swarm_key: str | None = setting(None, metavar="@FILE", secret=True)
+    """Private swarm: only peers given the same key can read or write the run's records, join its groups or
+    download its state. @FILE reads the key from a file (recommended: other users of a machine can see command
+    lines); any other text is the key itself. At least 16 bytes, e.g. from openssl rand -hex 32. The bootstrap
+    node does not need it."""
 
     def __post_init__(self) -> None:
         if not self.run_id or any(ch in self.run_id for ch in ". \t\n"):
@@ -303,6 +314,10 @@ class SwarmConfig:
             raise ValueError(f"--wait-for-peers must be at least 1, got {self.wait_for_peers}")
         if self.client_mode and not self.initial_peers:
             raise ValueError("--client-mode needs --initial-peers: a client cannot start a swarm")
+        if self.swarm_key is not None:
+            read_swarm_key(
+                self.swarm_key
+            )  # a missing, unreadable or too short key fails here, before any work
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -379,7 +394,24 @@ class RunConfig:
         return self.inner.total_steps or self.max_rounds * self.inner.steps
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as saved with checkpoints and sent to wandb; a secret (a swarm key given as the key itself,
+        not as @FILE) is replaced by a placeholder that no key check accepts."""
+        values = dataclasses.asdict(self)
+        _redact_secrets(self, values)
+        return values
+
+
+SECRET_PLACEHOLDER = "<not saved>"
+
+
+def _redact_secrets(settings, values: dict) -> None:
+    """Replace, in dataclasses.asdict(settings), every secret given as itself by SECRET_PLACEHOLDER."""
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if dataclasses.is_dataclass(value):
+            _redact_secrets(value, values[item.name])
+        elif item.metadata.get("secret") and isinstance(value, str) and not value.startswith("@"):
+            values[item.name] = SECRET_PLACEHOLDER
 
 
 def fingerprint_settings(

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peer import preflight
 from peer.records import (
@@ -27,6 +27,7 @@ from peer.records import (
     settings_key,
     summary_key,
 )
+from peer.swarm_key import OpenAccess, SealError, read_swarm_key, run_access
 from peer.swarm_status import Observation, RunHistory, choose_fingerprint, settled_rounds
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class MonitorConfig:
     """A peer whose progress record is older than this is no longer shown as live."""
     wandb_project: str | None = None
     """Log the swarm's aggregate per round to this Weights & Biases project (needs the wandb extra)."""
+    swarm_key: str | None = field(default=None, repr=False)
+    """A private run's --swarm-key (@FILE, or the key itself): without it a monitor sees nothing of that run."""
 
     def __post_init__(self) -> None:
         if not self.run_id or any(ch in self.run_id for ch in ". \t\n"):
@@ -60,14 +63,30 @@ class MonitorConfig:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         if not self.poll_s > 0 or not self.stale_after_s > 0:
             raise ValueError("--poll-s and --stale-after-s must be positive")
+        if self.swarm_key is not None:
+            read_swarm_key(self.swarm_key)
 
 
 class RunReader:
     """Reads a run's records from the DHT. hivemind checks their signatures (the monitor's DHT has an
-    RSASignatureValidator); every value is parsed with its schema here, and a bad one is skipped."""
+    RSASignatureValidator); a private run's records are opened with its key (peer/swarm_key.py), and every value is
+    parsed with its schema here: a bad one is skipped."""
 
-    def __init__(self, dht, *, run_id: str, lock: threading.Lock):
+    def __init__(self, dht, *, run_id: str, lock: threading.Lock, access: OpenAccess | None = None):
         self.dht, self.run_id, self.lock = dht, run_id, lock
+        self.access = OpenAccess() if access is None else access
+
+    def _records(self, key: str, schema) -> dict:
+        """subkey -> (record, expiration time) of every record under a key that opens and parses."""
+        records = {}
+        for subkey, item in self._entries(key).items():
+            try:
+                record = _parse(schema, self.access.open(key, subkey, item.value))
+            except SealError:
+                continue
+            if record is not None:
+                records[subkey] = (record, item.expiration_time)
+        return records
 
     def _entries(self, key: str) -> dict:
         """subkey -> ValueWithExpiration of a dictionary key (empty if nothing is stored or the lookup failed)."""
@@ -85,10 +104,9 @@ class RunReader:
     def fingerprints(self) -> tuple[dict[str, dict], list[str]]:
         """{fingerprint: settings} and one fingerprint per publishing peer, from `<run_id>_settings`."""
         settings, published = {}, []
-        for item in self._entries(settings_key(self.run_id)).values():
-            record = _parse(SettingsRecord, item.value)
-            if record is None:
-                continue
+        for record, _ in self._records(
+            settings_key(self.access.prefix(self.run_id, "records")), SettingsRecord
+        ).values():
             published.append(record.fingerprint)
             if record.fingerprint not in settings and len(record.settings_json) <= MAX_SETTINGS_JSON:
                 with contextlib.suppress(ValueError):
@@ -101,19 +119,15 @@ class RunReader:
         from hivemind.p2p import PeerID
 
         observation = Observation(now=now)
-        for subkey, item in self._entries(progress_key(fingerprint)).items():
-            record = _parse(ProgressRecord, item.value)
-            if record is not None and len(record.peer_id) <= 64:
-                observation.progress[subkey] = (record, item.expiration_time - RECORD_TTL_S)
+        prefix = self.access.prefix(fingerprint, "records")
+        for subkey, (record, expiration) in self._records(progress_key(prefix), ProgressRecord).items():
+            if len(record.peer_id) <= 64:
+                observation.progress[subkey] = (record, expiration - RECORD_TTL_S)
                 observation.peer_ids[subkey] = PeerID(record.peer_id).to_base58()
-        for subkey, item in self._entries(summary_key(fingerprint)).items():
-            summary = _parse(SummaryRecord, item.value)
-            if summary is not None:
-                observation.summaries[subkey] = summary
-        for subkey, item in self._entries(hashes_key(fingerprint)).items():
-            hashes = _parse(HashRecord, item.value)
-            if hashes is not None:
-                observation.hashes[subkey] = hashes
+        for subkey, (summary, _) in self._records(summary_key(prefix), SummaryRecord).items():
+            observation.summaries[subkey] = summary
+        for subkey, (hashes, _) in self._records(hashes_key(prefix), HashRecord).items():
+            observation.hashes[subkey] = hashes
         return observation
 
 
@@ -138,7 +152,12 @@ class Monitor:
         from hivemind.dht.crypto import RSASignatureValidator
 
         self.config = config
-        self.reader = RunReader(dht, run_id=config.run_id, lock=lock or threading.Lock())
+        self.reader = RunReader(
+            dht,
+            run_id=config.run_id,
+            lock=lock or threading.Lock(),
+            access=run_access(config.swarm_key, config.run_id),
+        )
         with self.reader.lock:
             # strips and checks the signatures of the peers' records; records of other keys pass unchanged
             dht.add_validators([RSASignatureValidator()])
@@ -264,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(pip install 'diloco-swarm[wandb]')",
     )
     p.add_argument(
+        "--swarm-key",
+        metavar="@FILE",
+        help="a private run's --swarm-key: @FILE reads it from a file, other text is the key itself",
+    )
+    p.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     return p
@@ -280,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             poll_s=args.poll_s,
             stale_after_s=args.stale_after_s,
             wandb_project=args.wandb_project,
+            swarm_key=args.swarm_key,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -7,12 +7,15 @@ pydantic v1 models because hivemind's SchemaValidator is built on pydantic v1.
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 from pydantic.v1 import (
     BaseModel,
+    ConstrainedStr,
     Extra,
     StrictBool,
+    ValidationError,
     conbytes,
     confloat,
     conint,
@@ -20,6 +23,7 @@ from pydantic.v1 import (
     constr,
     validator,
 )
+from pydantic.v1.error_wrappers import ErrorWrapper
 
 MAX_ROUND = 10**9
 MAX_TOKENS = 10**15  # tokens one peer may claim for one round
@@ -32,10 +36,39 @@ Round = conint(strict=True, ge=-1, le=MAX_ROUND)
 Count = conint(strict=True, ge=0, le=MAX_TOKENS)
 Time = confloat(strict=True, ge=0.0, le=MAX_TIME)  # NaN and infinities fail the bounds
 Sha256Hex = constr(strict=True, regex=r"^[0-9a-f]{64}$")
-RoundKey = constr(strict=True, regex=r"^[0-9]{1,10}$")  # msgpack needs str keys
 
 
-class StrictRecord(BaseModel):
+class RoundKey(ConstrainedStr):
+    """A round number as a dict key (msgpack needs str keys), at most MAX_ROUND like every other round."""
+
+    strict = True
+    regex = re.compile(r"^[0-9]{1,10}$")
+
+    @classmethod
+    def __get_validators__(cls):
+        yield from super().__get_validators__()
+        yield cls._at_most_max_round
+
+    @classmethod
+    def _at_most_max_round(cls, value: str) -> str:
+        if int(value) > MAX_ROUND:
+            raise ValueError(f"round {value} is past the last round {MAX_ROUND}")
+        return value
+
+
+class Record(BaseModel):
+    """Base of every record read from the DHT: whatever another peer stored either parses or is a ValidationError."""
+
+    @classmethod
+    def parse_obj(cls, obj):
+        # pydantic v1 calls cls(**obj): a dict with a non-str key (bytes keys do travel in msgpack) raises TypeError
+        try:
+            return super().parse_obj(obj)
+        except TypeError as e:
+            raise ValidationError([ErrorWrapper(e, loc="__root__")], cls) from None
+
+
+class StrictRecord(Record):
     class Config:
         extra = Extra.forbid  # an unknown field is a malformed record, not something to carry along
         allow_mutation = False
@@ -118,7 +151,7 @@ class RoundLoss(BaseModel):
         extra = Extra.forbid
 
 
-class SummaryRecord(BaseModel):
+class SummaryRecord(Record):
     """A peer's state after its latest round, stored under `summary_key(fingerprint)` with subkey = the peer's
     public key (signed), next to its progress record."""
 

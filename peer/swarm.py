@@ -1,5 +1,6 @@
-"""The swarm on hivemind: the DHT, signed and schema-checked progress, hash and settings records, and (through
-peer/swarm_averaging.py) one all-reduce group per round and state downloads.
+"""The swarm on hivemind: the DHT, signed and schema-checked progress, hash and settings records (sealed with the
+swarm key in a private swarm, peer/swarm_key.py), and (through peer/swarm_averaging.py) one all-reduce group per round
+and state downloads.
 
 `Swarm` implements `peer.network.SwarmNetwork` for the training loop. It only moves records and tensors; what to
 wait for and when to average is decided in peer/rounds.py and acted on in peer/coordination.py.
@@ -19,16 +20,28 @@ from typing import Optional
 import hivemind
 import torch
 from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.dht.validation import DHTRecord
 from hivemind.utils.timed_storage import get_dht_time
-from pydantic.v1 import BaseModel  # hivemind's schemas are pydantic v1
+from pydantic.v1 import BaseModel, conbytes  # hivemind's schemas are pydantic v1
 
 from peer.config import RunConfig, SwarmConfig, differing_settings
 from peer.network import AveragingAttempt
 from peer.reachability import check_reachability, check_relayed
-from peer.records import SUMMARY_TTL_S, HashRecord, ProgressRecord, SettingsRecord, SummaryRecord, summary_key
+from peer.records import (
+    SUMMARY_TTL_S,
+    HashRecord,
+    ProgressRecord,
+    SettingsRecord,
+    SummaryRecord,
+    hashes_key,
+    progress_key,
+    settings_key,
+    summary_key,
+)
 from peer.relay import relay_options
 from peer.rounds import conflicting_settings, remembered_peers, stale_after_s
 from peer.swarm_averaging import RoundAveraging, ScheduledStep, ensure_stopped
+from peer.swarm_key import MAX_SEALED_BYTES, SealError, run_access
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +70,32 @@ class RoundSchema(BaseModel):
 
 class RunSchema(BaseModel):
     settings: dict[BytesWithPublicKey, Optional[SettingsRecord]]  # noqa: UP045
+
+
+# A private swarm's records are sealed (peer/swarm_key.py): the DHT sees bytes, the schemas above apply once opened.
+Sealed = conbytes(strict=True, max_length=MAX_SEALED_BYTES)
+
+
+class SealedRoundSchema(BaseModel):
+    progress: dict[BytesWithPublicKey, Sealed]
+    hashes: dict[BytesWithPublicKey, Sealed]
+    summary: dict[BytesWithPublicKey, Sealed]
+
+
+class SealedRunSchema(BaseModel):
+    settings: dict[BytesWithPublicKey, Sealed]
+
+
+class RecordSchemaValidator(SchemaValidator):
+    """hivemind's SchemaValidator, refusing what it cannot even decode instead of raising: hivemind 1.1.12 puts the
+    decoded subkey in a dict before any check, so a subkey that decodes to a list raised TypeError inside the DHT's
+    request handlers."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            return super().validate(record)
+        except Exception:  # another peer's record, not our crash
+            return False
 
 
 def _start_dht(swarm: SwarmConfig, **p2p_options) -> hivemind.DHT:
@@ -118,16 +157,25 @@ class Swarm:
             logger.info(f"[{self.short_id}] {reachability.line}")
             signature = RSASignatureValidator()
             self._public_key = signature.local_public_key
+            # Open swarm: the plain names. Private swarm: names only holders of the key can compute (DHT nodes
+            # store records by a hash of the name, so the nodes that store them cannot tell what they hold either).
+            self.access = run_access(swarm.swarm_key, swarm.run_id)
+            round_prefix = self.access.prefix(fingerprint, "records")
+            run_prefix = self.access.prefix(swarm.run_id, "records")
+            round_schema, run_schema = (
+                (SealedRoundSchema, SealedRunSchema) if self.access.private else (RoundSchema, RunSchema)
+            )
             self.dht.add_validators(
                 [
-                    SchemaValidator(RoundSchema, prefix=fingerprint),
-                    SchemaValidator(RunSchema, prefix=swarm.run_id),
+                    RecordSchemaValidator(round_schema, prefix=round_prefix),
+                    RecordSchemaValidator(run_schema, prefix=run_prefix),
                     signature,
                 ]
             )
-            self._progress_key = f"{fingerprint}_progress"
-            self._hashes_key = f"{fingerprint}_hashes"
-            self._settings_key = f"{swarm.run_id}_settings"
+            self._progress_key = progress_key(round_prefix)
+            self._hashes_key = hashes_key(round_prefix)
+            self._summary_key = summary_key(round_prefix)
+            self._settings_key = settings_key(run_prefix)
             self._averaging_round, self._scheduled_time = -1, 0.0
             self._last_live: tuple[float, dict[bytes, ProgressRecord]] = (0.0, {})
             self._progress = ProgressRecord(
@@ -154,6 +202,7 @@ class Swarm:
                 state_provider,
                 short_id=self.short_id,
                 voter_key=self._public_key,
+                access=self.access,
             )
             self._publisher = threading.Thread(
                 target=self._publish_periodically, name="progress", daemon=True
@@ -165,9 +214,11 @@ class Swarm:
 
     # ---- DHT access: hivemind's DHT pipe is not thread-safe, so every call goes through one lock ----------
     def _store(self, key: str, *, subkey: bytes, value, expiration_time: float) -> None:
+        # a private swarm's records are sealed for this very key and subkey
+        stored = self.access.seal(key, subkey, value)
         with self._dht_lock:
             self.dht.store(
-                key, subkey=subkey, value=value, expiration_time=expiration_time, return_future=True
+                key, subkey=subkey, value=stored, expiration_time=expiration_time, return_future=True
             )
 
     def _get(self, key: str):
@@ -210,10 +261,15 @@ class Swarm:
             ):  # never expires: a dead author would stay "live"
                 self._ignore(subkey, f"a {key} record expiring {item.expiration_time - now:.0f}s from now")
                 continue
-            if item.expiration_time - ttl_s < published_after or item.value is None:  # None: the peer left
+            try:
+                value = self.access.open(key, subkey, item.value)
+            except SealError:  # written without our swarm key, or moved here from another key or subkey
+                self._ignore(subkey, f"a {schema.__name__} that does not open with the swarm key")
+                continue
+            if item.expiration_time - ttl_s < published_after or value is None:  # None: the peer left
                 continue
             try:
-                records[subkey] = schema.parse_obj(item.value)
+                records[subkey] = schema.parse_obj(value)
             except Exception as e:  # data from other peers is not trusted
                 self._ignore(subkey, f"a malformed {key} record ({type(e).__name__})")
         return records
@@ -378,7 +434,7 @@ class Swarm:
     def publish_summary(self, summary: SummaryRecord) -> None:
         """Publish this peer's summary of its latest round for monitors (stored without waiting)."""
         self._store(
-            summary_key(self.fingerprint),
+            self._summary_key,
             subkey=self._public_key,
             value=summary.dict(),
             expiration_time=get_dht_time() + SUMMARY_TTL_S,

@@ -19,6 +19,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from peer.config import RunConfig
 from peer.network import AveragingAttempt
 from peer.outer import AveragingResult
+from peer.swarm_key import OpenAccess
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +57,23 @@ class RoundAveraging:
     def __init__(
         self,
         config: RunConfig,
-        prefix: str,
+        fingerprint: str,
         dht,
         averaged_tensors,
         state_provider,
         *,
         short_id: str,
         voter_key: bytes,
+        access: OpenAccess,
     ):
-        self.config, self.short_id, self.voter_key = config, short_id, voter_key
+        self.config, self.short_id, self.voter_key, self.access = config, short_id, voter_key, access
+        self.peer_id = dht.peer_id.to_bytes()
         # a state is the global parameters and the momentum (fp32): anything much larger is not one
         self.max_state_bytes = 2 * 4 * sum(t.numel() for t in averaged_tensors) + STATE_OVERHEAD_BYTES
-        self.fingerprint = prefix
-        self.averager = _make_averager(config, prefix, dht, averaged_tensors, state_provider)
+        self.fingerprint = fingerprint
+        # the fingerprint in an open swarm; in a private one a name only holders of the key can compute
+        prefix = access.prefix(fingerprint, "averaging")
+        self.averager = _make_averager(config, prefix, dht, averaged_tensors, state_provider, access)
 
     def schedule(
         self,
@@ -91,15 +96,20 @@ class RoundAveraging:
         )
         # `voter`: the key that signs our DHT records. The group's gathered metadata (one entry per network identity,
         # authenticated by libp2p) then says whose hash records may vote on this round's result (I3, I8).
-        gather = {
-            "round": round_index,
-            "fingerprint": self.fingerprint,
-            "order_key": order_key.hex(),
-            "voter": self.voter_key,
-            "value_bound": float(value_bound),  # read back by our own averager process (allreduce.py)
-            "group_size": int(expected_peers),  # likewise: close the group as soon as it has this many
-            "group_time": float(scheduled_time),  # likewise: members closed in early may start until then
-        }
+        # In a private swarm it goes sealed with the swarm key for our peer id: every member checks every other's
+        # before averaging (allreduce.py), and nobody outside the swarm can read it.
+        gather = self.access.seal_metadata(
+            self.peer_id,
+            {
+                "round": round_index,
+                "fingerprint": self.fingerprint,
+                "order_key": order_key.hex(),
+                "voter": self.voter_key,
+                "value_bound": float(value_bound),  # read back by our own averager process (allreduce.py)
+                "group_size": int(expected_peers),  # likewise: close the group as soon as it has this many
+                "group_time": float(scheduled_time),  # likewise: members closed in early may start until then
+            },
+        )
         join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
         # A client-mode peer cannot lead a group; it joins one, and hivemind's leaders refuse (for good) a join
         # request whose time is earlier than their own group time. Peers that scheduled in the same instant may
@@ -149,7 +159,8 @@ class RoundAveraging:
             return AveragingAttempt(None, began_transfer=bool(control.began_allreduce))
         if gathered is None:
             return AveragingAttempt(None)
-        rounds = {meta.get("round") for meta in gathered.values() if isinstance(meta, dict)}
+        members = [self.access.open_metadata(peer_id.to_bytes(), meta) for peer_id, meta in gathered.items()]
+        rounds = {meta.get("round") for meta in members if isinstance(meta, dict)}
         if rounds != {round_index}:
             logger.warning(
                 f"[{self.short_id}] round {round_index}: group mixed rounds {sorted(rounds)}; discarded"
@@ -157,7 +168,7 @@ class RoundAveraging:
             return AveragingAttempt(None)
         with self.averager.get_tensors() as tensors:
             averaged = [t.clone() for t in tensors]
-        voters = {meta.get("voter") for meta in gathered.values() if isinstance(meta, dict)}
+        voters = {meta.get("voter") for meta in members if isinstance(meta, dict)}
         return AveragingAttempt(
             AveragingResult(
                 averaged=averaged,
@@ -229,7 +240,7 @@ def _wait_cancellable(control, should_stop, *, timeout_s: float, during_allreduc
                 raise TimeoutError(f"all-reduce did not finish in {timeout_s:.0f}s") from None
 
 
-def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_provider):
+def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_provider, access: OpenAccess):
     from peer.allreduce import ExactAverager
 
     swarm = config.swarm
@@ -247,5 +258,6 @@ def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_
         compression=COMPRESSION[config.outer.compression],
         client_mode=swarm.client_mode,
         state_provider=state_provider,
+        access=access,
         shutdown_timeout=3,
     )

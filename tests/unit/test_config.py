@@ -104,6 +104,7 @@ SAMPLE_VALUES = {
     "state_timeout_s": 7.0,
     "progress_period_s": 1.5,
     "wait_for_peers": 2,
+    "swarm_key": "@swarm.key",  # a file in the working directory (the test writes it)
     "seed": 4,
     "max_rounds": 6,
     "device": "cuda:1",
@@ -138,8 +139,10 @@ def _argv(values: dict) -> list[str]:
     return argv
 
 
-def test_every_flag_works_on_the_command_line_and_in_the_file_alike(tmp_path):
+def test_every_flag_works_on_the_command_line_and_in_the_file_alike(tmp_path, monkeypatch):
     assert set(SAMPLE_VALUES) == set(FLAGS)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "swarm.key").write_text("0123456789abcdef0123456789abcdef\n")
     path = tmp_path / "run.toml"
     path.write_text(_toml(SAMPLE_VALUES))
     from_file, log_level = config_from_args(["--config", str(path)])

@@ -146,32 +146,13 @@ def numbers_in(value, field: ModelField):
         yield value, field.type_
 
 
-def has_non_str_keys(value) -> bool:
-    """A dict, or what dict() turns into one (a list of pairs), with a key that is not a string."""
-    try:
-        as_dict = value if isinstance(value, dict) else dict(value)
-    except (TypeError, ValueError):
-        return False
-    return not all(isinstance(key, str) for key in as_dict)
-
-
 def parse_or_reject(schema: type[BaseModel], value) -> BaseModel | None:
     try:
         return schema.parse_obj(value)
     except ValidationError:
         return None  # a malformed record: the reader skips it
-    except TypeError:
-        # KNOWN: pydantic v1's parse_obj calls cls(**value), so a dict with a non-str key (bytes keys do travel in
-        # msgpack) raises TypeError, not ValidationError. Readers catch every exception (peer/swarm.py), so it is
-        # contained; test_a_dict_with_non_str_keys_is_a_validation_error tracks the fix in records.py.
-        if has_non_str_keys(value):
-            return None
-        raise
 
 
-@pytest.mark.xfail(
-    strict=True, reason="pydantic v1 raises TypeError for non-str keys; reported, fix in records.py"
-)
 @pytest.mark.parametrize("schema", SCHEMAS, ids=lambda schema: schema.__name__)
 def test_a_dict_with_non_str_keys_is_a_validation_error(schema):
     with pytest.raises(ValidationError):
@@ -231,15 +212,14 @@ def test_a_record_that_travelled_through_msgpack_parses_within_bounds_or_is_reje
 
 # ---- the validator hivemind runs on every record stored at or fetched by this peer ------------------------------
 def validators():
-    """The schema validators exactly as peer/swarm.py builds them (hivemind's SchemaValidator over our schemas)."""
-    from hivemind.dht.schema import SchemaValidator
-
+    """The schema validators exactly as peer/swarm.py builds them (hivemind's SchemaValidator over our schemas,
+    refusing what it cannot decode)."""
     from peer import swarm
 
     schemas = [cls for cls in vars(swarm).values() if inspect.isclass(cls) and issubclass(cls, BaseModel)]
     schemas = [cls for cls in schemas if cls.__module__ == swarm.__name__]
     assert schemas, "peer/swarm.py defines the DHT schemas it validates with"
-    return [(schema, SchemaValidator(schema, prefix="fuzz")) for schema in schemas]
+    return [(schema, swarm.RecordSchemaValidator(schema, prefix="fuzz")) for schema in schemas]
 
 
 def encoded(value) -> bytes:
@@ -296,11 +276,22 @@ def unhashable_subkey(record) -> bool:
 def test_the_dht_validators_answer_true_or_false(record):
     """An exception here escapes into hivemind's DHT request handlers instead of dropping the record."""
     for _, validator in VALIDATORS:
-        try:
-            assert validator.validate(record) in (True, False)
-        except TypeError:
-            # KNOWN, hivemind 1.1.12: SchemaValidator puts the decoded subkey in a dict before any check, so a subkey
-            # that decodes to a list raises. Contained by hivemind: rpc_store fails only that store request, and
-            # call_find drops the answering peer's values. Anything else raising here is ours.
-            if not unhashable_subkey(record):
-                raise
+        assert validator.validate(record) in (True, False)
+
+
+def test_a_subkey_that_decodes_to_a_list_is_refused_not_raised():
+    """hivemind 1.1.12's SchemaValidator puts the decoded subkey in a dict before any check: a list raises there."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+
+    record = DHTRecord(
+        key=DHTID.generate(source="fuzz_progress").to_bytes(),
+        subkey=encoded([1, 2]),
+        value=encoded({}),
+        expiration_time=1.0,
+    )
+    assert unhashable_subkey(record)
+    checked = [
+        validator.validate(record) for schema, validator in VALIDATORS if "progress" in schema.__fields__
+    ]
+    assert checked and not any(checked)

@@ -1,5 +1,6 @@
 """Reading records from the DHT (peer/swarm.py, without a DHT): one record per signing key, and the author of a
-malformed or never-expiring record is ignored for a while, its other records included."""
+malformed or never-expiring record, or in a private swarm of one that does not open with the key, is ignored for a
+while, its other records included."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from peer.records import ProgressRecord
 from peer.swarm import IGNORE_S, RECORD_TTL_S, Swarm
+from peer.swarm_key import KeyedAccess, OpenAccess
 
 
 def progress(peer: bytes) -> dict:
@@ -19,9 +21,10 @@ def progress(peer: bytes) -> dict:
     ).dict()  # fmt: skip
 
 
-def swarm_reading(entries: dict) -> Swarm:
+def swarm_reading(entries: dict, access: OpenAccess | None = None) -> Swarm:
     swarm = Swarm.__new__(Swarm)  # no DHT: the lookup returns `entries`
     swarm.short_id, swarm._ignored = "test", {}
+    swarm.access = OpenAccess() if access is None else access
     swarm._get = lambda key: SimpleNamespace(value=entries)
     return swarm
 
@@ -48,3 +51,21 @@ def test_a_never_expiring_or_malformed_record_gets_its_author_ignored():
     assert all(until > time.monotonic() + IGNORE_S / 2 for until in swarm._ignored.values())
     entries[b"forever"] = entry(progress(b"f"))  # even its well-formed records are skipped for a while
     assert set(swarm._read_records("p", ProgressRecord)) == {b"honest"}
+
+
+def test_in_a_private_swarm_only_records_sealed_with_the_key_for_their_place_are_read():
+    access = KeyedAccess(b"0123456789abcdef-swarm-key", "run")
+    other = KeyedAccess(b"fedcba9876543210-other-key", "run")
+    entries = {
+        b"member": entry(access.seal("p", b"member", progress(b"m"))),
+        b"left": entry(access.seal("p", b"left", None)),  # a member that left: not an offense
+        b"other-key": entry(other.seal("p", b"other-key", progress(b"o"))),
+        b"plain": entry(progress(b"p")),  # a peer without the key that learned the name
+        b"replayed": entry(
+            access.seal("p", b"member", progress(b"m"))
+        ),  # a member's record under another subkey
+        b"moved": entry(access.seal("q", b"moved", progress(b"q"))),  # from another key
+    }
+    swarm = swarm_reading(entries, access)
+    assert set(swarm._read_records("p", ProgressRecord)) == {b"member"}
+    assert set(swarm._ignored) == {b"other-key", b"plain", b"replayed", b"moved"}
