@@ -243,9 +243,10 @@ def test_dashboard_page_renders_peers_and_loss_in_a_browser(local_swarm, tmp_pat
             publisher.shutdown()
 
 
-def test_bootstrap_node_imports_nothing_from_peer_but_preflight_without_the_dashboard():
-    """Without --dashboard-port the node loads only peer/preflight.py (standard-library checks of what the user
-    typed, shared with the peer CLI), never torch, hivemind-heavy or training code of the peer."""
+def test_bootstrap_node_imports_only_the_shared_checks_and_networking_without_the_dashboard():
+    """Without --dashboard-port the node loads from peer/ only what it shares with peers and needs itself: the checks
+    of what the user typed (preflight.py) and the reachability checks it answers and relays it serves
+    (reachability.py, relay.py; hivemind and the standard library only). Never the peer's training code."""
     code = (
         "import sys, dht_bootstrap.__main__ as cli, dht_bootstrap.node; "
         "cli.build_parser().parse_args([]); "
@@ -254,7 +255,7 @@ def test_bootstrap_node_imports_nothing_from_peer_but_preflight_without_the_dash
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=child_env(), check=True
     )
-    assert out.stdout.strip() == "['peer', 'peer.preflight']"
+    assert out.stdout.strip() == "['peer', 'peer.preflight', 'peer.reachability', 'peer.relay']"
 
 
 def test_server_serves_page_assets_and_strict_json(tmp_path):
