@@ -1,5 +1,6 @@
-"""Take a live run's global parameters without training in it (for export): read the settings its peers publish,
-join as a client (it serves nothing and never averages), and download a majority peer's state, checked."""
+"""Read a live run from outside it: the settings its peers publish (for a newcomer, and for export), and its global
+parameters (export: join as a client that serves nothing and never averages, download a majority peer's state,
+checked)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import torch
 from peer import coordination
 from peer.config import OuterConfig, RunConfig, SwarmConfig, fingerprint
 from peer.outer import tensors_sha256
-from peer.records import SettingsRecord
+from peer.records import SettingsRecord, settings_key
 from peer.state import ReplicatedState
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 1.0
+LOOKUP_TIMEOUT_S = 10.0  # bound on one DHT lookup
 
 
 class RunNotFound(ValueError):
@@ -38,9 +40,8 @@ class RunState:
     global_params: list[torch.Tensor]
 
 
-def read_run_settings(initial_peers: list[str], run_id: str, *, timeout_s: float) -> tuple[str, dict]:
-    """(fingerprint, settings) of the live run `run_id`: the ones most of its peers publish. Records whose settings
-    do not hash to their fingerprint are ignored (they come from strangers)."""
+def _client_dht(initial_peers: list[str], run_id: str):
+    """A client-mode DHT node (it serves nothing) that checks the run's records as the peers do."""
     import hivemind
     from hivemind.dht.schema import RSASignatureValidator, SchemaValidator
 
@@ -58,17 +59,39 @@ def read_run_settings(initial_peers: list[str], run_id: str, *, timeout_s: float
     except Exception as e:  # hivemind raises many types with long messages
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RunNotFound(f"could not join the DHT through --initial-peers ({first_line})") from None
+    dht.add_validators([SchemaValidator(RunSchema, prefix=run_id), RSASignatureValidator()])
+    return dht
+
+
+def _settings_records(dht, run_id: str) -> dict[bytes, SettingsRecord]:
+    """The run's settings records that parse, by the key that signed them (a lookup that fails reads as none)."""
     try:
-        dht.add_validators([SchemaValidator(RunSchema, prefix=run_id), RSASignatureValidator()])
+        found = dht.get(settings_key(run_id), latest=True, return_future=True).result(
+            timeout=LOOKUP_TIMEOUT_S
+        )
+    except Exception:  # a slow or failed lookup: nothing found this time
+        return {}
+    records = {}
+    for key, item in found.value.items() if found is not None and isinstance(found.value, dict) else []:
+        try:
+            records[key] = SettingsRecord.parse_obj(item.value)
+        except Exception:  # from strangers: a record that does not parse is skipped
+            continue
+    return records
+
+
+def read_run_settings(initial_peers: list[str], run_id: str, *, timeout_s: float) -> tuple[str, dict]:
+    """(fingerprint, settings) of the live run `run_id`: the ones most of its peers publish. Records whose settings
+    do not hash to their fingerprint are ignored (they come from strangers)."""
+    dht = _client_dht(initial_peers, run_id)
+    try:
         deadline = time.monotonic() + timeout_s
         while True:
-            found = dht.get(f"{run_id}_settings", latest=True)
             votes: Counter[tuple[str, str]] = Counter()
-            for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
+            for record in _settings_records(dht, run_id).values():
                 try:
-                    record = SettingsRecord.parse_obj(item.value)
                     settings = json.loads(record.settings_json)
-                except Exception:
+                except ValueError:
                     continue
                 if isinstance(settings, dict) and fingerprint(settings) == record.fingerprint:
                     votes[(record.fingerprint, record.settings_json)] += 1
@@ -77,6 +100,25 @@ def read_run_settings(initial_peers: list[str], run_id: str, *, timeout_s: float
                 return found_fingerprint, json.loads(settings_json)
             if time.monotonic() >= deadline:
                 raise RunNotFound(f"no live peer of run {run_id!r} answered within {timeout_s:.0f}s")
+            time.sleep(POLL_S)
+    finally:
+        dht.shutdown()
+
+
+def read_published_settings(
+    initial_peers: list[str], run_id: str, *, wait_s: float
+) -> dict[bytes, SettingsRecord]:
+    """The settings records the peers of run `run_id` publish, for a newcomer: looked up until one carries usable run
+    settings or `wait_s` has passed (then whatever was found, perhaps nothing: the run has not started)."""
+    from peer.run_settings import published_runs
+
+    dht = _client_dht(initial_peers, run_id)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            records = _settings_records(dht, run_id)
+            if published_runs(records) or time.monotonic() >= deadline:
+                return records
             time.sleep(POLL_S)
     finally:
         dht.shutdown()

@@ -61,7 +61,9 @@ class FakeSwarm:
     downloads: int = 0
     shut_down: bool = False
 
-    def factory(self, config, *, settings, fingerprint, averaged_tensors, state_provider) -> FakeNetwork:
+    def factory(
+        self, config, *, settings, fingerprint, averaged_tensors, state_provider, run_settings=None
+    ) -> FakeNetwork:
         return FakeNetwork(self, state_provider=state_provider)
 
 
