@@ -295,8 +295,9 @@ def settle(
     adoption = adopt(given, run.values, is_local_path=is_local_path)
     if adoption.conflicts:
         raise PreflightError(
-            f"run {run_id!r}: {'; '.join(adoption.conflicts)}. Leave these out to train with the run's settings, "
-            "or start another run with another --run-id",
+            f"run {run_id!r}: {'; '.join(adoption.conflicts)}. Leave "
+            + ("it" if len(adoption.conflicts) == 1 else "them")
+            + " out to train with the run's settings, or start another run with another --run-id",
             exit_code=2,
         )
     missing = missing_local_paths(adoption.adopted, run_id=run_id, is_local_path=is_local_path, exists=exists)

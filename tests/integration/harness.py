@@ -12,10 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-# Small and fast: a 1.5M-parameter model, 5 inner steps per round, short sequences, one thread per peer.
+# Small and fast: a 1.5M-parameter model, 5 inner steps per round, short sequences, one thread per peer. The
+# learning-rate schedule is part of the run fingerprint: --total-steps keeps it the same for every peer of a test's
+# run however many rounds each one trains (without it, --max-rounds would set it).
 FAST_PEER_ARGS = [
     "--model",
     "tiny",
+    "--total-steps",
+    "20",
     "--inner-steps",
     "5",
     "--batch-size",

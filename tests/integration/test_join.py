@@ -118,7 +118,7 @@ def test_a_contradicting_flag_and_a_missing_local_dataset_are_refused_before_tra
     result = peer_command(local_swarm, "--run-id", "strict", "--inner-steps", "7", metrics=metrics)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: run 'strict': --inner-steps 7 contradicts the run's 5. Leave these out to train with the run's "
+        "error: run 'strict': --inner-steps 7 contradicts the run's 5. Leave it out to train with the run's "
         "settings, or start another run with another --run-id"
     )
     assert "Traceback" not in result.stderr and not metrics.exists()
