@@ -206,17 +206,17 @@ def flag_values(config: RunConfig) -> dict:
 
 SCOPE_LEGEND = (
     "The last column says whose setting it is. **shared**: the run's, the same on every peer (part of the run "
-    "fingerprint); a volunteer adopts it from the run, and a different value is refused. **run**: the run's "
-    "choice, adopted unless a volunteer gives its own (its copy of the data, how many rounds it stays). "
+    "fingerprint); a volunteer adopts it from the run, and a different value is refused. **run default**: the "
+    "run's choice, adopted unless a volunteer gives its own (its copy of the data, how many rounds it stays). "
     "**machine**: this machine's alone, never published."
 )
 
 
 def scope(flag_name: str) -> str:
-    """shared, run or machine (peer.config's classification of the setting)."""
+    """shared, run default or machine (peer.config's classification of the setting)."""
     if flag_name in SHARED_SETTINGS:
         return "shared"
-    return "run" if flag_name in RUN_DEFAULTS else "machine"
+    return "run default" if flag_name in RUN_DEFAULTS else "machine"
 
 
 def flag_tables_markdown() -> str:

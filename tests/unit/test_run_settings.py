@@ -223,6 +223,11 @@ def test_settle_starts_a_run_when_nobody_publishes_and_refuses_what_this_machine
     assert (
         settle({"run_id": "r", "dataset": "/here/copy"}, on_disk, **PATHS).config.data.dataset == "/here/copy"
     )
+    tokenizer_file = {b"a": record({**RUN, "tokenizer": "/org/tok.json"})}
+    with pytest.raises(
+        PreflightError, match="run 'r' uses tokenizer /org/tok.json, a local path this machine does "
+    ):
+        settle({"run_id": "r"}, tokenizer_file, **PATHS)
 
 
 def test_settle_adopts_says_what_and_publishes_the_runs_version():
