@@ -8,7 +8,13 @@ import os
 import sys
 
 from peer import preflight
-from peer.cli import config_from_args
+from peer.cli import build_config, given_settings
+from peer.config import RunConfig
+
+logger = logging.getLogger("peer.join")
+
+JOIN_WAIT_S = 5.0
+"""How long a peer with --initial-peers looks for its run's published settings before it starts the run itself."""
 
 
 class _PeerLogFormatter(logging.Formatter):
@@ -42,10 +48,34 @@ def die_with_parent() -> None:
     os.register_at_fork(after_in_child=_in_child)
 
 
+def settle_run_settings(given: dict, config: RunConfig) -> tuple[RunConfig, dict | None]:
+    """With --initial-peers: read the settings the run's peers publish and adopt them (peer/run_settings.py); says
+    what it adopted. Returns the config to train with and the run settings to publish (None: this config's)."""
+    from peer import run_settings
+    from peer.run_state import RunNotFound, read_published_settings
+
+    try:
+        records = read_published_settings(
+            list(config.swarm.initial_peers),
+            config.swarm.run_id,
+            wait_s=JOIN_WAIT_S,
+            swarm_key=config.swarm.swarm_key,
+        )
+    except RunNotFound as e:
+        raise preflight.PreflightError(str(e)) from None
+    settled = run_settings.settle(
+        given, records, is_local_path=preflight.is_local_spec, exists=preflight.local_path_exists
+    )
+    for line in settled.lines:
+        logger.info(line)
+    return settled.config, settled.publish
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        config, log_level = config_from_args(argv)
-        setup_logging(log_level)
+        given = given_settings(argv)
+        config = build_config(given)
+        setup_logging(config.log_level)
     except (ValueError, TypeError) as e:
         print(f"error: {preflight.one_line(e)}", file=sys.stderr)
         return 2
@@ -53,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # hivemind's default ("file_system") starts torch_shm_manager, which can hang on a signal during startup
     os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+    publish = None
     try:
-        preflight.check_peer(config)  # cheap checks first; the last ones load the tokenizer and import torch
+        preflight.check_peer_machine(config)  # cheap checks first
+        if config.swarm.initial_peers:  # before the model and data are built: they may be the run's
+            config, publish = settle_run_settings(given, config)
+        preflight.check_workload(config)  # the last checks load the tokenizer and import torch
     except preflight.PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -68,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from peer.wandb_sink import WandbError
 
     try:
-        return train.run(config)
+        return train.run(config, run_settings=publish)
     except (SwarmError, CheckpointError, WandbError, ValueError) as e:
         print(f"error: {preflight.one_line(e)}", file=sys.stderr)
         return 1

@@ -12,11 +12,12 @@ import types
 import typing
 from dataclasses import dataclass
 
-from peer.config import RunConfig, field_docs
+from peer.config import RUN_DEFAULTS, SHARED_SETTINGS, RunConfig, field_docs
 
 HELP_DESCRIPTION = (
-    "Join (or start) a DiLoCo training swarm. Every flag can also be set in --config FILE.toml "
-    "(keys are flag names without dashes, e.g. inner_steps = 50); flags override the file."
+    "Join (or start) a DiLoCo training swarm. To join a run, --initial-peers and --run-id are enough: the peer "
+    "adopts the settings the run's peers publish (give only this machine's settings). Every flag can also be set "
+    "in --config FILE.toml (keys are flag names without dashes, e.g. inner_steps = 50); flags override the file."
 )
 
 
@@ -178,21 +179,51 @@ def build_config(values: dict) -> RunConfig:
     return RunConfig(**nested, **sections.get(None, {}))
 
 
-def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, str]:
-    """Parse flags (over an optional --config file); returns the config and its log level."""
+def given_settings(argv: list[str] | None = None) -> dict:
+    """The settings the user gave, in flags or in the --config file (flags win), by flag name; a setting left out
+    is absent (every flag parses as None when not given, so its default can still be shown in --help)."""
     args = build_parser().parse_args(argv)
     values = read_toml(args.config) if args.config else {}
     for key, value in vars(args).items():
         if key in FLAGS and value is not None:
             values[key] = tuple(value) if FLAGS[key].kind is tuple else value
-    config = build_config(values)
+    return values
+
+
+def config_from_args(argv: list[str] | None = None) -> tuple[RunConfig, str]:
+    """Parse flags (over an optional --config file); returns the config and its log level."""
+    config = build_config(given_settings(argv))
     return config, config.log_level
+
+
+def flag_values(config: RunConfig) -> dict:
+    """Every setting of a config by flag name (the inverse of build_config)."""
+    return {
+        name: getattr(config if flag.section is None else getattr(config, flag.section), flag.field.name)
+        for name, flag in FLAGS.items()
+    }
+
+
+SCOPE_LEGEND = (
+    "The last column says whose setting it is. **shared**: the run's, the same on every peer (part of the run "
+    "fingerprint); a volunteer adopts it from the run, and a different value is refused. **run default**: the "
+    "run's choice, adopted unless a volunteer gives its own (its copy of the data, how many rounds it stays). "
+    "**machine**: this machine's alone, never published."
+)
+
+
+def scope(flag_name: str) -> str:
+    """shared, run default or machine (peer.config's classification of the setting)."""
+    if flag_name in SHARED_SETTINGS:
+        return "shared"
+    return "run default" if flag_name in RUN_DEFAULTS else "machine"
 
 
 def flag_tables_markdown() -> str:
     """The README's flag tables, one per section (scripts/flag_tables.py writes them into README.md)."""
-    lines = ["**general**", "", "| flag | meaning |", "|---|---|"]
-    lines.append("| `--config FILE` | TOML file with settings (flat keys named like the flags) |")
+    header = ["| flag | meaning | scope |", "|---|---|---|"]
+    lines = [SCOPE_LEGEND, "", "**general**", "", *header]
+    lines.append("| `--config FILE` | TOML file with settings (flat keys named like the flags) | |")
     section = "general"
     for flag in FLAGS.values():
         metadata = flag.field.metadata
@@ -200,17 +231,11 @@ def flag_tables_markdown() -> str:
             continue
         if flag.section != section:
             section = flag.section
-            lines += [
-                "",
-                f"**{section or 'run'}**: {_section_doc(section)}",
-                "",
-                "| flag | meaning |",
-                "|---|---|",
-            ]
+            lines += ["", f"**{section or 'run'}**: {_section_doc(section)}", "", *header]
         metavar = metadata.get("metavar") or flag.name.upper()
         usage = {bool: flag.option, tuple: f"{flag.option} {metavar} ..."}.get(
             flag.kind, f"{flag.option} {metavar}"
         )
         meaning = flag.help.replace("%%", "%").replace("|", "\\|")
-        lines.append(f"| `{usage}` | {meaning} |")
+        lines.append(f"| `{usage}` | {meaning} | {scope(flag.name)} |")
     return "\n".join(lines) + "\n"

@@ -125,7 +125,7 @@ class DataConfig:
     """'embedded' (the BPE tokenizer shipped with the package), a tokenizer.json, or a Hugging Face tokenizer
     name."""
     batch_size: int = 8
-    """Sequences per inner step on this peer."""
+    """Sequences per inner step (the same on every peer of a run; --micro-batch-size fits it in memory)."""
     micro_batch_size: int = 0
     """Sequences per forward/backward pass: a step accumulates the gradients of batch_size / micro_batch_size
     micro-batches, to fit a large batch in memory (0: the whole batch at once). A local choice: the step is
@@ -414,24 +414,140 @@ def _redact_secrets(settings, values: dict) -> None:
             values[item.name] = SECRET_PLACEHOLDER
 
 
+# ---- run settings and machine settings ---------------------------------------------------------------------------
+# Every flag (by its name) is in exactly one of the three sets below: a new setting must be placed deliberately
+# (tests/unit/test_run_settings.py). The peer that starts a run publishes its run settings (SHARED_SETTINGS and
+# RUN_DEFAULTS) in the DHT, and a volunteer adopts each one it does not give itself (peer/run_settings.py).
+
+SHARED_SETTINGS = frozenset(
+    {
+        "run_id",
+        "model",
+        "init_from",
+        "tokenizer",
+        "seed",
+        "batch_size",
+        "seq_len",
+        "inner_steps",
+        "inner_lr",
+        "weight_decay",
+        "warmup_steps",
+        "total_steps",
+        "min_lr_ratio",
+        "grad_clip",
+        "round_tokens",
+        "outer_lr",
+        "outer_momentum",
+        "compression",
+    }
+)
+"""The settings that change the math every peer must compute alike: the initial model (architecture, seed or
+pretrained weights), the tokens (tokenizer, sequence length, sequences per step), the inner optimizer and its
+learning-rate schedule (a peer on another schedule pulls the average elsewhere), how a round ends and the outer
+step. All of them are in the run fingerprint (fingerprint_settings), so peers that differ never average together,
+and a volunteer's flag that contradicts the run is an error. model, init_from and tokenizer enter the fingerprint
+by content (architecture, weights hash, tokenizer id), so a volunteer may name its own copy at another path."""
+
+RUN_DEFAULTS = frozenset(
+    {
+        "dataset",
+        "dataset_config",
+        "split",
+        "text_field",
+        "eval_split",
+        "eval_tokens",
+        "eval_batches",
+        "max_rounds",
+    }
+)
+"""The run's choices that are not shared math: adopted by a volunteer that does not give them, but a volunteer may
+choose its own. Which documents a peer reads differs from peer to peer anyway (each reads the data in its own
+order), so a volunteer may read its own copy of the run's data at another path; the held-out set is the same on
+every peer so that held-out losses compare; max_rounds is how many rounds this peer trains (the run's schedule
+horizon, which it also sets when total_steps is 0, is published as total_steps and is shared)."""
+
+MACHINE_SETTINGS = frozenset(
+    {
+        # how this machine computes the same step: memory and speed, not the math (fp32 master weights and the
+        # global parameters are identical on every peer; 8-bit AdamW needs CUDA, so a run cannot impose it)
+        "device",
+        "precision",
+        "micro_batch_size",
+        "inner_optimizer",
+        "num_threads",
+        "overlap",
+        # where this peer listens, how it is reached and how patiently it waits (timing, not math)
+        "initial_peers",
+        "host_maddrs",
+        "announce_maddrs",
+        "identity_path",
+        "maddrs_file",
+        "client_mode",
+        "matchmaking_s",
+        "straggler_wait_s",
+        "allreduce_timeout_s",
+        "chunk_timeout_s",
+        "state_timeout_s",
+        "progress_period_s",
+        "wait_for_peers",
+        "swarm_key",  # a secret: never published in the run's settings; every peer of a private run is given it
+        # this peer's files, logs and experiments
+        "data_shard",
+        "metrics_file",
+        "wandb_project",
+        "eval_every",
+        "checkpoint_dir",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "resume",
+        "log_level",
+        "test_fault",
+    }
+)
+"""This machine's own: never published, never adopted."""
+
+CONTENT_SETTINGS = frozenset({"model", "init_from", "tokenizer"})
+"""Shared settings that name a file or a Hugging Face id: the fingerprint holds what they contain."""
+
+
+def schedule_horizon(config: RunConfig) -> int:
+    """The global step at which the cosine decay ends, as the schedule uses it (--total-steps, or max_rounds x H
+    when that is 0); 0 when the learning rate stays constant after warmup (no horizon, or one within the warmup)."""
+    horizon = config.total_inner_steps
+    return horizon if horizon > config.inner.warmup_steps else 0
+
+
+def shared_values(config: RunConfig) -> dict:
+    """The shared settings read off the config itself (all but CONTENT_SETTINGS), by flag name. total_steps is the
+    schedule's horizon (schedule_horizon), so two configs that give the same learning rates agree on it."""
+    inner, data, outer = config.inner, config.data, config.outer
+    return {
+        "run_id": config.swarm.run_id,
+        "seed": config.seed,
+        "batch_size": data.batch_size,
+        "seq_len": data.seq_len,
+        "inner_steps": inner.steps,
+        "inner_lr": inner.lr,
+        "weight_decay": inner.weight_decay,
+        "warmup_steps": inner.warmup_steps,
+        "total_steps": schedule_horizon(config),
+        "min_lr_ratio": inner.min_lr_ratio,
+        "grad_clip": inner.grad_clip,
+        "round_tokens": inner.round_tokens,
+        "outer_lr": outer.lr,
+        "outer_momentum": outer.momentum,
+        "compression": outer.compression,
+    }
+
+
 def fingerprint_settings(
     config: RunConfig, *, model_arch: dict, tokenizer_id: str, init_params_sha256: str | None = None
 ) -> dict:
-    """The settings that must match for peers to average together (I5). `init_params_sha256`: the hash of
-    the pretrained initial parameters (--init-from), which replace the seed's."""
+    """The settings that must match for peers to average together (I5): every shared setting, the model, the
+    tokenizer and the initial weights by content. `init_params_sha256`: the hash of the pretrained initial
+    parameters (--init-from), which replace the seed's."""
     init = {} if init_params_sha256 is None else {"init_params_sha256": init_params_sha256}
-    return {
-        **init,
-        "run_id": config.swarm.run_id,
-        "model": model_arch,
-        "tokenizer": tokenizer_id,
-        "seed": config.seed,
-        "inner_steps": config.inner.steps,
-        "round_tokens": config.inner.round_tokens,
-        "outer_lr": config.outer.lr,
-        "outer_momentum": config.outer.momentum,
-        "compression": config.outer.compression,
-    }
+    return {**init, "model": model_arch, "tokenizer": tokenizer_id, **shared_values(config)}
 
 
 def fingerprint(settings: dict) -> str:

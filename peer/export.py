@@ -152,12 +152,20 @@ def run_tokenizer(tokenizer_id: str, given: str | None) -> str:
 
 
 def from_swarm(
-    initial_peers: list[str], run_id: str, *, tokenizer: str | None, model_name: str | None, timeout_s: float
+    initial_peers: list[str],
+    run_id: str,
+    *,
+    tokenizer: str | None,
+    model_name: str | None,
+    timeout_s: float,
+    swarm_key: str | None = None,
 ) -> Exportable:
     """The global parameters the majority of a live run's peers hold, in the run's model."""
     from peer.run_state import download_run_state, read_run_settings
 
-    run_fingerprint, settings = read_run_settings(initial_peers, run_id, timeout_s=timeout_s)
+    run_fingerprint, settings = read_run_settings(
+        initial_peers, run_id, timeout_s=timeout_s, swarm_key=swarm_key
+    )
     logger.info(f"run {run_id}: fingerprint {run_fingerprint}, model {settings.get('model')}")
     arch = settings.get("model") or {}
     spec = run_tokenizer(str(settings.get("tokenizer")), tokenizer)
@@ -180,6 +188,7 @@ def from_swarm(
         run_fingerprint=run_fingerprint,
         params_like=list(model.parameters()),
         timeout_s=timeout_s,
+        swarm_key=swarm_key,
     )
     load_global_params_(model, state.global_params, expected_sha256=state.params_sha256)
     logger.info(f"downloaded round {state.round}, global parameters {state.params_sha256[:10]}")
@@ -264,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--run-id", help="the live run to export (with --initial-peers)")
     parser.add_argument(
+        "--swarm-key",
+        metavar="@FILE",
+        help="a private run's key, as its peers were given it (with --initial-peers)",
+    )
+    parser.add_argument(
         "--tokenizer", help="with --initial-peers: the run's tokenizer.json, if it is not the embedded one"
     )
     parser.add_argument(
@@ -299,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.initial_peers and not args.run_id:
         print("error: --initial-peers needs --run-id (the run to export)", file=sys.stderr)
         return 2
+    if args.swarm_key is not None:
+        from peer.swarm_key import read_swarm_key
+
+        try:
+            read_swarm_key(args.swarm_key)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.checkpoint and not Path(args.checkpoint).exists():
         print(f"error: --checkpoint {args.checkpoint} does not exist", file=sys.stderr)
         return 2
@@ -317,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 tokenizer=args.tokenizer,
                 model_name=args.model,
                 timeout_s=args.timeout_s,
+                swarm_key=args.swarm_key,
             )
         write_model_dir(export, out, dtype=DTYPES[args.dtype])
     except (CheckpointError, ValueError, OSError, RuntimeError) as e:

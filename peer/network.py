@@ -135,4 +135,4 @@ class SwarmNetwork(Protocol):
 
 
 NetworkFactory = Callable[..., SwarmNetwork]
-"""Builds the network: factory(config, settings=, fingerprint=, averaged_tensors=, state_provider=)."""
+"""Builds the network: factory(config, settings=, fingerprint=, averaged_tensors=, state_provider=, run_settings=)."""

@@ -313,7 +313,7 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".txt", ".md", ".csv", ".parquet", ".gz", "
 """Names ending like this are files, never Hugging Face hub ids."""
 
 
-def _is_local_spec(spec: str) -> bool:
+def is_local_spec(spec: str) -> bool:
     """A tokenizer or dataset named by a path (or glob pattern) rather than a Hugging Face hub id."""
     return (
         spec.startswith(("/", "./", "../", "~"))
@@ -321,6 +321,12 @@ def _is_local_spec(spec: str) -> bool:
         or any(ch in spec for ch in "*?[")
         or os.path.exists(os.path.expanduser(spec))
     )
+
+
+def local_path_exists(spec: str) -> bool:
+    """A local path (or a glob pattern that matches something) exists on this machine."""
+    path = os.path.expanduser(spec)
+    return bool(glob.glob(path)) if any(ch in spec for ch in "*?[") else os.path.exists(path)
 
 
 def hub_unreachable_reason(*, timeout_s: float = REACHABLE_TIMEOUT_S) -> str | None:
@@ -350,14 +356,14 @@ def check_tokenizer(spec: str, *, hub_unreachable: str | None = None) -> None:
     """The tokenizer loads (with peer.data's own loader); `hub_unreachable` says why the hub is not available."""
     if spec == "embedded":
         return  # shipped with the package (tests/unit/test_assets.py)
-    if _is_local_spec(spec) and not os.path.exists(os.path.expanduser(spec)):
+    if is_local_spec(spec) and not os.path.exists(os.path.expanduser(spec)):
         raise PreflightError(f"--tokenizer {spec}: no such file or directory")
     from peer.data import Tokenizer  # imports torch: only once every cheap check has passed
 
     try:
         Tokenizer(spec)
     except Exception as e:  # tokenizers, transformers and the hub raise many types for the same problem
-        if hub_unreachable is not None and not _is_local_spec(spec):
+        if hub_unreachable is not None and not is_local_spec(spec):
             raise PreflightError(
                 f"--tokenizer {spec} is not a local file or directory and not in the Hugging Face cache, and the "
                 f"hub cannot be reached ({hub_unreachable}): give a tokenizer.json file or a saved tokenizer "
@@ -381,7 +387,7 @@ def check_dataset(
         if not glob.glob(str(path)):
             raise PreflightError(f"--dataset {dataset}: no file matches")
         return
-    if _is_local_spec(dataset):
+    if is_local_spec(dataset):
         if not path.exists():
             raise PreflightError(f"--dataset {dataset}: no such file or directory")
         try:
@@ -410,7 +416,7 @@ def check_dataset(
 
 
 def _names_hub_resource(spec: str) -> bool:
-    return spec != "embedded" and not _is_local_spec(spec)
+    return spec != "embedded" and not is_local_spec(spec)
 
 
 # ---- settings ---------------------------------------------------------------------------------------------------
@@ -445,6 +451,12 @@ def check_finite_numbers(config: Any) -> None:
 # ---- everything a command checks before it starts --------------------------------------------------------------
 def check_peer(config: Any) -> None:
     """Every check of a peer's settings (a peer.config.RunConfig), cheapest first; raises the first PreflightError."""
+    check_peer_machine(config)
+    check_workload(config)
+
+
+def check_peer_machine(config: Any) -> None:
+    """The checks of this machine's settings: addresses, files, ports, the initial peers answer."""
     swarm = config.swarm
     check_host_maddrs(swarm.host_maddrs)
     check_announce_maddrs(swarm.announce_maddrs)
@@ -459,7 +471,6 @@ def check_peer(config: Any) -> None:
         check_writable_dir(config.checkpoint_dir, flag="--checkpoint-dir")
     check_ports_free(swarm.host_maddrs)
     check_reachable(swarm.initial_peers)
-    check_workload(config)
 
 
 def check_workload(config: Any) -> None:

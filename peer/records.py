@@ -109,10 +109,16 @@ class HashRecord(StrictRecord):
         return value
 
 
+MAX_RUN_SETTINGS_CHARS = 16384  # a few dozen settings, each path at most peer.run_settings.MAX_VALUE_CHARS
+
+
 class SettingsRecord(StrictRecord):
     peer_id: PeerIdBytes
     fingerprint: constr(strict=True, regex=r"^[0-9a-f]{16}$")
     settings_json: constr(strict=True, max_length=65536)
+    run_settings_json: constr(strict=True, max_length=MAX_RUN_SETTINGS_CHARS) = ""
+    """The run's settings by flag name (peer.run_settings.run_values), for newcomers to adopt; empty from a peer
+    that does not train (an exporter). Parsed and checked by peer.run_settings.parse_run_values."""
 
 
 # ---- the per-round summary a peer publishes for monitors (peer/monitor.py) -------------------------------------

@@ -7,12 +7,14 @@ a clock: callers pass `now` (DHT time) and the records they read, so unit tests 
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from peer.config import RunConfig
+from peer.config import fingerprint as settings_fingerprint
 from peer.records import HashRecord, ProgressRecord, SettingsRecord
 
 # a peer joins a scheduled group only if it can start matchmaking this long before the group forms
@@ -317,10 +319,19 @@ def conflicting_settings(
 ) -> SettingsRecord | None:
     """The settings record that proves this run id trains with other settings than ours, or None. Only when no
     other peer of the run agrees with us: one record with another fingerprint (a typo, or a stranger's) must not make
-    every newcomer of a healthy run exit; a peer whose settings differ from every live peer's must."""
-    others = [r for key, r in records.items() if key != me]
+    every newcomer of a healthy run exit; a peer whose settings differ from every live peer's must. A record whose
+    settings do not hash to its fingerprint proves nothing and is ignored."""
+    others = [r for key, r in records.items() if key != me and _hashes_to_fingerprint(r)]
     if not others or any(r.fingerprint == fingerprint for r in others):
         return None
     counts = Counter(r.fingerprint for r in others)
     majority = max(counts, key=lambda f: (counts[f], f))
     return next(r for r in others if r.fingerprint == majority)
+
+
+def _hashes_to_fingerprint(record: SettingsRecord) -> bool:
+    try:
+        settings = json.loads(record.settings_json)
+    except ValueError:
+        return False
+    return isinstance(settings, dict) and settings_fingerprint(settings) == record.fingerprint

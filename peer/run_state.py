@@ -1,5 +1,6 @@
-"""Take a live run's global parameters without training in it (for export): read the settings its peers publish,
-join as a client (it serves nothing and never averages), and download a majority peer's state, checked."""
+"""Read a live run from outside it: the settings its peers publish (for a newcomer, and for export), and its global
+parameters (export: join as a client that serves nothing and never averages, download a majority peer's state,
+checked)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import torch
 from peer import coordination
 from peer.config import OuterConfig, RunConfig, SwarmConfig, fingerprint
 from peer.outer import tensors_sha256
-from peer.records import SettingsRecord
+from peer.records import SettingsRecord, settings_key
 from peer.state import ReplicatedState
+from peer.swarm_key import run_access
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 1.0
+LOOKUP_TIMEOUT_S = 10.0  # bound on one DHT lookup
 
 
 class RunNotFound(ValueError):
@@ -38,13 +41,12 @@ class RunState:
     global_params: list[torch.Tensor]
 
 
-def read_run_settings(initial_peers: list[str], run_id: str, *, timeout_s: float) -> tuple[str, dict]:
-    """(fingerprint, settings) of the live run `run_id`: the ones most of its peers publish. Records whose settings
-    do not hash to their fingerprint are ignored (they come from strangers)."""
+def _client_dht(initial_peers: list[str], run_id: str, access):
+    """A client-mode DHT node (it serves nothing) that checks the run's records as the peers do."""
     import hivemind
     from hivemind.dht.schema import RSASignatureValidator, SchemaValidator
 
-    from peer.swarm import RunSchema
+    from peer.swarm import RunSchema, SealedRunSchema
 
     try:
         dht = hivemind.DHT(
@@ -58,17 +60,45 @@ def read_run_settings(initial_peers: list[str], run_id: str, *, timeout_s: float
     except Exception as e:  # hivemind raises many types with long messages
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RunNotFound(f"could not join the DHT through --initial-peers ({first_line})") from None
+    schema = SealedRunSchema if access.private else RunSchema
+    dht.add_validators(
+        [SchemaValidator(schema, prefix=access.prefix(run_id, "records")), RSASignatureValidator()]
+    )
+    return dht
+
+
+def _settings_records(dht, run_id: str, access) -> dict[bytes, SettingsRecord]:
+    """The run's settings records that parse (and, in a private run, open with its key), by the key that signed them
+    (a lookup that fails reads as none)."""
+    key = settings_key(access.prefix(run_id, "records"))
     try:
-        dht.add_validators([SchemaValidator(RunSchema, prefix=run_id), RSASignatureValidator()])
+        found = dht.get(key, latest=True, return_future=True).result(timeout=LOOKUP_TIMEOUT_S)
+    except Exception:  # a slow or failed lookup: nothing found this time
+        return {}
+    records = {}
+    for subkey, item in found.value.items() if found is not None and isinstance(found.value, dict) else []:
+        try:
+            records[subkey] = SettingsRecord.parse_obj(access.open(key, subkey, item.value))
+        except Exception:  # from strangers: a record that does not parse (or open) is skipped
+            continue
+    return records
+
+
+def read_run_settings(
+    initial_peers: list[str], run_id: str, *, timeout_s: float, swarm_key: str | None = None
+) -> tuple[str, dict]:
+    """(fingerprint, settings) of the live run `run_id`: the ones most of its peers publish. Records whose settings
+    do not hash to their fingerprint are ignored (they come from strangers)."""
+    access = run_access(swarm_key, run_id)
+    dht = _client_dht(initial_peers, run_id, access)
+    try:
         deadline = time.monotonic() + timeout_s
         while True:
-            found = dht.get(f"{run_id}_settings", latest=True)
             votes: Counter[tuple[str, str]] = Counter()
-            for item in found.value.values() if found is not None and isinstance(found.value, dict) else []:
+            for record in _settings_records(dht, run_id, access).values():
                 try:
-                    record = SettingsRecord.parse_obj(item.value)
                     settings = json.loads(record.settings_json)
-                except Exception:
+                except ValueError:
                     continue
                 if isinstance(settings, dict) and fingerprint(settings) == record.fingerprint:
                     votes[(record.fingerprint, record.settings_json)] += 1
@@ -82,6 +112,26 @@ def read_run_settings(initial_peers: list[str], run_id: str, *, timeout_s: float
         dht.shutdown()
 
 
+def read_published_settings(
+    initial_peers: list[str], run_id: str, *, wait_s: float, swarm_key: str | None = None
+) -> dict[bytes, SettingsRecord]:
+    """The settings records the peers of run `run_id` publish, for a newcomer: looked up until one carries usable run
+    settings or `wait_s` has passed (then whatever was found, perhaps nothing: the run has not started)."""
+    from peer.run_settings import published_runs
+
+    access = run_access(swarm_key, run_id)
+    dht = _client_dht(initial_peers, run_id, access)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            records = _settings_records(dht, run_id, access)
+            if published_runs(records) or time.monotonic() >= deadline:
+                return records
+            time.sleep(POLL_S)
+    finally:
+        dht.shutdown()
+
+
 def download_run_state(
     initial_peers: list[str],
     run_id: str,
@@ -90,6 +140,7 @@ def download_run_state(
     run_fingerprint: str,
     params_like: list[torch.Tensor],
     timeout_s: float,
+    swarm_key: str | None = None,
 ) -> RunState:
     """Join the run as a client and download the global parameters the majority of its live peers hold."""
     from peer.swarm import Swarm
@@ -101,6 +152,7 @@ def download_run_state(
             client_mode=True,
             run_id=run_id,
             state_timeout_s=timeout_s,
+            swarm_key=swarm_key,
         ),
         outer=OuterConfig(compression=settings.get("compression", "none")),
     )

@@ -129,8 +129,11 @@ class Swarm:
         fingerprint: str,
         averaged_tensors: list[torch.Tensor],
         state_provider,
+        run_settings: dict | None = None,
     ):
         self.config, self.settings, self.fingerprint = config, settings, fingerprint
+        # the run's settings as this peer trains them, published for newcomers (peer/run_settings.py)
+        self._run_settings_json = json.dumps(run_settings, sort_keys=True) if run_settings else ""
         self._dht_lock = threading.Lock()
         self._hash_history: dict[int, tuple[str, str]] = {}
         self._ignored: dict[bytes, float] = {}  # subkey -> monotonic time until which its records are skipped
@@ -298,6 +301,7 @@ class Swarm:
             peer_id=self._peer_id.to_bytes(),
             fingerprint=self.fingerprint,
             settings_json=json.dumps(self.settings, sort_keys=True),
+            run_settings_json=self._run_settings_json,
         )
 
     def check_run_settings(self) -> None:

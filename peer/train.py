@@ -34,6 +34,8 @@ from peer.network import NetworkFactory, ScheduledAveraging, SwarmNetwork
 from peer.outer import AveragingResult, all_finite
 from peer.overlap import PendingAverage, start_in_background
 from peer.robust import pseudo_gradient_bound, within_bound
+from peer.run_settings import encode as encode_run_values
+from peer.run_settings import run_values
 from peer.signals import StopFlag
 from peer.state import ReplicatedState
 from peer.summary import SummaryPublisher, device_kind
@@ -61,9 +63,22 @@ class Peer:
     """One swarm member: builds the model, data and swarm membership, then trains round after round."""
 
     def __init__(
-        self, config: RunConfig, stop: StopFlag, *, network_factory: NetworkFactory = hivemind_network
+        self,
+        config: RunConfig,
+        stop: StopFlag,
+        *,
+        network_factory: NetworkFactory = hivemind_network,
+        run_settings: dict | None = None,
     ):
         self.config, self.stop, self.network_factory = config, stop, network_factory
+        # the run's settings this peer publishes for newcomers: the run's own version if it joined one
+        self.run_settings = run_settings if run_settings is not None else run_values(config)
+        if not encode_run_values(self.run_settings):
+            logger.warning(
+                "the run's settings are too long to publish (a path over 1024 characters?): newcomers "
+                "will need them on their command line"
+            )
+            self.run_settings = None
         self.device = resolve_device(config.device)
         configure_(self.device)
         workload = build_workload(config)
@@ -186,6 +201,7 @@ class Peer:
             fingerprint=self.fingerprint,
             averaged_tensors=[torch.zeros_like(p) for p in self.state.outer.global_params],
             state_provider=self.state.for_donation,
+            run_settings=self.run_settings,
         )
         self.stop.install()
         self.log = logging.LoggerAdapter(logger, {"peer": self.network.short_id})
@@ -497,6 +513,7 @@ class Peer:
                 "params_sha256": self.state.outer.params_hash(),
                 "data_position": self.trainer.batches.state_dict(),
                 "param_names": [name for name, _ in self.model.named_parameters()],
+                "model_config": self.model.config.to_dict(),  # what peer.export rebuilds the model from
             }
         path = checkpoint.save_checkpoint(
             self.config.checkpoint_dir, state, round_index=self.state.round, keep=self.config.keep_checkpoints
@@ -504,6 +521,7 @@ class Peer:
         self.log.info(f"checkpoint ({reason}): {path}")
 
 
-def run(config: RunConfig) -> int:
-    """Train until max_rounds or a stop signal; returns the process exit code."""
-    return Peer(config, StopFlag()).run()
+def run(config: RunConfig, *, run_settings: dict | None = None) -> int:
+    """Train until max_rounds or a stop signal; returns the process exit code. `run_settings`: the run's settings to
+    publish when this peer adopted them from the run (peer/run_settings.py), else this config's."""
+    return Peer(config, StopFlag(), run_settings=run_settings).run()

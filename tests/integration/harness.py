@@ -12,10 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-# Small and fast: a 1.5M-parameter model, 5 inner steps per round, short sequences, one thread per peer.
+# Small and fast: a 1.5M-parameter model, 5 inner steps per round, short sequences, one thread per peer. The
+# learning-rate schedule is part of the run fingerprint: --total-steps keeps it the same for every peer of a test's
+# run however many rounds each one trains (without it, --max-rounds would set it).
 FAST_PEER_ARGS = [
     "--model",
     "tiny",
+    "--total-steps",
+    "20",
     "--inner-steps",
     "5",
     "--batch-size",
@@ -168,11 +172,14 @@ class LocalSwarm:
         initial_peers: list[str] | None = None,
         module: str = "peer",
         prefix: tuple[str, ...] = (),
+        fast: bool = True,
     ) -> Peer:
         """A peer process; `module` may name a test-only variant (tests.attacker) that takes the same flags, and
-        `prefix` a command that runs it elsewhere (a network namespace)."""
+        `prefix` a command that runs it elsewhere (a network namespace). `fast=False` leaves out FAST_PEER_ARGS:
+        the peer gets only `extra` (and its initial peers, metrics and maddrs files)."""
         initial = self.bootstrap_maddrs if initial_peers is None else initial_peers
-        args = [*FAST_PEER_ARGS, *(["--initial-peers", *initial] if initial else []), *extra]
+        base = FAST_PEER_ARGS if fast else []
+        args = [*base, *(["--initial-peers", *initial] if initial else []), *extra]
         peer = Peer(name, args, self.workdir, module=module, prefix=prefix)
         self.procs.append(peer)
         return peer

@@ -85,16 +85,23 @@ def test_networked_run_equals_in_process_simulation(local_swarm):
         assert [r["global_params_sha256"] for r in peer.records()] == simulated
 
 
-@pytest.mark.timeout(180)
-def test_peer_with_other_settings_for_the_same_run_exits_naming_them(local_swarm):
+@pytest.mark.timeout(240)
+def test_peer_with_other_settings_for_the_same_run_exits_naming_them(local_swarm, tmp_path):
+    """A flag that contradicts the run is refused before anything is built (tests/integration/test_join.py); a local
+    model config passes as this machine's copy of the run's, and the fingerprint finds that its contents differ."""
+    from peer.model import load_model_config
+
+    narrower = load_model_config("tiny", vocab_size=8192, max_seq_len=64)
+    narrower.intermediate_size = 256
+    narrower.save_pretrained(tmp_path / "my-model")
     local_swarm.start_bootstrap()
     first = local_swarm.start_peer("first", "--run-id", "shared")
     local_swarm.wait_rounds([first], 1, timeout_s=120)
-    other = local_swarm.start_peer("other", "--run-id", "shared", "--inner-steps", "7")
+    other = local_swarm.start_peer("other", "--run-id", "shared", "--model", str(tmp_path / "my-model"))
     assert other.wait(timeout_s=120) == 1
     last_line = other.log().strip().splitlines()[-1]
-    assert last_line.startswith("error: run 'shared' is already training with other settings")
-    assert "inner_steps (ours 7, theirs 5)" in last_line
+    assert last_line.startswith("error: run 'shared' is already training with other settings: model (ours ")
+    assert "'intermediate_size': 256" in last_line and "'intermediate_size': 384" in last_line
     assert "Traceback" not in other.log()
 
 

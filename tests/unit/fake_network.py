@@ -60,8 +60,12 @@ class FakeSwarm:
     published_summaries: list = field(default_factory=list)
     downloads: int = 0
     shut_down: bool = False
+    published_run_settings: dict | None = None
 
-    def factory(self, config, *, settings, fingerprint, averaged_tensors, state_provider) -> FakeNetwork:
+    def factory(
+        self, config, *, settings, fingerprint, averaged_tensors, state_provider, run_settings=None
+    ) -> FakeNetwork:
+        self.published_run_settings = run_settings
         return FakeNetwork(self, state_provider=state_provider)
 
 

@@ -5,6 +5,7 @@ the majority hash does not depend on the order records arrived in, a joining rou
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from pydantic.v1 import ValidationError
 
 from peer import rounds
+from peer.config import fingerprint as config_fingerprint
 from peer.inner_phase import CHECK_PERIOD_S
 from peer.records import HashRecord, ProgressRecord, SettingsRecord
 from peer.rounds import Timing
@@ -281,21 +283,32 @@ def test_a_hash_record_cannot_name_a_round_past_the_last_one():
         HashRecord(peer_id=b"liar", hashes={}, state_hashes={str(MAX_ROUND + 1): "0" * 64})
 
 
+SETTINGS = [{"inner_steps": h} for h in (5, 6, 7)]  # three runs' settings; fingerprints are their hashes
+
+
+def settings_record(i: int, settings: dict, *, forged: bool = False) -> SettingsRecord:
+    fingerprint = "0" * 16 if forged else config_fingerprint(settings)
+    return SettingsRecord(peer_id=bytes([i]) * 8, fingerprint=fingerprint, settings_json=json.dumps(settings))
+
+
 @FUZZ
 @given(
-    fingerprints=st.lists(st.sampled_from(["0" * 16, "1" * 16, "2" * 16]), max_size=6),
-    ours=st.sampled_from(["0" * 16, "1" * 16]),
+    published=st.lists(st.tuples(st.sampled_from(range(3)), st.booleans()), max_size=6),
+    ours=st.sampled_from(range(2)),
 )
-def test_one_stranger_settings_record_never_makes_an_agreeing_peer_exit(fingerprints, ours):
+def test_one_stranger_settings_record_never_makes_an_agreeing_peer_exit(published, ours):
     records = {
-        bytes([i]) * 8: SettingsRecord(peer_id=bytes([i]) * 8, fingerprint=f, settings_json="{}")
-        for i, f in enumerate(fingerprints)
+        bytes([i]) * 8: settings_record(i, SETTINGS[s], forged=forged)
+        for i, (s, forged) in enumerate(published)
     }
-    conflict = rounds.conflicting_settings(records, me=ME, fingerprint=ours)
-    if ours in fingerprints:
-        assert conflict is None
+    mine = config_fingerprint(SETTINGS[ours])
+    conflict = rounds.conflicting_settings(records, me=ME, fingerprint=mine)
+    # a conflict only when no other peer agrees with us, counting only records that hash to their fingerprint
+    # (a forged one proves nothing)
+    honest = {s for s, forged in published if not forged}
+    assert (conflict is not None) == (bool(honest) and ours not in honest)
     if conflict is not None:
-        assert conflict.fingerprint != ours and conflict in records.values()
+        assert conflict.fingerprint != mine and conflict in records.values()
 
 
 @FUZZ

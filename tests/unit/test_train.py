@@ -319,3 +319,33 @@ def test_stop_before_any_round_writes_no_checkpoint(tmp_path, steps_before_stop)
     config = make_config(tmp_path, checkpoint_dir=str(tmp_path / "ckpt"), max_rounds=0)
     peer = run_peer(config, FakeSwarm(), on_step=lambda p, r, c: p.stop.event.set())
     assert peer.records == [] and not (tmp_path / "ckpt").exists()
+
+
+def test_a_checkpoint_carries_the_model_config_and_exports_the_global_parameters(tmp_path):
+    from peer import export
+
+    config = make_config(tmp_path, checkpoint_dir=str(tmp_path / "ckpt"), max_rounds=1)
+    swarm = FakeSwarm()
+    peer = run_peer(config, swarm)
+    path, saved = export.read_checkpoint(config.checkpoint_dir)
+    assert (
+        saved["model_config"] == peer.model.config.to_dict()
+    )  # export prefers it to rebuilding from --model
+    exported = export.from_checkpoint(path, saved)
+    assert exported.model.config.to_dict() == peer.model.config.to_dict()
+    global_params = peer.state.outer.global_params
+    assert all(torch.equal(a, b) for a, b in zip(exported.model.parameters(), global_params, strict=True))
+
+
+def test_a_peer_publishes_its_run_settings_for_newcomers(tmp_path):
+    from peer.run_settings import run_values
+
+    config = make_config(tmp_path, max_rounds=1)
+    swarm = FakeSwarm()
+    run_peer(config, swarm)
+    assert swarm.published_run_settings == run_values(config)
+    # a peer that joined a run publishes the run's version, as it was given
+    theirs = {**run_values(config), "dataset": "/the/organizers/copy"}
+    swarm = FakeSwarm()
+    Peer(config, StopFlag(handle_signals=False), network_factory=swarm.factory, run_settings=theirs).run()
+    assert swarm.published_run_settings == theirs
