@@ -162,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--attack", choices=ATTACKS, required=True)
     own, rest = parser.parse_known_args(argv)
-    from peer.__main__ import die_with_parent, setup_logging
-    from peer.cli import config_from_args
+    from peer.__main__ import die_with_parent, settle_run_settings, setup_logging
+    from peer.cli import build_config, given_settings
 
-    config, log_level = config_from_args(rest)
-    setup_logging(log_level)
+    given = given_settings(rest)
+    config = build_config(given)
+    setup_logging(config.log_level)
     die_with_parent()
+    publish = None
+    if config.swarm.initial_peers:  # it joins like `python -m peer` does, as soon and with the same settings
+        config, publish = settle_run_settings(given, config)
     if own.attack == "reducer":
         import peer.allreduce
 
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("peer").warning(
         f"ATTACKING with {own.attack!r} ({hashlib.sha1(own.attack.encode()).hexdigest()[:6]})"
     )
-    return Peer(config, StopFlag(), network_factory=attacking_network(own.attack)).run()
+    return Peer(config, StopFlag(), network_factory=attacking_network(own.attack), run_settings=publish).run()
 
 
 if __name__ == "__main__":
