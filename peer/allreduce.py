@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import math
 import multiprocessing as mp
 import time
 import typing
@@ -110,12 +111,15 @@ class OrderedPartReducer(TensorPartReducer):
         order_keys: Sequence[bytes],
         encode: Callable[[torch.Tensor], EncodedPart],
         value_bound: float = 0.0,
+        max_weight: float = math.inf,
     ):
-        # mirrors TensorPartReducer.__init__; adds the expected dtypes, the order keys, the encoder and the bound
+        # mirrors TensorPartReducer.__init__; adds the expected dtypes, the order keys, the encoder and the bounds
         assert len(part_dtypes) == len(part_shapes) and len(order_keys) == num_senders
         self.part_dtypes, self.order_keys, self.encode = tuple(part_dtypes), order_keys, encode
         self.value_bound = value_bound
         """Every contribution is clamped into [-value_bound, value_bound] (0: no bound; see peer/robust.py)."""
+        self.max_weight = max_weight
+        """No sender's weight counts for more than this (peer/robust.py max_round_tokens)."""
         self.pending: dict[int, tuple[torch.Tensor, float]] = {}
         self.next_turn: asyncio.Future | None = None
         super().__init__(part_shapes, num_senders)
@@ -219,7 +223,8 @@ class OrderedPartReducer(TensorPartReducer):
         """(in a worker thread) Clamp each contribution to the bound, cap the weights (peer/robust.py), average in
         canonical order, encode the result once and wrap it in the one reply message every sender gets."""
         clamped = [clamp_contribution(part, self.value_bound) for part in parts]
-        serialized, decoded = self.encode(average_contributions(clamped, capped_weights(weights), order_keys))
+        capped = capped_weights(weights, max_weight=self.max_weight)
+        serialized, decoded = self.encode(average_contributions(clamped, capped, order_keys))
         return averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized), decoded
 
 
@@ -233,6 +238,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         compression: CompressionBase,
         value_bound: float = 0.0,
         group_time: float = 0.0,
+        max_weight: float = math.inf,
         **kwargs,
     ):
         # extends AllReduceRunner.__init__: the container returns averages instead of deltas, and hivemind's
@@ -261,6 +267,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             order_keys=[order_keys_by_peer[peer] for peer in self.sender_peer_ids],
             encode=functools.partial(encode_once, compression),
             value_bound=value_bound,
+            max_weight=max_weight,
         )
         self._streams_serving = 0
         self._all_streams_served = asyncio.Event()
@@ -534,11 +541,14 @@ class ExactAverager(DecentralizedAverager):
         state_provider: Callable[[], tuple[dict, list[torch.Tensor]]],
         max_state_requests: int = 2,
         access: OpenAccess | None = None,
+        max_weight: float = math.inf,
         **kwargs,
     ):
         self._state_provider = state_provider
         # a private swarm's key (peer/swarm_key.py): who may join our groups and download our state
         self._access = OpenAccess() if access is None else access
+        # the most any sender's weight counts for (peer/robust.py max_round_tokens)
+        self._max_weight = max_weight
         # state downloads served at once: each one copies the whole state, so a crowd of requests (or one stranger
         # asking over and over) must not exhaust this peer's memory or bandwidth (I8)
         self._max_state_requests = max_state_requests
@@ -613,6 +623,7 @@ class ExactAverager(DecentralizedAverager):
             order_keys_by_peer=order_keys,
             value_bound=float(value_bound),
             group_time=float(group_time) if isinstance(group_time, (int, float)) else 0.0,
+            max_weight=self._max_weight,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"

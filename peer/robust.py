@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from peer.config import RunConfig
+from peer.config import MAX_STEP_TOKENS, RunConfig
 
 # |m_hat| / sqrt(v_hat) of Adam with beta1 = 0.9, beta2 = 0.95 stays below (1 - b1) / sqrt(1 - b2) / (1 - b1 / sqrt(b2))
 # ~ 5.8 however the gradients behave; twice that leaves room for bias correction and eps.
@@ -40,13 +40,24 @@ def pseudo_gradient_bound(global_params: Sequence[torch.Tensor], config: RunConf
     return max_inner_steps(config) * per_step
 
 
-def capped_weights(weights: Sequence[float]) -> list[float]:
-    """Each weight capped at WEIGHT_CAP_FACTOR x the lower median, so one sender claiming a huge token count cannot
-    make the average its own update."""
+def max_round_tokens(config: RunConfig) -> int:
+    """The most tokens an honest peer can process in a round, so the largest averaging weight it can claim: H steps of
+    the largest step config.py allows (MAX_STEP_TOKENS), or with --round-tokens the budget plus the step that crosses
+    it. Every peer computes the same number: H and the budget are part of the run's fingerprint."""
+    if config.inner.round_tokens:
+        return config.inner.round_tokens + MAX_STEP_TOKENS
+    return config.inner.steps * MAX_STEP_TOKENS
+
+
+def capped_weights(weights: Sequence[float], *, max_weight: float) -> list[float]:
+    """Each weight capped at `max_weight` (max_round_tokens: no honest peer claims more, and the sum of a group's
+    weights stays finite whatever its senders claim), then at WEIGHT_CAP_FACTOR x the lower median, so one sender
+    claiming a huge token count cannot make the average its own update."""
     if not weights:
         return []
-    cap = WEIGHT_CAP_FACTOR * sorted(weights)[(len(weights) - 1) // 2]
-    return [min(float(w), cap) for w in weights]
+    absolute = [min(float(w), max_weight) for w in weights]
+    cap = WEIGHT_CAP_FACTOR * sorted(absolute)[(len(absolute) - 1) // 2]
+    return [min(w, cap) for w in absolute]
 
 
 def clamp_contribution(part: torch.Tensor, bound: float) -> torch.Tensor:

@@ -242,6 +242,7 @@ def _wait_cancellable(control, should_stop, *, timeout_s: float, during_allreduc
 
 def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_provider, access: OpenAccess):
     from peer.allreduce import ExactAverager
+    from peer.robust import max_round_tokens
 
     swarm = config.swarm
     return ExactAverager(
@@ -259,5 +260,6 @@ def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_
         client_mode=swarm.client_mode,
         state_provider=state_provider,
         access=access,
+        max_weight=float(max_round_tokens(config)),
         shutdown_timeout=3,
     )

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import functools
 
+import pytest
 import torch
 from hivemind.compression import NoCompression
 
 from peer.allreduce import OrderedPartReducer, encode_once
-from peer.config import DataConfig, InnerConfig, RunConfig
+from peer.config import MAX_STEP_TOKENS, DataConfig, InnerConfig, RunConfig
 from peer.inner import build_inner_optimizer, inner_step
 from peer.model import build_model, load_model_config
 from peer.outer import OuterOptimizer, average_contributions, tensors_sha256
@@ -18,6 +19,7 @@ from peer.robust import (
     RECEIVED_VALUE_SLACK,
     capped_weights,
     clamp_contribution,
+    max_round_tokens,
     pseudo_gradient_bound,
     within_bound,
 )
@@ -36,6 +38,7 @@ def reduce_once(parts: list[torch.Tensor], weights: list[float], bound: float) -
             order_keys=KEYS[: len(parts)],
             encode=functools.partial(encode_once, NoCompression()),
             value_bound=bound,
+            max_weight=1e9,
         )
         return await submit(reducer, [(s, 0, parts[s], weights[s]) for s in range(len(parts))])
 
@@ -66,9 +69,11 @@ def test_a_huge_finite_contribution_moves_the_average_by_at_most_the_bound():
 
 
 def test_an_inflated_weight_counts_at_most_four_times_the_median():
-    assert capped_weights([1.0, 1.0, 1e30]) == [1.0, 1.0, 4.0]
-    assert capped_weights([1.0, 1e30]) == [1.0, 4.0]  # two peers: the lower median is the honest one
-    assert capped_weights([1.0, 2.0, 4.0]) == [1.0, 2.0, 4.0]  # honest heterogeneous peers keep their weights
+    assert capped_weights([1.0, 1.0, 1e30], max_weight=1e9) == [1.0, 1.0, 4.0]
+    # two peers: the lower median is the honest one
+    assert capped_weights([1.0, 1e30], max_weight=1e9) == [1.0, 4.0]
+    # honest heterogeneous peers keep their weights
+    assert capped_weights([1.0, 2.0, 4.0], max_weight=1e9) == [1.0, 2.0, 4.0]
     parts = honest_parts()
     attacker = torch.full((SIZE,), 0.01)
     averaged = reduce_once([*parts, attacker], [1.0, 1.0, 1e30], bound=0.01)
@@ -76,6 +81,20 @@ def test_an_inflated_weight_counts_at_most_four_times_the_median():
     assert not torch.equal(averaged, attacker)
     expected = average_contributions([*parts, attacker], [1.0, 1.0, 4.0], KEYS)
     assert tensors_sha256([averaged]) == tensors_sha256([expected])
+
+
+def test_no_weight_counts_for_more_than_the_tokens_a_round_can_hold():
+    config = RunConfig(inner=InnerConfig(steps=10))
+    cap = max_round_tokens(config)
+    assert cap == 10 * MAX_STEP_TOKENS
+    budget = RunConfig(inner=InnerConfig(steps=10, round_tokens=5000))
+    assert max_round_tokens(budget) == 5000 + MAX_STEP_TOKENS
+    # a majority of liars moves the median, but not past the absolute cap: the sum stays finite
+    assert capped_weights([1.0, 1e308, 1e308], max_weight=cap) == [1.0, cap, cap]
+    assert capped_weights([float(MAX_STEP_TOKENS)] * 3, max_weight=cap) == [float(MAX_STEP_TOKENS)] * 3
+    # so no honest peer ever claims more than the cap
+    with pytest.raises(ValueError, match="tokens per step"):
+        DataConfig(batch_size=MAX_STEP_TOKENS, seq_len=2)
 
 
 def test_receivers_refuse_non_finite_and_out_of_bound_averages():
