@@ -45,6 +45,7 @@ import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import (
     BlockwiseQuantization,
@@ -60,7 +61,15 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_
 from hivemind.utils.streaming import combine_from_streaming
 
 from peer.outer import average_contributions
-from peer.robust import capped_weights, clamp_contribution, within_bound
+from peer.robust import (
+    BAN_S,
+    MAX_BANS_GATHERED,
+    capped_weights,
+    clamp_contribution,
+    excluded_members,
+    parse_bans,
+    within_bound,
+)
 from peer.swarm_key import OpenAccess
 
 logger = get_logger(__name__)
@@ -68,6 +77,8 @@ logger = get_logger(__name__)
 STATE_TENSORS_KEY = "_num_tensors"  # added to served metadata: how many tensors follow (removed on receipt)
 HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
 PREFETCH_PARTS = 2  # parts decoded (received) or encoded (to send) ahead of the one being processed
+MAX_BANS_KEPT = 1024  # banned peers remembered at once (expired bans are dropped first)
+BANS_QUERY_TIMEOUT_S = 5.0  # how long the training process waits for the averager process's ban list
 EncodedPart = tuple[runtime_pb2.Tensor, torch.Tensor]  # (the serialized averaged part, its decoded value)
 # (the reply message every sender of a part gets, its decoded value)
 ReducedPart = tuple[averaging_pb2.AveragingData, torch.Tensor]
@@ -255,6 +266,8 @@ class ExactAllReduceRunner(AllReduceRunner):
             [part.shape for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer
         ]
         self.bytes_sent = self.bytes_received = 0
+        self.lying_reducers: set[PeerID] = set()
+        """Reducers that sent us an averaged part no honest reducer can produce (check_averaged_part)."""
         self.tensor_part_container.return_deltas = False
         self.tensor_part_reducer.num_senders = (
             0  # retire hivemind's reducer quietly (no "received 0%" warning)
@@ -377,14 +390,17 @@ class ExactAllReduceRunner(AllReduceRunner):
         within the bound every contribution was clamped to (I8). Otherwise the round fails (for every peer that
         received it: they all received the same bytes) rather than apply a poisoned average."""
         if index >= len(expected_shapes):
+            self.lying_reducers.add(reducer)
             raise AllreduceException(f"reducer {reducer} sent more than {len(expected_shapes)} parts")
         expected = expected_shapes[index]
         if part.dtype != torch.float32 or part.shape != expected:
+            self.lying_reducers.add(reducer)
             raise AllreduceException(
                 f"reducer {reducer} sent part {index} as {part.dtype} {tuple(part.shape)}, "
                 f"not float32 {tuple(expected)}"
             )
         if not within_bound(part, self.value_bound):
+            self.lying_reducers.add(reducer)
             raise AllreduceException(
                 f"reducer {reducer} sent part {index} with values that are not finite or beyond the bound "
                 f"{self.value_bound:.3g} every contribution was clamped to"
@@ -414,6 +430,9 @@ class ExactAllReduceRunner(AllReduceRunner):
         only then does our side close, with nothing left in flight in either direction."""
         # extends AllReduceRunner.rpc_aggregate_part (unchanged inside): the wait for the hang-up; streams are
         # counted for wait_until_served, so the all-reduce returns only once every sender received its parts
+        if context.remote_id not in self.sender_peer_ids:  # e.g. a member the group's majority excluded
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         self._streams_serving += 1
         self._all_streams_served.clear()
         served = 0
@@ -553,6 +572,8 @@ class ExactAverager(DecentralizedAverager):
         # asking over and over) must not exhaust this peer's memory or bandwidth (I8)
         self._max_state_requests = max_state_requests
         self._state_requests_serving: asyncio.Semaphore | None = None
+        # peer id -> time.monotonic() until which it is banned from our groups; used in the averager process only
+        self._bans: dict[bytes, float] = {}
         # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer] of the last all-reduce,
         # written by the averager process
         self._transport_stats = mp.Array(ctypes.c_double, 4)
@@ -589,12 +610,71 @@ class ExactAverager(DecentralizedAverager):
             "transfer_started_at": started_at,
         }
 
+    def banned_peers(self) -> list[bytes]:
+        """The peer ids this peer bans now (the newest MAX_BANS_GATHERED), asked of the averager process: they go into
+        our matchmaking metadata, so that the group can exclude a peer that a majority of its members ban."""
+        future = MPFuture()
+        self._outer_pipe.send(("_banned_peers", [], dict(future=future)))
+        try:
+            return future.result(timeout=BANS_QUERY_TIMEOUT_S)
+        except Exception as e:  # a busy or stopping averager: no bans this round rather than no round
+            logger.debug(f"could not read the ban list: {e!r}")
+            return []
+
+    async def _banned_peers(self, future: MPFuture) -> None:
+        now = time.monotonic()
+        self._bans = {peer: until for peer, until in self._bans.items() if until > now}
+        newest = sorted(self._bans, key=self._bans.__getitem__, reverse=True)[:MAX_BANS_GATHERED]
+        future.set_result(newest)
+
+    def _ban(self, peers: set[PeerID], why: str) -> None:
+        """(averager process) Ban peers from our groups for BAN_S."""
+        now = time.monotonic()
+        for peer in peers:
+            logger.warning(f"banning {peer} from our groups for {BAN_S:.0f}s: {why}")
+            self._bans[peer.to_bytes()] = now + BAN_S
+        if len(self._bans) > MAX_BANS_KEPT:
+            newest = sorted(self._bans, key=self._bans.__getitem__, reverse=True)[:MAX_BANS_KEPT]
+            self._bans = {peer: self._bans[peer] for peer in newest}
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+        # extends DecentralizedAverager._aggregate_with_group: the all-reduce runs among the members that no strict
+        # majority of the group bans (peer/robust.py excluded_members). Every member computes the same set from the
+        # same gathered metadata, so the others agree on who reduces what; an excluded member's all-reduce fails.
+        members = [peer.to_bytes() for peer in group_info.peer_ids]
+        bans = {
+            member: parse_bans(
+                (gathered_metadata(self.serializer, gathered, peer_id, self._access) or {}).get("bans")
+            )
+            for member, peer_id, gathered in zip(
+                members, group_info.peer_ids, group_info.gathered, strict=True
+            )
+        }
+        excluded = excluded_members(members, bans)
+        if self.peer_id.to_bytes() in excluded:
+            raise AllreduceException(
+                "a majority of the group bans this peer; it is left out of the all-reduce"
+            )
+        if excluded:
+            kept = [i for i, member in enumerate(members) if member not in excluded]
+            logger.warning(
+                f"leaving {len(excluded)} banned peer(s) out of the all-reduce: "
+                f"{', '.join(str(PeerID(member)) for member in sorted(excluded))}"
+            )
+            group_info = GroupInfo(
+                group_info.group_id,
+                tuple(group_info.peer_ids[i] for i in kept),
+                tuple(group_info.gathered[i] for i in kept),
+            )
+        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """Replaces hivemind's in-place `tensor += delta` with `tensor = decoded average`, all or nothing."""
         # mirrors DecentralizedAverager._run_allreduce_inplace_; differs: builds an ExactAllReduceRunner with the
         # order keys gathered at matchmaking, refuses auxiliary mode, copies the results only once every part
-        # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), waits
-        # until the parts this peer owes others were served, and records the transport statistics
+        # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), bans a
+        # reducer whose averaged part failed our checks, waits until the parts this peer owes others were served,
+        # and records the transport statistics
         group_id = group_info.group_id if group_id is None else group_id
         members = {
             peer_id: gathered_metadata(self.serializer, gathered, peer_id, self._access)
@@ -630,11 +710,14 @@ class ExactAverager(DecentralizedAverager):
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             raise AllreduceException("auxiliary averagers are not supported")
-        averaged = [tensor async for tensor in runner]
-        if runner.tensor_part_container.failed_size:
-            raise AllreduceException(
-                f"{runner.tensor_part_container.failed_size} values were not reduced (a reducer failed)"
-            )
+        try:
+            averaged = [tensor async for tensor in runner]
+            if runner.tensor_part_container.failed_size:
+                raise AllreduceException(
+                    f"{runner.tensor_part_container.failed_size} values were not reduced (a reducer failed)"
+                )
+        finally:
+            self._ban(runner.lying_reducers, "it sent an averaged part that no honest reducer can produce")
         await runner.wait_until_served(runner.reducer_timeout)
         for tensor, result in zip(tensors, averaged, strict=True):
             tensor.copy_(result)

@@ -9,7 +9,8 @@ bit for bit unchanged and peers that compute the bound agree with the simulation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -22,6 +23,11 @@ ADAM_UPDATE_BOUND = 12.0
 WEIGHT_CAP_FACTOR = 4.0
 # decoding a lossy codec (fp16, 8-bit blockwise) may overshoot a value slightly
 RECEIVED_VALUE_SLACK = 1.05
+# a reducer that returned an averaged part no honest reducer can produce is banned from our groups this long
+BAN_S = 600.0
+# peer ids a group member's ban list may name (read from its matchmaking metadata; the rest are ignored)
+MAX_BANS_GATHERED = 32
+MAX_PEER_ID_BYTES = 64
 
 
 def max_inner_steps(config: RunConfig) -> int:
@@ -72,3 +78,30 @@ def within_bound(part: torch.Tensor, bound: float) -> bool:
     if not bool(torch.isfinite(part).all()):
         return False
     return bound <= 0 or part.numel() == 0 or float(part.abs().max()) <= bound * RECEIVED_VALUE_SLACK
+
+
+def parse_bans(value: object) -> frozenset[bytes]:
+    """The peer ids a group member says it bans, from its matchmaking metadata (a stranger's: bounded, typed)."""
+    if not isinstance(value, list | tuple):
+        return frozenset()
+    return frozenset(
+        peer
+        for peer in value[:MAX_BANS_GATHERED]
+        if isinstance(peer, bytes) and 0 < len(peer) <= MAX_PEER_ID_BYTES
+    )
+
+
+def excluded_members(members: Sequence[bytes], bans: Mapping[bytes, frozenset[bytes]]) -> frozenset[bytes]:
+    """The members of a group that a strict majority of its members ban (one vote per member, none about itself).
+
+    Every member computes this from the same gathered metadata, so they all run the all-reduce among the same peers.
+    A single attacker cannot exclude an honest peer (its one vote is no majority in a group of three or more), while
+    a reducer that lied to the whole group is banned by every honest member at once (they all received its lie)."""
+    group = set(members)
+    votes = Counter(
+        banned
+        for voter in group
+        for banned in bans.get(voter, frozenset())
+        if banned != voter and banned in group
+    )
+    return frozenset(member for member in group if 2 * votes[member] > len(group))

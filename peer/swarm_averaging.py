@@ -108,6 +108,8 @@ class RoundAveraging:
                 "value_bound": float(value_bound),  # read back by our own averager process (allreduce.py)
                 "group_size": int(expected_peers),  # likewise: close the group as soon as it has this many
                 "group_time": float(scheduled_time),  # likewise: members closed in early may start until then
+                # reducers that lied to us: a member a majority of the group bans is left out of its all-reduce
+                "bans": self.averager.banned_peers(),
             },
         )
         join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)

@@ -10,20 +10,21 @@ import torch
 
 from peer.model import build_model, load_model_config
 from peer.outer import tensors_sha256
-from tests.integration.harness import hashes_by_round
+from tests.integration.harness import hashes_by_round, wait_for
 
 ROUNDS = 4
 
 
-def start(local_swarm, attack: str, *extra: str, wait_for: int = 3):
-    """Two honest peers and the attacker; the honest peers start training once `wait_for` peers look live to them
-    (an attacker whose records they ignore does not count)."""
+def start(local_swarm, attack: str, *extra: str, live: int = 3, rounds: int = ROUNDS, wait: bool = True):
+    """Two honest peers and the attacker; the honest peers start training once `live` peers look live to them
+    (an attacker whose records they ignore does not count) and stop after `rounds` (waited for if `wait`)."""
     local_swarm.start_bootstrap()
     attacker = local_swarm.start_peer("attacker", *extra, "--attack", attack, module="tests.attacker")
-    args = ["--wait-for-peers", str(wait_for), *extra]
-    honest = [local_swarm.start_peer(f"honest{i}", "--max-rounds", str(ROUNDS), *args) for i in range(2)]
-    local_swarm.wait_rounds(honest, ROUNDS, timeout_s=300)
-    assert "ATTACKING" in attacker.log(), attacker.log()[-2000:]
+    args = ["--wait-for-peers", str(live), *extra]
+    honest = [local_swarm.start_peer(f"honest{i}", "--max-rounds", str(rounds), *args) for i in range(2)]
+    if wait:
+        local_swarm.wait_rounds(honest, rounds, timeout_s=300)
+        assert "ATTACKING" in attacker.log(), attacker.log()[-2000:]
     return honest, attacker
 
 
@@ -60,11 +61,35 @@ def test_an_inflated_weight_or_huge_values_move_the_model_only_within_the_bound(
 
 
 @pytest.mark.timeout(420)
-def test_a_lying_reducer_fails_rounds_but_never_poisons_the_model(local_swarm):
-    honest, _ = start(local_swarm, "reducer")
+def test_a_lying_reducer_fails_a_round_then_is_left_out_of_later_groups(local_swarm):
+    honest, attacker = start(local_swarm, "reducer", rounds=40, wait=False)
+
+    def rounds_after_the_lie(peer) -> list[dict]:
+        records = peer.records()
+        failed = [i for i, r in enumerate(records) if r["failed"]]
+        return records[failed[0] + 1 :] if failed else []
+
+    def averaged_without_the_liar(peer) -> bool:
+        # the liar was in the group (it came back after its failed round) and a majority left it out
+        return "leaving 1 banned peer(s) out of the all-reduce" in peer.log() and (
+            sum(not r["failed"] and r["group_size"] == 2 for r in rounds_after_the_lie(peer)) >= 2
+        )
+
+    try:
+        wait_for(
+            lambda: all(averaged_without_the_liar(p) for p in honest),
+            timeout_s=300,
+            what="the honest peers to average without the lying reducer",
+        )
+    except AssertionError:
+        raise AssertionError("".join(p.log()[-3000:] for p in [*honest, attacker])) from None
     assert_honest_agree_and_finite(honest)
     logs = "".join(peer.log() for peer in honest)
-    assert "beyond the bound" in logs  # its parts were seen and refused
+    assert "beyond the bound" in logs and "banning" in logs  # its parts were seen, refused, and it was banned
+    for peer in honest:  # it never reduced a shard of theirs again
+        assert all(r["group_size"] < 3 for r in rounds_after_the_lie(peer)), [
+            r["group_size"] for r in peer.records()
+        ]
 
 
 @pytest.mark.timeout(420)

@@ -16,10 +16,13 @@ from peer.inner import build_inner_optimizer, inner_step
 from peer.model import build_model, load_model_config
 from peer.outer import OuterOptimizer, average_contributions, tensors_sha256
 from peer.robust import (
+    MAX_BANS_GATHERED,
     RECEIVED_VALUE_SLACK,
     capped_weights,
     clamp_contribution,
+    excluded_members,
     max_round_tokens,
+    parse_bans,
     pseudo_gradient_bound,
     within_bound,
 )
@@ -124,3 +127,30 @@ def test_real_pseudo_gradients_are_well_inside_the_bound():
     bound = pseudo_gradient_bound(outer.global_params, config)
     largest = max(float(g.abs().max()) for g in pseudo_grads)
     assert 0 < largest < bound / 2, (largest, bound)
+
+
+def test_a_member_banned_by_a_strict_majority_of_its_group_is_left_out():
+    honest, liar = [b"h1", b"h2", b"h3", b"h4"], b"liar"
+    members = [*honest, liar]
+    everyone_saw_it = {peer: frozenset({liar}) for peer in honest}
+    assert excluded_members(members, everyone_saw_it) == {liar}
+    # the liar accusing honest peers (even all of them) excludes nobody: one vote is no majority
+    accusations = {**everyone_saw_it, liar: frozenset(honest)}
+    assert excluded_members(members, accusations) == {liar}
+    assert excluded_members(members, {liar: frozenset(honest)}) == frozenset()
+    # half of the group is not a majority; votes about oneself and about non-members do not count
+    assert excluded_members(members, {b"h1": frozenset({liar}), b"h2": frozenset({liar})}) == frozenset()
+    assert (
+        excluded_members([b"a", b"b", b"c"], {b"a": frozenset({b"a"}), b"b": frozenset({b"a", b"x"})})
+        == set()
+    )
+    # two members: one accuser is no majority (a lone honest peer cannot tell who lied; see README)
+    assert excluded_members([b"a", b"b"], {b"a": frozenset({b"b"})}) == frozenset()
+    assert excluded_members([b"a", b"b", b"c"], {b"a": frozenset({b"c"}), b"b": frozenset({b"c"})}) == {b"c"}
+
+
+def test_a_ban_list_from_a_stranger_is_bounded_and_typed():
+    assert parse_bans(None) == frozenset()
+    assert parse_bans("liar") == frozenset()
+    assert parse_bans([b"a", "b", 3, b"", b"x" * 65, b"y" * 64]) == {b"a", b"y" * 64}
+    assert len(parse_bans([bytes([i]) for i in range(200)])) == MAX_BANS_GATHERED
