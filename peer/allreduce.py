@@ -781,10 +781,17 @@ class ExactAverager(DecentralizedAverager):
                 await asyncio.sleep(self.next_chunk_timeout or HANG_UP_TIMEOUT_S)
 
     def load_state_from(
-        self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float, max_bytes: int
+        self,
+        donor: PeerID,
+        *,
+        chunk_timeout_s: float,
+        total_timeout_s: float,
+        max_bytes: int,
+        min_rate_bytes_s: float = 0.0,
     ) -> tuple[dict, list[torch.Tensor]] | None:
-        """Download (metadata, tensors) from one given peer; None if it refused, failed, sent more than `max_bytes`
-        or took longer than `total_timeout_s` (a donor that trickles data is dropped, never waited for forever)."""
+        """Download (metadata, tensors) from one given peer; None if it refused, failed, sent more than `max_bytes`,
+        took longer than `total_timeout_s`, or, after its first `chunk_timeout_s`, had sent less than
+        `min_rate_bytes_s` per second (a donor that trickles data is dropped early, leaving time for the next)."""
         future = MPFuture()
         self._outer_pipe.send(
             (
@@ -795,6 +802,7 @@ class ExactAverager(DecentralizedAverager):
                     timeout=chunk_timeout_s,
                     total_timeout=total_timeout_s,
                     max_bytes=max_bytes,
+                    min_rate=min_rate_bytes_s,
                     future=future,
                 ),
             )
@@ -805,19 +813,28 @@ class ExactAverager(DecentralizedAverager):
             return None
 
     async def _load_state_from(
-        self, donor: PeerID, timeout: float, total_timeout: float, max_bytes: int, future: MPFuture
+        self,
+        donor: PeerID,
+        timeout: float,
+        total_timeout: float,
+        max_bytes: int,
+        future: MPFuture,
+        min_rate: float = 0.0,
     ) -> None:
         # mirrors the per-peer body of DecentralizedAverager._load_state_from_peers, for one given donor (hivemind
-        # picks donors itself), with the opening of the stream, the whole download and its size bounded too
+        # picks donors itself), with the opening of the stream, the whole download, its size and its rate bounded
         try:
-            await asyncio.wait_for(self._download_state(donor, timeout, max_bytes, future), total_timeout)
+            download = self._download_state(donor, timeout, max_bytes, future, min_rate)
+            await asyncio.wait_for(download, total_timeout)
         except Exception as e:
             logger.debug(f"state download from {donor} failed: {e!r}", exc_info=True)
         finally:
             if not future.done():
                 future.set_result(None)
 
-    async def _download_state(self, donor: PeerID, timeout: float, max_bytes: int, future: MPFuture) -> None:
+    async def _download_state(
+        self, donor: PeerID, timeout: float, max_bytes: int, future: MPFuture, min_rate: float = 0.0
+    ) -> None:
         """We hang up as soon as the number of tensors the donor announced in its metadata arrived whole (the donor
         keeps its end open until then, see rpc_download_state); a shorter stream is a failed download."""
         stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
@@ -825,12 +842,19 @@ class ExactAverager(DecentralizedAverager):
         stream = await asyncio.wait_for(stub.rpc_download_state(request), timeout)
         metadata, parts, tensors, received = None, [], [], 0
         num_tensors, chunks_left = None, 0
+        started = time.monotonic()
         try:
             async for message in aiter_with_timeout(stream, timeout=timeout):
                 received += message.ByteSize()
                 if received > max_bytes:
                     raise AllreduceException(
                         f"donor {donor} sent more than the {max_bytes} bytes a state can take"
+                    )
+                late_s = time.monotonic() - started - timeout  # a chunk timeout's grace to start sending
+                if late_s > 0 and received < min_rate * late_s:
+                    raise AllreduceException(
+                        f"donor {donor} sent {received} bytes in {late_s + timeout:.0f}s, slower than "
+                        f"{min_rate:.0f} bytes/s (the rate that delivers a state within the state timeout)"
                     )
                 if message.metadata:
                     metadata = self.serializer.loads(message.metadata)

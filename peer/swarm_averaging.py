@@ -17,7 +17,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
 from peer.config import RunConfig
-from peer.network import AveragingAttempt
+from peer.network import AveragingAttempt, DonationCheck
 from peer.outer import AveragingResult
 from peer.swarm_key import OpenAccess
 
@@ -185,28 +185,48 @@ class RoundAveraging:
             )
         )
 
-    def download_state(self, donors: list[bytes]) -> tuple[dict, list[torch.Tensor]] | None:
-        """Try donors in turn, each bounded in time and size; the first that sends a complete state wins (the caller
-        checks it against the swarm's majority hash)."""
+    def download_state(
+        self, donors: list[bytes], *, check: DonationCheck
+    ) -> tuple[dict, list[torch.Tensor]] | None:
+        """Try each distinct donor once, in turn, each bounded in time, size and rate; the first whose state passes
+        `check` (the caller's: the swarm's majority hash, not the donor's word) wins. A donor that sends a malformed,
+        wrong or slow state costs at most a chunk timeout or so beyond its share of the state timeout."""
         swarm = self.config.swarm
         deadline = time.monotonic() + swarm.state_timeout_s
-        for donor in donors[:MAX_DONORS_TRIED]:
+        # the rate at which a whole state arrives within the state timeout: an honest donor that is slower would
+        # make the download fail anyway, so a slower one is dropped early and leaves time for the next
+        min_rate_bytes_s = self.max_state_bytes / swarm.state_timeout_s
+        tried = 0
+        for donor in dict.fromkeys(donors):  # one try per network identity, however many records name it
             remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
+            if remaining_s <= 0 or tried == MAX_DONORS_TRIED:
                 break
             try:
                 peer_id = PeerID(donor)
             except Exception:  # an address that is no peer id: the record that named it lied
                 continue
+            tried += 1
             result = self.averager.load_state_from(
                 peer_id,
                 chunk_timeout_s=swarm.chunk_timeout_s,
                 total_timeout_s=remaining_s,
                 max_bytes=self.max_state_bytes,
+                min_rate_bytes_s=min_rate_bytes_s,
             )
-            if result is not None:
+            if result is None:
+                logger.warning(
+                    f"[{self.short_id}] state download from {peer_id} failed; trying the next donor"
+                )
+                continue
+            try:
+                problem = check(*result)
+            except Exception as e:  # what a stranger sent must not crash us, whatever the check trips on
+                problem = f"the donor's state could not be checked ({type(e).__name__})"
+            if problem is None:
                 return result
-            logger.warning(f"[{self.short_id}] state download from {peer_id} failed; trying next")
+            logger.warning(
+                f"[{self.short_id}] state from {peer_id} refused: {problem}; trying the next donor"
+            )
         return None
 
     def shutdown(self) -> None:
