@@ -42,10 +42,14 @@ class ScheduledStep:
     round_index: int
     scheduled_time: float
     how: str
-    """own (this peer chose the time), adopted (another peer of the round did), or after-inner (scheduled once
-    the inner phase was over)."""
+    """own (this peer chose the time), adopted (another peer of the round did), after-inner (scheduled once
+    the inner phase was over), or again (the round's first group had a lying reducer, now banned)."""
     lead_s: float
     """How long before the group time matchmaking started."""
+    order_key: bytes = b""
+    value_bound: float = 0.0
+    bans: frozenset[bytes] = frozenset()
+    """The peers we banned when matchmaking started (sent with our metadata)."""
 
     def cancel(self) -> None:
         self.control.cancel()
@@ -98,6 +102,7 @@ class RoundAveraging:
         # authenticated by libp2p) then says whose hash records may vote on this round's result (I3, I8).
         # In a private swarm it goes sealed with the swarm key for our peer id: every member checks every other's
         # before averaging (allreduce.py), and nobody outside the swarm can read it.
+        bans = self.averager.banned_peers()
         gather = self.access.seal_metadata(
             self.peer_id,
             {
@@ -109,7 +114,7 @@ class RoundAveraging:
                 "group_size": int(expected_peers),  # likewise: close the group as soon as it has this many
                 "group_time": float(scheduled_time),  # likewise: members closed in early may start until then
                 # reducers that lied to us: a member a majority of the group bans is left out of its all-reduce
-                "bans": self.averager.banned_peers(),
+                "bans": bans,
             },
         )
         join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
@@ -128,7 +133,16 @@ class RoundAveraging:
             require_trigger=True,
             wait=False,
         )
-        return ScheduledStep(control, round_index, scheduled_time, how=how, lead_s=scheduled_time - now)
+        return ScheduledStep(
+            control,
+            round_index,
+            scheduled_time,
+            how=how,
+            lead_s=scheduled_time - now,
+            order_key=order_key,
+            value_bound=value_bound,
+            bans=frozenset(bans),
+        )
 
     def run(
         self,
@@ -158,6 +172,29 @@ class RoundAveraging:
                 f"[{self.short_id}] round {round_index + 1}: all-reduce failed: {type(e).__name__}: {e} "
                 f"(matchmaking {scheduled.how}, started {scheduled.lead_s:.1f}s before the group time)"
             )
+            if (
+                scheduled.how != "again"
+                and not should_stop()
+                and set(self.averager.banned_peers()) - scheduled.bans
+            ):
+                # A reducer lied to us: it lied to every member of the group (they all received the same bytes), so
+                # they all banned it just now and all average this round again at once, leaving it out, instead of
+                # losing the round. Once per round: a lie needs a new network identity to fail a round again.
+                logger.warning(f"[{self.short_id}] round {round_index + 1}: averaging again without the liar")
+                again = self.schedule(
+                    round_index,
+                    scheduled_time=get_dht_time() + self.config.swarm.matchmaking_s,
+                    order_key=scheduled.order_key,
+                    how="again",
+                    value_bound=scheduled.value_bound,
+                )
+                return self.run(
+                    again,
+                    pseudo_grads,
+                    tokens=tokens,
+                    should_stop=should_stop,
+                    during_allreduce=during_allreduce,
+                )
             return AveragingAttempt(None, began_transfer=bool(control.began_allreduce))
         if gathered is None:
             return AveragingAttempt(None)

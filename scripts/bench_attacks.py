@@ -103,7 +103,11 @@ def run_swarm(scenario: str, *, rounds: int, timeout_s: float, env: dict) -> dic
             if scenario == "clean-5":
                 argv = peer_argv("peer", "fifth", run_dir, maddrs, *fifth, "--max-rounds", str(rounds))
             else:  # the attacker runs until stopped
-                argv = [*peer_argv("tests.attacker", "fifth", run_dir, maddrs, *fifth), "--attack", scenario]
+                # it gives up on its own failed all-reduces soon (the lying reducer's hangs), to attack again
+                argv = peer_argv(
+                    "tests.attacker", "fifth", run_dir, maddrs, *fifth, "--allreduce-timeout-s", "20"
+                )
+                argv += ["--attack", scenario]
             children.append(Child("fifth", argv, run_dir, env))
         deadline = time.monotonic() + timeout_s
         while any(child.proc.poll() is None for child in honest) and time.monotonic() < deadline:
