@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -258,6 +259,8 @@ def main() -> int:
     if args.rounds < 2:
         print("--rounds must be at least 2 (a stall is a gap between two rounds)", file=sys.stderr)
         return 2
+    # SIGTERM (and SIGINT, ignored in background jobs) end the run through the `finally`s that stop the swarm
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     began = time.monotonic()
