@@ -16,6 +16,7 @@ from peer.model import build_model, load_model_config
 from peer.outer import tensors_sha256
 from peer.state import ReplicatedState
 from peer.swarm_averaging import RoundAveraging
+from peer.swarm_key import OpenAccess
 from tests.attacker import MALFORMED
 from tests.integration.harness import wait_for
 
@@ -53,6 +54,7 @@ def downloader(initial_peers: list[str], fingerprint: str):
             state_provider=None,
             short_id="tester",
             voter_key=b"tester",
+            access=OpenAccess(),
         )
         try:
             yield averaging, ReplicatedState(params, OuterConfig(), fingerprint=fingerprint)
