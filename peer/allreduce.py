@@ -589,7 +589,30 @@ class ExactAverager(DecentralizedAverager):
         # waiting until the group time; 0 keeps hivemind's "wait until the group time" (target_group_size None)
         metadata = gathered_metadata(self.serializer, step.data_for_gather, self.peer_id, self._access) or {}
         self._matchmaking.target_group_size = full_group_size(metadata)
+        self._follow_no_banned_leader()
         return await super()._step(step=step, future_for_init=future_for_init)
+
+    def _banned(self, peer: PeerID) -> bool:
+        """(averager process) Whether a reducer of ours lied, less than BAN_S ago."""
+        return self._bans.get(peer.to_bytes(), 0.0) > time.monotonic()
+
+    def _follow_no_banned_leader(self) -> None:
+        """(averager process) Never ask a banned peer to lead our group (as a leader, rpc_join_group turns banned
+        peers away): a leader assembles its group alone, and in a group of two a liar is no minority to leave out.
+        hivemind's matchmaking has no hook for this, so the one method that asks a leader is wrapped, on our own
+        Matchmaking instance (Matchmaking._request_join_group, hivemind 1.1.12; its redirects go through it too)."""
+        matchmaking = self._matchmaking
+        if getattr(matchmaking, "_follows_no_banned_leader", False):
+            return
+        request_join_group = matchmaking._request_join_group
+
+        async def request_join_group_unless_banned(leader: PeerID):
+            if self._banned(leader):
+                return None  # as if it had turned us away: matchmaking goes on with the next leader
+            return await request_join_group(leader)
+
+        matchmaking._request_join_group = request_join_group_unless_banned
+        matchmaking._follows_no_banned_leader = True
 
     def get_current_state(self):
         # overrides DecentralizedAverager.get_current_state (meant to be overridden): the state comes from the
@@ -746,10 +769,13 @@ class ExactAverager(DecentralizedAverager):
         self, request: averaging_pb2.JoinRequest, context: P2PContext
     ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:  # typing's: hivemind reads the hints
         # wraps DecentralizedAverager.rpc_join_group: in a private swarm, a leader refuses at once a follower whose
-        # metadata is not sealed with the swarm key for its own (libp2p-authenticated) peer id
+        # metadata is not sealed with the swarm key for its own (libp2p-authenticated) peer id; a banned one too
         metadata = gathered_metadata(self.serializer, request.gather, context.remote_id, self._access)
         if self._access.private and metadata is None:
             logger.debug(f"refused a join request from {context.remote_id}: no swarm key")
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        if self._banned(context.remote_id):  # and a reducer that lied to us never joins a group we lead
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         async for response in super().rpc_join_group(request, context):
