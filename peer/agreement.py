@@ -126,10 +126,6 @@ class Agreement:
     ) -> bool:
         """Replace our global state with a donor's, if it is the state the majority of the voters holds for the
         donor's round; True on success."""
-        downloaded = self.network.download_state(donors)
-        if downloaded is None:
-            return False
-        metadata, tensors = downloaded
 
         def majority_hash(round_index: int) -> str | None:
             view = coordination.view_of_round(
@@ -137,12 +133,15 @@ class Agreement:
             )
             return view.majority_hash
 
-        problem = self.state.check_donation(
-            metadata, tensors, min_round=min_round, expected_state_hash=majority_hash
-        )
-        if problem is not None:
-            self.log.warning(problem)
+        def problem(metadata: object, tensors: object) -> str | None:
+            return self.state.check_donation(
+                metadata, tensors, min_round=min_round, expected_state_hash=majority_hash
+            )
+
+        downloaded = self.network.download_state(donors, check=problem)  # a refused state: the next donor's
+        if downloaded is None:
             return False
+        metadata, tensors = downloaded
         self.state.adopt(metadata, tensors, inner_steps=self.inner_steps)
         self.state.outer.copy_to_(self.local_params)
         return True

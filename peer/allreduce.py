@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import math
 import multiprocessing as mp
 import time
 import typing
@@ -44,6 +45,7 @@ import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import (
     BlockwiseQuantization,
@@ -59,7 +61,15 @@ from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_
 from hivemind.utils.streaming import combine_from_streaming
 
 from peer.outer import average_contributions
-from peer.robust import capped_weights, clamp_contribution, within_bound
+from peer.robust import (
+    BAN_S,
+    MAX_BANS_GATHERED,
+    capped_weights,
+    clamp_contribution,
+    excluded_members,
+    parse_bans,
+    within_bound,
+)
 from peer.swarm_key import OpenAccess
 
 logger = get_logger(__name__)
@@ -67,6 +77,8 @@ logger = get_logger(__name__)
 STATE_TENSORS_KEY = "_num_tensors"  # added to served metadata: how many tensors follow (removed on receipt)
 HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
 PREFETCH_PARTS = 2  # parts decoded (received) or encoded (to send) ahead of the one being processed
+MAX_BANS_KEPT = 1024  # banned peers remembered at once (expired bans are dropped first)
+BANS_QUERY_TIMEOUT_S = 5.0  # how long the training process waits for the averager process's ban list
 EncodedPart = tuple[runtime_pb2.Tensor, torch.Tensor]  # (the serialized averaged part, its decoded value)
 # (the reply message every sender of a part gets, its decoded value)
 ReducedPart = tuple[averaging_pb2.AveragingData, torch.Tensor]
@@ -110,12 +122,15 @@ class OrderedPartReducer(TensorPartReducer):
         order_keys: Sequence[bytes],
         encode: Callable[[torch.Tensor], EncodedPart],
         value_bound: float = 0.0,
+        max_weight: float = math.inf,
     ):
-        # mirrors TensorPartReducer.__init__; adds the expected dtypes, the order keys, the encoder and the bound
+        # mirrors TensorPartReducer.__init__; adds the expected dtypes, the order keys, the encoder and the bounds
         assert len(part_dtypes) == len(part_shapes) and len(order_keys) == num_senders
         self.part_dtypes, self.order_keys, self.encode = tuple(part_dtypes), order_keys, encode
         self.value_bound = value_bound
         """Every contribution is clamped into [-value_bound, value_bound] (0: no bound; see peer/robust.py)."""
+        self.max_weight = max_weight
+        """No sender's weight counts for more than this (peer/robust.py max_round_tokens)."""
         self.pending: dict[int, tuple[torch.Tensor, float]] = {}
         self.next_turn: asyncio.Future | None = None
         super().__init__(part_shapes, num_senders)
@@ -219,7 +234,8 @@ class OrderedPartReducer(TensorPartReducer):
         """(in a worker thread) Clamp each contribution to the bound, cap the weights (peer/robust.py), average in
         canonical order, encode the result once and wrap it in the one reply message every sender gets."""
         clamped = [clamp_contribution(part, self.value_bound) for part in parts]
-        serialized, decoded = self.encode(average_contributions(clamped, capped_weights(weights), order_keys))
+        capped = capped_weights(weights, max_weight=self.max_weight)
+        serialized, decoded = self.encode(average_contributions(clamped, capped, order_keys))
         return averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized), decoded
 
 
@@ -233,6 +249,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         compression: CompressionBase,
         value_bound: float = 0.0,
         group_time: float = 0.0,
+        max_weight: float = math.inf,
         **kwargs,
     ):
         # extends AllReduceRunner.__init__: the container returns averages instead of deltas, and hivemind's
@@ -249,6 +266,8 @@ class ExactAllReduceRunner(AllReduceRunner):
             [part.shape for part, _ in parts] for parts in self.tensor_part_container._input_parts_by_peer
         ]
         self.bytes_sent = self.bytes_received = 0
+        self.lying_reducers: set[PeerID] = set()
+        """Reducers that sent us an averaged part no honest reducer can produce (check_averaged_part)."""
         self.tensor_part_container.return_deltas = False
         self.tensor_part_reducer.num_senders = (
             0  # retire hivemind's reducer quietly (no "received 0%" warning)
@@ -261,6 +280,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             order_keys=[order_keys_by_peer[peer] for peer in self.sender_peer_ids],
             encode=functools.partial(encode_once, compression),
             value_bound=value_bound,
+            max_weight=max_weight,
         )
         self._streams_serving = 0
         self._all_streams_served = asyncio.Event()
@@ -370,14 +390,17 @@ class ExactAllReduceRunner(AllReduceRunner):
         within the bound every contribution was clamped to (I8). Otherwise the round fails (for every peer that
         received it: they all received the same bytes) rather than apply a poisoned average."""
         if index >= len(expected_shapes):
+            self.lying_reducers.add(reducer)
             raise AllreduceException(f"reducer {reducer} sent more than {len(expected_shapes)} parts")
         expected = expected_shapes[index]
         if part.dtype != torch.float32 or part.shape != expected:
+            self.lying_reducers.add(reducer)
             raise AllreduceException(
                 f"reducer {reducer} sent part {index} as {part.dtype} {tuple(part.shape)}, "
                 f"not float32 {tuple(expected)}"
             )
         if not within_bound(part, self.value_bound):
+            self.lying_reducers.add(reducer)
             raise AllreduceException(
                 f"reducer {reducer} sent part {index} with values that are not finite or beyond the bound "
                 f"{self.value_bound:.3g} every contribution was clamped to"
@@ -407,6 +430,9 @@ class ExactAllReduceRunner(AllReduceRunner):
         only then does our side close, with nothing left in flight in either direction."""
         # extends AllReduceRunner.rpc_aggregate_part (unchanged inside): the wait for the hang-up; streams are
         # counted for wait_until_served, so the all-reduce returns only once every sender received its parts
+        if context.remote_id not in self.sender_peer_ids:  # e.g. a member the group's majority excluded
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         self._streams_serving += 1
         self._all_streams_served.clear()
         served = 0
@@ -534,15 +560,20 @@ class ExactAverager(DecentralizedAverager):
         state_provider: Callable[[], tuple[dict, list[torch.Tensor]]],
         max_state_requests: int = 2,
         access: OpenAccess | None = None,
+        max_weight: float = math.inf,
         **kwargs,
     ):
         self._state_provider = state_provider
         # a private swarm's key (peer/swarm_key.py): who may join our groups and download our state
         self._access = OpenAccess() if access is None else access
+        # the most any sender's weight counts for (peer/robust.py max_round_tokens)
+        self._max_weight = max_weight
         # state downloads served at once: each one copies the whole state, so a crowd of requests (or one stranger
         # asking over and over) must not exhaust this peer's memory or bandwidth (I8)
         self._max_state_requests = max_state_requests
         self._state_requests_serving: asyncio.Semaphore | None = None
+        # peer id -> time.monotonic() until which it is banned from our groups; used in the averager process only
+        self._bans: dict[bytes, float] = {}
         # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer] of the last all-reduce,
         # written by the averager process
         self._transport_stats = mp.Array(ctypes.c_double, 4)
@@ -558,7 +589,30 @@ class ExactAverager(DecentralizedAverager):
         # waiting until the group time; 0 keeps hivemind's "wait until the group time" (target_group_size None)
         metadata = gathered_metadata(self.serializer, step.data_for_gather, self.peer_id, self._access) or {}
         self._matchmaking.target_group_size = full_group_size(metadata)
+        self._follow_no_banned_leader()
         return await super()._step(step=step, future_for_init=future_for_init)
+
+    def _banned(self, peer: PeerID) -> bool:
+        """(averager process) Whether a reducer of ours lied, less than BAN_S ago."""
+        return self._bans.get(peer.to_bytes(), 0.0) > time.monotonic()
+
+    def _follow_no_banned_leader(self) -> None:
+        """(averager process) Never ask a banned peer to lead our group (as a leader, rpc_join_group turns banned
+        peers away): a leader assembles its group alone, and in a group of two a liar is no minority to leave out.
+        hivemind's matchmaking has no hook for this, so the one method that asks a leader is wrapped, on our own
+        Matchmaking instance (Matchmaking._request_join_group, hivemind 1.1.12; its redirects go through it too)."""
+        matchmaking = self._matchmaking
+        if getattr(matchmaking, "_follows_no_banned_leader", False):
+            return
+        request_join_group = matchmaking._request_join_group
+
+        async def request_join_group_unless_banned(leader: PeerID):
+            if self._banned(leader):
+                return None  # as if it had turned us away: matchmaking goes on with the next leader
+            return await request_join_group(leader)
+
+        matchmaking._request_join_group = request_join_group_unless_banned
+        matchmaking._follows_no_banned_leader = True
 
     def get_current_state(self):
         # overrides DecentralizedAverager.get_current_state (meant to be overridden): the state comes from the
@@ -579,12 +633,71 @@ class ExactAverager(DecentralizedAverager):
             "transfer_started_at": started_at,
         }
 
+    def banned_peers(self) -> list[bytes]:
+        """The peer ids this peer bans now (the newest MAX_BANS_GATHERED), asked of the averager process: they go into
+        our matchmaking metadata, so that the group can exclude a peer that a majority of its members ban."""
+        future = MPFuture()
+        self._outer_pipe.send(("_banned_peers", [], dict(future=future)))
+        try:
+            return future.result(timeout=BANS_QUERY_TIMEOUT_S)
+        except Exception as e:  # a busy or stopping averager: no bans this round rather than no round
+            logger.debug(f"could not read the ban list: {e!r}")
+            return []
+
+    async def _banned_peers(self, future: MPFuture) -> None:
+        now = time.monotonic()
+        self._bans = {peer: until for peer, until in self._bans.items() if until > now}
+        newest = sorted(self._bans, key=self._bans.__getitem__, reverse=True)[:MAX_BANS_GATHERED]
+        future.set_result(newest)
+
+    def _ban(self, peers: set[PeerID], why: str) -> None:
+        """(averager process) Ban peers from our groups for BAN_S."""
+        now = time.monotonic()
+        for peer in peers:
+            logger.warning(f"banning {peer} from our groups for {BAN_S:.0f}s: {why}")
+            self._bans[peer.to_bytes()] = now + BAN_S
+        if len(self._bans) > MAX_BANS_KEPT:
+            newest = sorted(self._bans, key=self._bans.__getitem__, reverse=True)[:MAX_BANS_KEPT]
+            self._bans = {peer: self._bans[peer] for peer in newest}
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+        # extends DecentralizedAverager._aggregate_with_group: the all-reduce runs among the members that no strict
+        # majority of the group bans (peer/robust.py excluded_members). Every member computes the same set from the
+        # same gathered metadata, so the others agree on who reduces what; an excluded member's all-reduce fails.
+        members = [peer.to_bytes() for peer in group_info.peer_ids]
+        bans = {
+            member: parse_bans(
+                (gathered_metadata(self.serializer, gathered, peer_id, self._access) or {}).get("bans")
+            )
+            for member, peer_id, gathered in zip(
+                members, group_info.peer_ids, group_info.gathered, strict=True
+            )
+        }
+        excluded = excluded_members(members, bans)
+        if self.peer_id.to_bytes() in excluded:
+            raise AllreduceException(
+                "a majority of the group bans this peer; it is left out of the all-reduce"
+            )
+        if excluded:
+            kept = [i for i, member in enumerate(members) if member not in excluded]
+            logger.warning(
+                f"leaving {len(excluded)} banned peer(s) out of the all-reduce: "
+                f"{', '.join(str(PeerID(member)) for member in sorted(excluded))}"
+            )
+            group_info = GroupInfo(
+                group_info.group_id,
+                tuple(group_info.peer_ids[i] for i in kept),
+                tuple(group_info.gathered[i] for i in kept),
+            )
+        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """Replaces hivemind's in-place `tensor += delta` with `tensor = decoded average`, all or nothing."""
         # mirrors DecentralizedAverager._run_allreduce_inplace_; differs: builds an ExactAllReduceRunner with the
         # order keys gathered at matchmaking, refuses auxiliary mode, copies the results only once every part
-        # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), waits
-        # until the parts this peer owes others were served, and records the transport statistics
+        # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), bans a
+        # reducer whose averaged part failed our checks, waits until the parts this peer owes others were served,
+        # and records the transport statistics
         group_id = group_info.group_id if group_id is None else group_id
         members = {
             peer_id: gathered_metadata(self.serializer, gathered, peer_id, self._access)
@@ -613,17 +726,21 @@ class ExactAverager(DecentralizedAverager):
             order_keys_by_peer=order_keys,
             value_bound=float(value_bound),
             group_time=float(group_time) if isinstance(group_time, (int, float)) else 0.0,
+            max_weight=self._max_weight,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             raise AllreduceException("auxiliary averagers are not supported")
-        averaged = [tensor async for tensor in runner]
-        if runner.tensor_part_container.failed_size:
-            raise AllreduceException(
-                f"{runner.tensor_part_container.failed_size} values were not reduced (a reducer failed)"
-            )
+        try:
+            averaged = [tensor async for tensor in runner]
+            if runner.tensor_part_container.failed_size:
+                raise AllreduceException(
+                    f"{runner.tensor_part_container.failed_size} values were not reduced (a reducer failed)"
+                )
+        finally:
+            self._ban(runner.lying_reducers, "it sent an averaged part that no honest reducer can produce")
         await runner.wait_until_served(runner.reducer_timeout)
         for tensor, result in zip(tensors, averaged, strict=True):
             tensor.copy_(result)
@@ -652,10 +769,13 @@ class ExactAverager(DecentralizedAverager):
         self, request: averaging_pb2.JoinRequest, context: P2PContext
     ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:  # typing's: hivemind reads the hints
         # wraps DecentralizedAverager.rpc_join_group: in a private swarm, a leader refuses at once a follower whose
-        # metadata is not sealed with the swarm key for its own (libp2p-authenticated) peer id
+        # metadata is not sealed with the swarm key for its own (libp2p-authenticated) peer id; a banned one too
         metadata = gathered_metadata(self.serializer, request.gather, context.remote_id, self._access)
         if self._access.private and metadata is None:
             logger.debug(f"refused a join request from {context.remote_id}: no swarm key")
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        if self._banned(context.remote_id):  # and a reducer that lied to us never joins a group we lead
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         async for response in super().rpc_join_group(request, context):
@@ -687,10 +807,17 @@ class ExactAverager(DecentralizedAverager):
                 await asyncio.sleep(self.next_chunk_timeout or HANG_UP_TIMEOUT_S)
 
     def load_state_from(
-        self, donor: PeerID, *, chunk_timeout_s: float, total_timeout_s: float, max_bytes: int
+        self,
+        donor: PeerID,
+        *,
+        chunk_timeout_s: float,
+        total_timeout_s: float,
+        max_bytes: int,
+        min_rate_bytes_s: float = 0.0,
     ) -> tuple[dict, list[torch.Tensor]] | None:
-        """Download (metadata, tensors) from one given peer; None if it refused, failed, sent more than `max_bytes`
-        or took longer than `total_timeout_s` (a donor that trickles data is dropped, never waited for forever)."""
+        """Download (metadata, tensors) from one given peer; None if it refused, failed, sent more than `max_bytes`,
+        took longer than `total_timeout_s`, or, after its first `chunk_timeout_s`, had sent less than
+        `min_rate_bytes_s` per second (a donor that trickles data is dropped early, leaving time for the next)."""
         future = MPFuture()
         self._outer_pipe.send(
             (
@@ -701,6 +828,7 @@ class ExactAverager(DecentralizedAverager):
                     timeout=chunk_timeout_s,
                     total_timeout=total_timeout_s,
                     max_bytes=max_bytes,
+                    min_rate=min_rate_bytes_s,
                     future=future,
                 ),
             )
@@ -711,19 +839,28 @@ class ExactAverager(DecentralizedAverager):
             return None
 
     async def _load_state_from(
-        self, donor: PeerID, timeout: float, total_timeout: float, max_bytes: int, future: MPFuture
+        self,
+        donor: PeerID,
+        timeout: float,
+        total_timeout: float,
+        max_bytes: int,
+        future: MPFuture,
+        min_rate: float = 0.0,
     ) -> None:
         # mirrors the per-peer body of DecentralizedAverager._load_state_from_peers, for one given donor (hivemind
-        # picks donors itself), with the opening of the stream, the whole download and its size bounded too
+        # picks donors itself), with the opening of the stream, the whole download, its size and its rate bounded
         try:
-            await asyncio.wait_for(self._download_state(donor, timeout, max_bytes, future), total_timeout)
+            download = self._download_state(donor, timeout, max_bytes, future, min_rate)
+            await asyncio.wait_for(download, total_timeout)
         except Exception as e:
             logger.debug(f"state download from {donor} failed: {e!r}", exc_info=True)
         finally:
             if not future.done():
                 future.set_result(None)
 
-    async def _download_state(self, donor: PeerID, timeout: float, max_bytes: int, future: MPFuture) -> None:
+    async def _download_state(
+        self, donor: PeerID, timeout: float, max_bytes: int, future: MPFuture, min_rate: float = 0.0
+    ) -> None:
         """We hang up as soon as the number of tensors the donor announced in its metadata arrived whole (the donor
         keeps its end open until then, see rpc_download_state); a shorter stream is a failed download."""
         stub = self.get_stub(self._p2p, donor, namespace=self.prefix)
@@ -731,12 +868,19 @@ class ExactAverager(DecentralizedAverager):
         stream = await asyncio.wait_for(stub.rpc_download_state(request), timeout)
         metadata, parts, tensors, received = None, [], [], 0
         num_tensors, chunks_left = None, 0
+        started = time.monotonic()
         try:
             async for message in aiter_with_timeout(stream, timeout=timeout):
                 received += message.ByteSize()
                 if received > max_bytes:
                     raise AllreduceException(
                         f"donor {donor} sent more than the {max_bytes} bytes a state can take"
+                    )
+                late_s = time.monotonic() - started - timeout  # a chunk timeout's grace to start sending
+                if late_s > 0 and received < min_rate * late_s:
+                    raise AllreduceException(
+                        f"donor {donor} sent {received} bytes in {late_s + timeout:.0f}s, slower than "
+                        f"{min_rate:.0f} bytes/s (the rate that delivers a state within the state timeout)"
                     )
                 if message.metadata:
                     metadata = self.serializer.loads(message.metadata)

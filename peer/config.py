@@ -23,6 +23,8 @@ INNER_OPTIMIZERS = ("adamw", "adamw8bit")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# tokens in one inner step (batch x sequence length): bounds the averaging weight a peer may claim
+MAX_STEP_TOKENS = 2**24
 
 
 def setting(
@@ -147,6 +149,11 @@ class DataConfig:
             )
         if self.seq_len < 2:
             raise ValueError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.batch_size * self.seq_len > MAX_STEP_TOKENS:
+            raise ValueError(
+                f"--batch-size x --seq-len must be at most {MAX_STEP_TOKENS} tokens per step (the most a peer's "
+                f"averaging weight may claim), got {self.batch_size} x {self.seq_len}"
+            )
         if self.eval_tokens < 0:
             raise ValueError(f"--eval-tokens must be non-negative, got {self.eval_tokens}")
         if self.data_shard is not None:

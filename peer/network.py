@@ -17,6 +17,8 @@ from peer.records import HashRecord, ProgressRecord, SummaryRecord
 
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
 """Returns (metadata, tensors) of this peer's global state, for a peer that downloads it from us."""
+DonationCheck = Callable[[object, object], "str | None"]
+"""check(metadata, tensors): why a downloaded state is not usable (peer/state.py check_donation), or None."""
 
 
 class ScheduledAveraging(Protocol):
@@ -127,8 +129,11 @@ class SwarmNetwork(Protocol):
         still training that round count us in (a scheduled group time is published by schedule_averaging)."""
         ...
 
-    def download_state(self, donors: list[bytes]) -> tuple[dict, list[torch.Tensor]] | None:
-        """(metadata, tensors) from the first donor that sends a complete state; None if none did."""
+    def download_state(
+        self, donors: list[bytes], *, check: DonationCheck
+    ) -> tuple[dict, list[torch.Tensor]] | None:
+        """(metadata, tensors) from the first donor (each tried once, in the given order) that sends a complete state
+        that passes `check`; None if none did."""
         ...
 
     def shutdown(self) -> None: ...

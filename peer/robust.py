@@ -9,11 +9,12 @@ bit for bit unchanged and peers that compute the bound agree with the simulation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from peer.config import RunConfig
+from peer.config import MAX_STEP_TOKENS, RunConfig
 
 # |m_hat| / sqrt(v_hat) of Adam with beta1 = 0.9, beta2 = 0.95 stays below (1 - b1) / sqrt(1 - b2) / (1 - b1 / sqrt(b2))
 # ~ 5.8 however the gradients behave; twice that leaves room for bias correction and eps.
@@ -22,6 +23,11 @@ ADAM_UPDATE_BOUND = 12.0
 WEIGHT_CAP_FACTOR = 4.0
 # decoding a lossy codec (fp16, 8-bit blockwise) may overshoot a value slightly
 RECEIVED_VALUE_SLACK = 1.05
+# a reducer that returned an averaged part no honest reducer can produce is banned from our groups this long
+BAN_S = 600.0
+# peer ids a group member's ban list may name (read from its matchmaking metadata; the rest are ignored)
+MAX_BANS_GATHERED = 32
+MAX_PEER_ID_BYTES = 64
 
 
 def max_inner_steps(config: RunConfig) -> int:
@@ -40,13 +46,24 @@ def pseudo_gradient_bound(global_params: Sequence[torch.Tensor], config: RunConf
     return max_inner_steps(config) * per_step
 
 
-def capped_weights(weights: Sequence[float]) -> list[float]:
-    """Each weight capped at WEIGHT_CAP_FACTOR x the lower median, so one sender claiming a huge token count cannot
-    make the average its own update."""
+def max_round_tokens(config: RunConfig) -> int:
+    """The most tokens an honest peer can process in a round, so the largest averaging weight it can claim: H steps of
+    the largest step config.py allows (MAX_STEP_TOKENS), or with --round-tokens the budget plus the step that crosses
+    it. Every peer computes the same number: H and the budget are part of the run's fingerprint."""
+    if config.inner.round_tokens:
+        return config.inner.round_tokens + MAX_STEP_TOKENS
+    return config.inner.steps * MAX_STEP_TOKENS
+
+
+def capped_weights(weights: Sequence[float], *, max_weight: float) -> list[float]:
+    """Each weight capped at `max_weight` (max_round_tokens: no honest peer claims more, and the sum of a group's
+    weights stays finite whatever its senders claim), then at WEIGHT_CAP_FACTOR x the lower median, so one sender
+    claiming a huge token count cannot make the average its own update."""
     if not weights:
         return []
-    cap = WEIGHT_CAP_FACTOR * sorted(weights)[(len(weights) - 1) // 2]
-    return [min(float(w), cap) for w in weights]
+    absolute = [min(float(w), max_weight) for w in weights]
+    cap = WEIGHT_CAP_FACTOR * sorted(absolute)[(len(absolute) - 1) // 2]
+    return [min(w, cap) for w in absolute]
 
 
 def clamp_contribution(part: torch.Tensor, bound: float) -> torch.Tensor:
@@ -61,3 +78,30 @@ def within_bound(part: torch.Tensor, bound: float) -> bool:
     if not bool(torch.isfinite(part).all()):
         return False
     return bound <= 0 or part.numel() == 0 or float(part.abs().max()) <= bound * RECEIVED_VALUE_SLACK
+
+
+def parse_bans(value: object) -> frozenset[bytes]:
+    """The peer ids a group member says it bans, from its matchmaking metadata (a stranger's: bounded, typed)."""
+    if not isinstance(value, list | tuple):
+        return frozenset()
+    return frozenset(
+        peer
+        for peer in value[:MAX_BANS_GATHERED]
+        if isinstance(peer, bytes) and 0 < len(peer) <= MAX_PEER_ID_BYTES
+    )
+
+
+def excluded_members(members: Sequence[bytes], bans: Mapping[bytes, frozenset[bytes]]) -> frozenset[bytes]:
+    """The members of a group that a strict majority of its members ban (one vote per member, none about itself).
+
+    Every member computes this from the same gathered metadata, so they all run the all-reduce among the same peers.
+    A single attacker cannot exclude an honest peer (its one vote is no majority in a group of three or more), while
+    a reducer that lied to the whole group is banned by every honest member at once (they all received its lie)."""
+    group = set(members)
+    votes = Counter(
+        banned
+        for voter in group
+        for banned in bans.get(voter, frozenset())
+        if banned != voter and banned in group
+    )
+    return frozenset(member for member in group if 2 * votes[member] > len(group))

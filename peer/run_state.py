@@ -173,28 +173,30 @@ def download_run_state(
         while True:
             view = coordination.joining_view(swarm)
             if view is not None and view.majority_hash is not None and view.donors:
-                downloaded = swarm.download_state(view.donors)
+
+                def majority_hash(
+                    round_index: int,
+                ) -> str | None:  # what the live peers hold, not the donor's word
+                    return coordination.view_of_round(swarm, round_index, timeout_s=0.0).majority_hash
+
+                def problem(
+                    metadata: object, tensors: object, min_round: int = view.round_index
+                ) -> str | None:
+                    return state.check_donation(
+                        metadata, tensors, min_round=min_round, expected_state_hash=majority_hash
+                    )
+
+                downloaded = swarm.download_state(view.donors, check=problem)
                 if downloaded is not None:
                     metadata, tensors = downloaded
-
-                    def majority_hash(
-                        round_index: int,
-                    ) -> str | None:  # what the live peers hold, not the donor's word
-                        return coordination.view_of_round(swarm, round_index, timeout_s=0.0).majority_hash
-
-                    problem = state.check_donation(
-                        metadata, tensors, min_round=view.round_index, expected_state_hash=majority_hash
+                    num = len(params_like)
+                    return RunState(
+                        settings=settings,
+                        fingerprint=run_fingerprint,
+                        round=int(metadata["round"]),
+                        params_sha256=tensors_sha256(tensors[:num]),
+                        global_params=list(tensors[:num]),
                     )
-                    if problem is None:
-                        num = len(params_like)
-                        return RunState(
-                            settings=settings,
-                            fingerprint=run_fingerprint,
-                            round=int(metadata["round"]),
-                            params_sha256=tensors_sha256(tensors[:num]),
-                            global_params=list(tensors[:num]),
-                        )
-                    logger.warning(problem)
             if time.monotonic() >= deadline:
                 raise RunNotFound(f"could not download the state of run {run_id!r} within {timeout_s:.0f}s")
             time.sleep(POLL_S)

@@ -25,7 +25,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from pydantic.v1 import BaseModel, conbytes  # hivemind's schemas are pydantic v1
 
 from peer.config import RunConfig, SwarmConfig, differing_settings
-from peer.network import AveragingAttempt
+from peer.network import AveragingAttempt, DonationCheck
 from peer.reachability import check_reachability, check_relayed
 from peer.records import (
     SUMMARY_TTL_S,
@@ -466,8 +466,10 @@ class Swarm:
 
     # ---- state sharing ---------------------------------------------------------------------------------------
     # ---- state sharing ---------------------------------------------------------------------------------------
-    def download_state(self, donors: list[bytes]) -> tuple[dict, list[torch.Tensor]] | None:
-        return self.averaging.download_state(donors)
+    def download_state(
+        self, donors: list[bytes], *, check: DonationCheck
+    ) -> tuple[dict, list[torch.Tensor]] | None:
+        return self.averaging.download_state(donors, check=check)
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -17,7 +17,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
 from peer.config import RunConfig
-from peer.network import AveragingAttempt
+from peer.network import AveragingAttempt, DonationCheck
 from peer.outer import AveragingResult
 from peer.swarm_key import OpenAccess
 
@@ -42,10 +42,14 @@ class ScheduledStep:
     round_index: int
     scheduled_time: float
     how: str
-    """own (this peer chose the time), adopted (another peer of the round did), or after-inner (scheduled once
-    the inner phase was over)."""
+    """own (this peer chose the time), adopted (another peer of the round did), after-inner (scheduled once
+    the inner phase was over), or again (the round's first group had a lying reducer, now banned)."""
     lead_s: float
     """How long before the group time matchmaking started."""
+    order_key: bytes = b""
+    value_bound: float = 0.0
+    bans: frozenset[bytes] = frozenset()
+    """The peers we banned when matchmaking started (sent with our metadata)."""
 
     def cancel(self) -> None:
         self.control.cancel()
@@ -98,6 +102,7 @@ class RoundAveraging:
         # authenticated by libp2p) then says whose hash records may vote on this round's result (I3, I8).
         # In a private swarm it goes sealed with the swarm key for our peer id: every member checks every other's
         # before averaging (allreduce.py), and nobody outside the swarm can read it.
+        bans = self.averager.banned_peers()
         gather = self.access.seal_metadata(
             self.peer_id,
             {
@@ -108,6 +113,8 @@ class RoundAveraging:
                 "value_bound": float(value_bound),  # read back by our own averager process (allreduce.py)
                 "group_size": int(expected_peers),  # likewise: close the group as soon as it has this many
                 "group_time": float(scheduled_time),  # likewise: members closed in early may start until then
+                # reducers that lied to us: a member a majority of the group bans is left out of its all-reduce
+                "bans": bans,
             },
         )
         join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
@@ -126,7 +133,16 @@ class RoundAveraging:
             require_trigger=True,
             wait=False,
         )
-        return ScheduledStep(control, round_index, scheduled_time, how=how, lead_s=scheduled_time - now)
+        return ScheduledStep(
+            control,
+            round_index,
+            scheduled_time,
+            how=how,
+            lead_s=scheduled_time - now,
+            order_key=order_key,
+            value_bound=value_bound,
+            bans=frozenset(bans),
+        )
 
     def run(
         self,
@@ -156,6 +172,29 @@ class RoundAveraging:
                 f"[{self.short_id}] round {round_index + 1}: all-reduce failed: {type(e).__name__}: {e} "
                 f"(matchmaking {scheduled.how}, started {scheduled.lead_s:.1f}s before the group time)"
             )
+            if (
+                scheduled.how != "again"
+                and not should_stop()
+                and set(self.averager.banned_peers()) - scheduled.bans
+            ):
+                # A reducer lied to us: it lied to every member of the group (they all received the same bytes), so
+                # they all banned it just now and all average this round again at once, leaving it out, instead of
+                # losing the round. Once per round: a lie needs a new network identity to fail a round again.
+                logger.warning(f"[{self.short_id}] round {round_index + 1}: averaging again without the liar")
+                again = self.schedule(
+                    round_index,
+                    scheduled_time=get_dht_time() + self.config.swarm.matchmaking_s,
+                    order_key=scheduled.order_key,
+                    how="again",
+                    value_bound=scheduled.value_bound,
+                )
+                return self.run(
+                    again,
+                    pseudo_grads,
+                    tokens=tokens,
+                    should_stop=should_stop,
+                    during_allreduce=during_allreduce,
+                )
             return AveragingAttempt(None, began_transfer=bool(control.began_allreduce))
         if gathered is None:
             return AveragingAttempt(None)
@@ -183,28 +222,48 @@ class RoundAveraging:
             )
         )
 
-    def download_state(self, donors: list[bytes]) -> tuple[dict, list[torch.Tensor]] | None:
-        """Try donors in turn, each bounded in time and size; the first that sends a complete state wins (the caller
-        checks it against the swarm's majority hash)."""
+    def download_state(
+        self, donors: list[bytes], *, check: DonationCheck
+    ) -> tuple[dict, list[torch.Tensor]] | None:
+        """Try each distinct donor once, in turn, each bounded in time, size and rate; the first whose state passes
+        `check` (the caller's: the swarm's majority hash, not the donor's word) wins. A donor that sends a malformed,
+        wrong or slow state costs at most a chunk timeout or so beyond its share of the state timeout."""
         swarm = self.config.swarm
         deadline = time.monotonic() + swarm.state_timeout_s
-        for donor in donors[:MAX_DONORS_TRIED]:
+        # the rate at which a whole state arrives within the state timeout: an honest donor that is slower would
+        # make the download fail anyway, so a slower one is dropped early and leaves time for the next
+        min_rate_bytes_s = self.max_state_bytes / swarm.state_timeout_s
+        tried = 0
+        for donor in dict.fromkeys(donors):  # one try per network identity, however many records name it
             remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
+            if remaining_s <= 0 or tried == MAX_DONORS_TRIED:
                 break
             try:
                 peer_id = PeerID(donor)
             except Exception:  # an address that is no peer id: the record that named it lied
                 continue
+            tried += 1
             result = self.averager.load_state_from(
                 peer_id,
                 chunk_timeout_s=swarm.chunk_timeout_s,
                 total_timeout_s=remaining_s,
                 max_bytes=self.max_state_bytes,
+                min_rate_bytes_s=min_rate_bytes_s,
             )
-            if result is not None:
+            if result is None:
+                logger.warning(
+                    f"[{self.short_id}] state download from {peer_id} failed; trying the next donor"
+                )
+                continue
+            try:
+                problem = check(*result)
+            except Exception as e:  # what a stranger sent must not crash us, whatever the check trips on
+                problem = f"the donor's state could not be checked ({type(e).__name__})"
+            if problem is None:
                 return result
-            logger.warning(f"[{self.short_id}] state download from {peer_id} failed; trying next")
+            logger.warning(
+                f"[{self.short_id}] state from {peer_id} refused: {problem}; trying the next donor"
+            )
         return None
 
     def shutdown(self) -> None:
@@ -242,6 +301,7 @@ def _wait_cancellable(control, should_stop, *, timeout_s: float, during_allreduc
 
 def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_provider, access: OpenAccess):
     from peer.allreduce import ExactAverager
+    from peer.robust import max_round_tokens
 
     swarm = config.swarm
     return ExactAverager(
@@ -259,5 +319,6 @@ def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_
         client_mode=swarm.client_mode,
         state_provider=state_provider,
         access=access,
+        max_weight=float(max_round_tokens(config)),
         shutdown_timeout=3,
     )

@@ -10,20 +10,29 @@ KIND:
   reducer   returns averaged parts full of huge values for the shard it reduces
   records   publishes progress records with a group time far in the future, a false 'done' and the whole token
             budget, and a settings record of another fingerprint
+  metadata  trains honestly but serves malformed states to downloaders, a different malformation each request
+            (MALFORMED: metadata that does not parse or is no dict, wrong field types, a false tensor count, too
+            few tensors, wrong shapes, tensor bytes that do not decode)
+  trickle   trains honestly and serves its true state, but in 1 KiB chunks, one every TRICKLE_S seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import logging
 import sys
+import typing
 
 import torch
 
-ATTACKS = ("votes", "weight", "values", "reducer", "records")
+ATTACKS = ("votes", "weight", "values", "reducer", "records", "metadata", "trickle")
 HUGE = 3e38
 NUM_SYBILS = 3
+MALFORMED = ("garbage", "not-a-dict", "wrong-types", "false-count", "too-few", "wrong-shapes", "bad-bytes")
+TRICKLE_S = 2.0
+TRICKLE_CHUNK_BYTES = 1024
 
 
 def attacking_network(attack: str):
@@ -156,6 +165,84 @@ def lying_encode(compression, averaged):
     return serialized, deserialize_torch_tensor(serialized)
 
 
+def lying_donor(attack: str):
+    """An ExactAverager whose state serving lies as `attack` (metadata, trickle) says; everything else is honest."""
+    import asyncio
+
+    from hivemind.compression import CompressionInfo
+    from hivemind.p2p import P2PContext
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils.streaming import split_for_streaming
+
+    import peer.allreduce
+
+    log = logging.getLogger("peer.attacker")
+    kinds = itertools.cycle(MALFORMED)
+
+    class ExactAverager(
+        peer.allreduce.ExactAverager
+    ):  # hivemind names RPC handles after the class: keep the name
+        async def rpc_download_state(self, request, context):
+            metadata_bytes, tensors, _ = await self._get_current_state_from_host_process()
+            metadata = self.serializer.loads(metadata_bytes)
+            serialized = [
+                self.state_compression.compress(t, CompressionInfo.from_tensor(t, key=i), allow_inplace=False)
+                for i, t in enumerate(tensors)
+            ]
+            if attack == "trickle":
+                log.warning(f"serving a trickle (one {TRICKLE_CHUNK_BYTES}-byte chunk every {TRICKLE_S}s)")
+                first = True
+                for tensor in serialized:
+                    for part in split_for_streaming(tensor, TRICKLE_CHUNK_BYTES):
+                        yield averaging_pb2.DownloadData(
+                            tensor_part=part, metadata=metadata_bytes if first else b""
+                        )
+                        first = False
+                        await asyncio.sleep(TRICKLE_S)
+                return
+            kind = next(kinds)
+            log.warning(f"serving a malformed state: {kind}")
+            if kind == "garbage":
+                metadata_bytes = b"\xc1\xc1 not msgpack"
+            elif kind == "not-a-dict":
+                metadata_bytes = self.serializer.dumps(["round", 10**9])
+            elif kind == "wrong-types":
+                metadata_bytes = self.serializer.dumps(
+                    {**metadata, "round": "last", "inner_step": -1, peer.allreduce.STATE_TENSORS_KEY: "all"}
+                )
+            elif kind == "false-count":
+                metadata_bytes = self.serializer.dumps({**metadata, peer.allreduce.STATE_TENSORS_KEY: 10**9})
+            elif kind == "too-few":
+                serialized = serialized[:-1]
+                metadata_bytes = self.serializer.dumps(
+                    {**metadata, peer.allreduce.STATE_TENSORS_KEY: len(serialized)}
+                )
+            elif kind == "wrong-shapes":
+                flat = [t.reshape(-1) for t in tensors]
+                serialized = [
+                    self.state_compression.compress(t, CompressionInfo.from_tensor(t), allow_inplace=False)
+                    for t in flat
+                ]
+            elif kind == "bad-bytes":
+                serialized[0].buffer = serialized[0].buffer[:3]
+            first = True
+            for tensor in serialized:
+                for part in split_for_streaming(tensor):
+                    yield averaging_pb2.DownloadData(
+                        tensor_part=part, metadata=metadata_bytes if first else b""
+                    )
+                    first = False
+
+        # hivemind reads these hints to route the RPC (this module's postponed annotations would not resolve)
+        rpc_download_state.__annotations__ = {
+            "request": peer.allreduce.StateRequest,
+            "context": P2PContext,
+            "return": typing.AsyncIterator[averaging_pb2.DownloadData],
+        }
+
+    return ExactAverager
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -178,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         peer.allreduce.encode_once = (
             lying_encode  # the averager process is forked after this: it inherits the lie
         )
+    if own.attack in ("metadata", "trickle"):
+        import peer.allreduce
+
+        # peer/swarm_averaging.py imports the averager class from peer.allreduce when it builds one
+        peer.allreduce.ExactAverager = lying_donor(own.attack)
     from peer.signals import StopFlag
     from peer.train import Peer
 

@@ -10,20 +10,31 @@ import torch
 
 from peer.model import build_model, load_model_config
 from peer.outer import tensors_sha256
-from tests.integration.harness import hashes_by_round
+from tests.integration.harness import hashes_by_round, wait_for
 
 ROUNDS = 4
 
 
-def start(local_swarm, attack: str, *extra: str, wait_for: int = 3):
-    """Two honest peers and the attacker; the honest peers start training once `wait_for` peers look live to them
-    (an attacker whose records they ignore does not count)."""
+def start(
+    local_swarm,
+    attack: str,
+    *extra: str,
+    live: int = 3,
+    rounds: int = ROUNDS,
+    wait: bool = True,
+    attacker_args: tuple[str, ...] = (),
+):
+    """Two honest peers and the attacker; the honest peers start training once `live` peers look live to them
+    (an attacker whose records they ignore does not count) and stop after `rounds` (waited for if `wait`)."""
     local_swarm.start_bootstrap()
-    attacker = local_swarm.start_peer("attacker", *extra, "--attack", attack, module="tests.attacker")
-    args = ["--wait-for-peers", str(wait_for), *extra]
-    honest = [local_swarm.start_peer(f"honest{i}", "--max-rounds", str(ROUNDS), *args) for i in range(2)]
-    local_swarm.wait_rounds(honest, ROUNDS, timeout_s=300)
-    assert "ATTACKING" in attacker.log(), attacker.log()[-2000:]
+    attacker = local_swarm.start_peer(
+        "attacker", *extra, *attacker_args, "--attack", attack, module="tests.attacker"
+    )
+    args = ["--wait-for-peers", str(live), *extra]
+    honest = [local_swarm.start_peer(f"honest{i}", "--max-rounds", str(rounds), *args) for i in range(2)]
+    if wait:
+        local_swarm.wait_rounds(honest, rounds, timeout_s=300)
+        assert "ATTACKING" in attacker.log(), attacker.log()[-2000:]
     return honest, attacker
 
 
@@ -60,11 +71,36 @@ def test_an_inflated_weight_or_huge_values_move_the_model_only_within_the_bound(
 
 
 @pytest.mark.timeout(420)
-def test_a_lying_reducer_fails_rounds_but_never_poisons_the_model(local_swarm):
-    honest, _ = start(local_swarm, "reducer")
+def test_a_lying_reducer_is_banned_and_kept_out_of_the_round_and_later_groups(local_swarm):
+    # the honest peers train until the test ends; the attacker gives up on its own failed all-reduce soon, to come back
+    honest, attacker = start(
+        local_swarm, "reducer", rounds=1000, wait=False, attacker_args=("--allreduce-timeout-s", "20")
+    )
+
+    def kept_out(peer) -> bool:
+        # the round it lied in was averaged again without it, and once it was back trying to join groups (a round
+        # over after the one its own check refused), the honest peers applied two more rounds without it
+        theirs = attacker.records()
+        lied = next((i for i, r in enumerate(theirs) if r["failed"]), None)
+        back = theirs[lied + 1 : lied + 2] if lied is not None else []
+        return (
+            "averaging again without the liar" in peer.log()
+            and bool(back)
+            and (sum(not r["failed"] and r["time"] > back[0]["time"] for r in peer.records()) >= 2)
+        )
+
+    try:
+        wait_for(lambda: all(kept_out(p) for p in honest), timeout_s=300, what="the liar to be kept out")
+    except AssertionError:
+        raise AssertionError("".join(p.log()[-3000:] for p in [*honest, attacker])) from None
     assert_honest_agree_and_finite(honest)
     logs = "".join(peer.log() for peer in honest)
-    assert "beyond the bound" in logs  # its parts were seen and refused
+    assert "beyond the bound" in logs and "banning" in logs  # its parts were seen, refused, and it was banned
+    for peer in (
+        honest
+    ):  # every average they applied was the two honest peers' own: it never reduced a shard of theirs
+        applied = [r["group_size"] for r in peer.records() if not r["failed"]]
+        assert set(applied) == {2}, [(r["group_size"], r["failed"]) for r in peer.records()]
 
 
 @pytest.mark.timeout(420)

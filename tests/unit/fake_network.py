@@ -177,9 +177,10 @@ class FakeNetwork:
         self.swarm.results[scheduled.round_index] = attempt.result
         return attempt
 
-    def download_state(self, donors: list[bytes]):
+    def download_state(self, donors: list[bytes], *, check):
         self.swarm.downloads += 1
-        return self.swarm.donor_state
+        donated = self.swarm.donor_state
+        return None if donated is None or check(*donated) is not None else donated
 
     def shutdown(self) -> None:
         self.swarm.shut_down = True

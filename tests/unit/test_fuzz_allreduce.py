@@ -11,7 +11,6 @@ import math
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
-import pytest
 import torch
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import NoCompression
@@ -19,12 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peer.allreduce import OrderedPartReducer, encode_once
-from peer.outer import average_contributions
-from peer.robust import capped_weights
+from peer.config import RunConfig
+from peer.robust import capped_weights, max_round_tokens
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PART_TIMEOUT_S = 5.0  # a part that is not decided by then is a hung reducer (it takes microseconds)
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+MAX_WEIGHT = float(max_round_tokens(RunConfig()))  # the default run's cap: 500 steps of the largest batch
 
 part_shapes = st.lists(
     hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=6), min_size=1, max_size=3
@@ -113,6 +113,7 @@ def test_every_part_is_accepted_or_fails_only_its_sender(case):
             order_keys=order_keys,
             encode=functools.partial(encode_once, NoCompression()),
             value_bound=value_bound,
+            max_weight=MAX_WEIGHT,
         )
         banned: set[int] = set()
         outcomes = []
@@ -155,20 +156,33 @@ def check_within_the_contributions(averaged: torch.Tensor, accepted: list[tuple]
     if value_bound > 0:
         stacked = stacked.clamp(-value_bound, value_bound)
         assert float(averaged.abs().max()) <= value_bound * (1 + 4 * FLOAT32_EPS)
-    if not math.isfinite(sum(capped_weights([weight for _, weight in accepted]))):
-        return  # KNOWN: the weights' sum overflows and every share becomes 0 (the xfail test below)
+    assert math.isfinite(sum(capped_weights([weight for _, weight in accepted], max_weight=MAX_WEIGHT)))
     low, high = stacked.min(dim=0).values, stacked.max(dim=0).values
     slack = stacked.abs().max(dim=0).values * (len(accepted) + 1) * FLOAT32_EPS + 1e-44
     assert bool(((averaged.double() >= low - slack) & (averaged.double() <= high + slack)).all())
 
 
-@pytest.mark.xfail(
-    strict=True, reason="weights summing past the float range average to 0; reported, fix in robust.py"
-)
 def test_weights_summing_past_the_float_range_still_average_inside_the_contributions():
-    """Two of three senders claiming weight 1e308 (a double on the wire) overflow the sum of the weights, so every
-    share is 0 and the average is 0 instead of a mean of the contributions. Needs a majority of liars, and the result
-    stays within the value bound, but an absolute cap on weights (the tokens a round can hold) would rule it out."""
+    """Two of three senders claiming weight 1e308 (a double on the wire) would overflow the sum of the weights, and
+    every share would be 0: the average 0 instead of a mean of the contributions. The absolute cap (the tokens a round
+    can hold, peer/robust.py max_round_tokens) keeps the sum finite, at the reducer as here."""
     parts = [torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])]
-    averaged = average_contributions(parts, capped_weights([1.0, 1e308, 1e308]), [b"a", b"b", b"c"])
-    assert torch.equal(averaged, torch.tensor([1.0, 1.0]))
+
+    async def run():
+        reducer = OrderedPartReducer(
+            (torch.Size([2]),),
+            3,
+            part_dtypes=(torch.float32,),
+            order_keys=[b"a", b"b", b"c"],
+            encode=functools.partial(encode_once, NoCompression()),
+            max_weight=MAX_WEIGHT,
+        )
+        results = await hand_in(
+            reducer, 0, [0, 1, 2], list(zip(parts, [1.0, 1e308, 1e308], strict=True)), set()
+        )
+        reducer.finalize()
+        return results
+
+    results = asyncio.run(run())
+    assert all(not isinstance(r, BaseException) for r in results.values()), results
+    assert torch.equal(results[0][1], torch.tensor([1.0, 1.0]))

@@ -6,18 +6,23 @@ from __future__ import annotations
 import asyncio
 import functools
 
+import pytest
 import torch
 from hivemind.compression import NoCompression
 
 from peer.allreduce import OrderedPartReducer, encode_once
-from peer.config import DataConfig, InnerConfig, RunConfig
+from peer.config import MAX_STEP_TOKENS, DataConfig, InnerConfig, RunConfig
 from peer.inner import build_inner_optimizer, inner_step
 from peer.model import build_model, load_model_config
 from peer.outer import OuterOptimizer, average_contributions, tensors_sha256
 from peer.robust import (
+    MAX_BANS_GATHERED,
     RECEIVED_VALUE_SLACK,
     capped_weights,
     clamp_contribution,
+    excluded_members,
+    max_round_tokens,
+    parse_bans,
     pseudo_gradient_bound,
     within_bound,
 )
@@ -36,6 +41,7 @@ def reduce_once(parts: list[torch.Tensor], weights: list[float], bound: float) -
             order_keys=KEYS[: len(parts)],
             encode=functools.partial(encode_once, NoCompression()),
             value_bound=bound,
+            max_weight=1e9,
         )
         return await submit(reducer, [(s, 0, parts[s], weights[s]) for s in range(len(parts))])
 
@@ -66,9 +72,11 @@ def test_a_huge_finite_contribution_moves_the_average_by_at_most_the_bound():
 
 
 def test_an_inflated_weight_counts_at_most_four_times_the_median():
-    assert capped_weights([1.0, 1.0, 1e30]) == [1.0, 1.0, 4.0]
-    assert capped_weights([1.0, 1e30]) == [1.0, 4.0]  # two peers: the lower median is the honest one
-    assert capped_weights([1.0, 2.0, 4.0]) == [1.0, 2.0, 4.0]  # honest heterogeneous peers keep their weights
+    assert capped_weights([1.0, 1.0, 1e30], max_weight=1e9) == [1.0, 1.0, 4.0]
+    # two peers: the lower median is the honest one
+    assert capped_weights([1.0, 1e30], max_weight=1e9) == [1.0, 4.0]
+    # honest heterogeneous peers keep their weights
+    assert capped_weights([1.0, 2.0, 4.0], max_weight=1e9) == [1.0, 2.0, 4.0]
     parts = honest_parts()
     attacker = torch.full((SIZE,), 0.01)
     averaged = reduce_once([*parts, attacker], [1.0, 1.0, 1e30], bound=0.01)
@@ -76,6 +84,20 @@ def test_an_inflated_weight_counts_at_most_four_times_the_median():
     assert not torch.equal(averaged, attacker)
     expected = average_contributions([*parts, attacker], [1.0, 1.0, 4.0], KEYS)
     assert tensors_sha256([averaged]) == tensors_sha256([expected])
+
+
+def test_no_weight_counts_for_more_than_the_tokens_a_round_can_hold():
+    config = RunConfig(inner=InnerConfig(steps=10))
+    cap = max_round_tokens(config)
+    assert cap == 10 * MAX_STEP_TOKENS
+    budget = RunConfig(inner=InnerConfig(steps=10, round_tokens=5000))
+    assert max_round_tokens(budget) == 5000 + MAX_STEP_TOKENS
+    # a majority of liars moves the median, but not past the absolute cap: the sum stays finite
+    assert capped_weights([1.0, 1e308, 1e308], max_weight=cap) == [1.0, cap, cap]
+    assert capped_weights([float(MAX_STEP_TOKENS)] * 3, max_weight=cap) == [float(MAX_STEP_TOKENS)] * 3
+    # so no honest peer ever claims more than the cap
+    with pytest.raises(ValueError, match="tokens per step"):
+        DataConfig(batch_size=MAX_STEP_TOKENS, seq_len=2)
 
 
 def test_receivers_refuse_non_finite_and_out_of_bound_averages():
@@ -105,3 +127,30 @@ def test_real_pseudo_gradients_are_well_inside_the_bound():
     bound = pseudo_gradient_bound(outer.global_params, config)
     largest = max(float(g.abs().max()) for g in pseudo_grads)
     assert 0 < largest < bound / 2, (largest, bound)
+
+
+def test_a_member_banned_by_a_strict_majority_of_its_group_is_left_out():
+    honest, liar = [b"h1", b"h2", b"h3", b"h4"], b"liar"
+    members = [*honest, liar]
+    everyone_saw_it = {peer: frozenset({liar}) for peer in honest}
+    assert excluded_members(members, everyone_saw_it) == {liar}
+    # the liar accusing honest peers (even all of them) excludes nobody: one vote is no majority
+    accusations = {**everyone_saw_it, liar: frozenset(honest)}
+    assert excluded_members(members, accusations) == {liar}
+    assert excluded_members(members, {liar: frozenset(honest)}) == frozenset()
+    # half of the group is not a majority; votes about oneself and about non-members do not count
+    assert excluded_members(members, {b"h1": frozenset({liar}), b"h2": frozenset({liar})}) == frozenset()
+    assert (
+        excluded_members([b"a", b"b", b"c"], {b"a": frozenset({b"a"}), b"b": frozenset({b"a", b"x"})})
+        == set()
+    )
+    # two members: one accuser is no majority (a lone honest peer cannot tell who lied; see README)
+    assert excluded_members([b"a", b"b"], {b"a": frozenset({b"b"})}) == frozenset()
+    assert excluded_members([b"a", b"b", b"c"], {b"a": frozenset({b"c"}), b"b": frozenset({b"c"})}) == {b"c"}
+
+
+def test_a_ban_list_from_a_stranger_is_bounded_and_typed():
+    assert parse_bans(None) == frozenset()
+    assert parse_bans("liar") == frozenset()
+    assert parse_bans([b"a", "b", 3, b"", b"x" * 65, b"y" * 64]) == {b"a", b"y" * 64}
+    assert len(parse_bans([bytes([i]) for i in range(200)])) == MAX_BANS_GATHERED
