@@ -95,7 +95,7 @@ def view_of_round(
             donors = [
                 records[key].peer_id for key in view.donors if not (key in live and live[key].client_mode)
             ]
-            return dataclasses.replace(view, donors=donors)
+            return dataclasses.replace(view, donors=donors, complete=len(hashes) >= expected)
         time.sleep(HASH_POLL_S)
 
 

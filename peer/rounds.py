@@ -7,6 +7,7 @@ a clock: callers pass `now` (DHT time) and the records they read, so unit tests 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -263,6 +264,10 @@ class SwarmView:
     """Peers other than us that hold the majority hash: whom to download state from (their record keys; the
     caller maps them to network addresses)."""
     num_records: int
+    votes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """How many voters hold each hash."""
+    complete: bool = True
+    """Every voter expected for the round had published (False: the view was taken when the wait ran out)."""
 
 
 def round_hashes(
@@ -291,7 +296,7 @@ def majority_view(hashes: Mapping[bytes, str], *, round_index: int, me: bytes) -
         return SwarmView(round_index, None, [], 0)
     majority = max(counts, key=lambda h: (counts[h], h))
     donors = [pid for pid, h in hashes.items() if h == majority and pid != me]
-    return SwarmView(round_index, majority, donors, len(hashes))
+    return SwarmView(round_index, majority, donors, len(hashes), votes=dict(counts))
 
 
 def joining_round(
@@ -309,8 +314,12 @@ def joining_round(
 
 
 def should_resync(view: SwarmView, my_hash: str) -> bool:
-    """Our global state differs from the majority's and someone can give us theirs."""
-    return view.majority_hash not in (None, my_hash) and bool(view.donors)
+    """Our global state differs from the majority's and someone can give us theirs. A tie with our own hash settles
+    the round only once every expected voter has voted: while one is still missing, the hash order must not hand
+    the round to whoever published first (one liar and us, with the third voter's record late, is such a tie)."""
+    if view.majority_hash in (None, my_hash) or not view.donors:
+        return False
+    return view.complete or view.votes.get(view.majority_hash, 0) > view.votes.get(my_hash, 0)
 
 
 # ---- run identity (I5) --------------------------------------------------------------------------------------

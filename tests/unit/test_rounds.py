@@ -5,6 +5,7 @@ adopt a forked model; each branch here is one of those cases."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -314,3 +315,14 @@ def test_a_group_time_far_in_the_future_is_not_adopted():
 def test_a_claimed_crawl_does_not_stretch_the_schedule_beyond_the_straggler_wait():
     crawler = record(b"liar", 3, tokens_per_s=1e-9, eta=NOW + 1)
     assert progress(crawler).slowest_step_s == 30.0
+
+
+def test_a_tie_with_our_own_hash_waits_for_the_missing_voters():
+    """Us and one liar, with the third member's record still missing: the hash order must not pick the liar."""
+    hashes = {b"me": "a" * 64, b"liar": "f" * 64}
+    view = majority_view(hashes, round_index=3, me=b"me")
+    assert view.majority_hash == "f" * 64  # the tie-break alone would pick the liar
+    assert not should_resync(dataclasses.replace(view, complete=False), "a" * 64)
+    assert should_resync(view, "a" * 64)  # every voter voted: the tie is settled the same way on every peer
+    outvoted = majority_view({**hashes, b"other": "f" * 64}, round_index=3, me=b"me")
+    assert should_resync(dataclasses.replace(outvoted, complete=False), "a" * 64)
