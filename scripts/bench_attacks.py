@@ -13,13 +13,14 @@ Every member waits until all are live, so each run starts at round 0 together; a
 schedule (--total-steps: the attacker runs until stopped). A clean run in which a round failed or missed a member
 (it happens under a heavy load) is no reference and is run once more.
 
-Per run: the rounds every honest peer applied; failed rounds; the longest stall (the longest time an honest peer
-went without applying a round, from the start of its first round, in seconds and in round times of the clean run with
-as many members, clean-4's or clean-5's); whether an
+Per run: the rounds every honest peer applied; failed rounds; the round time (the median gap between an honest
+peer's rounds; against the clean run with as many members, a slowdown the attack and the machine's load both cause);
+the longest stall (the longest time an honest peer went without applying a round, from the start of its first round,
+in seconds and in the run's own round times, so that a load that slows every round is no stall); whether an
 honest peer crashed; whether one held a poisoned state (one the honest majority never held, a non-finite or the
 all-zero one; a peer that failed a round holds the state the majority held before it, which is stale, not poisoned,
 and repaired by its next resync); the held-out loss after the last round (median over honest peers) against both
-clean runs; whether the final state equals clean-5's. Targets (issue 11): no crash, no stall over two round times,
+clean runs; which clean run's final state it ended on, bit for bit. Targets (issue 11): no crash, no stall over two round times,
 no poisoned state, a loss at most 1% above clean-4's: the honest peers are no worse off than without the attacker
 (an attacker that trains honestly helps them, as much as clean-5 shows).
 
@@ -213,17 +214,20 @@ def simulated_hashes(rounds: int) -> list[str]:
 def report(results: dict[str, dict], *, simulated: list[str] | None) -> list[str]:
     clean4, clean5 = results["clean-4"], results["clean-5"]
     lines = [
-        f"round time (median gap between an honest peer's rounds): clean-4 {clean4['median_round_s']:.1f}s, "
-        f"clean-5 {clean5['median_round_s']:.1f}s (the unit of the stalls of runs with four and five members)",
-        "",
-        "| run | rounds applied (of recorded) | failed rounds (all peers) | longest stall | crashed | poisoned "
-        "| held-out loss | vs clean-4 | vs clean-5 | = clean-5 | group sizes | targets |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | rounds applied (of recorded) | failed rounds (all peers) | round time (vs clean) | longest stall "
+        "| crashed | poisoned | held-out loss | vs clean-4 | vs clean-5 | final state as | group sizes | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scenario, s in results.items():
-        round_s = (clean4 if scenario == "clean-4" else clean5)["median_round_s"]
-        stall_rounds = s["longest_stall_s"] / round_s
+        clean_round_s = (clean4 if scenario == "clean-4" else clean5)["median_round_s"]
+        # a stall is a gap between rounds much longer than the run's own rounds (a loaded machine slows them all)
+        stall_rounds = s["longest_stall_s"] / s["median_round_s"]
         vs4, vs5 = s["eval_loss"] / clean4["eval_loss"], s["eval_loss"] / clean5["eval_loss"]
+        same = [
+            name
+            for name, clean in (("clean-4", clean4), ("clean-5", clean5))
+            if s["final_hash"] == clean["final_hash"]
+        ]
         crashed = s["crashed"] or s["unfinished"]
         why = [
             *(["crash/unfinished"] if crashed else []),
@@ -234,10 +238,11 @@ def report(results: dict[str, dict], *, simulated: list[str] | None) -> list[str
         s["targets_missed"] = why
         lines.append(
             f"| {scenario} | {s['rounds_applied']} ({s['rounds_recorded']}) | {s['failed_rounds']} "
+            f"| {s['median_round_s']:.1f}s ({s['median_round_s'] / clean_round_s:.2f}x) "
             f"| {s['longest_stall_s']:.1f}s ({stall_rounds:.2f} rounds) | {', '.join(crashed) or 'no'} "
             f"| {', '.join(s['poisoned']) or 'no'} | {s['eval_loss']:.4f} | {vs4:.4f} | {vs5:.4f} "
-            f"| {'yes' if s['final_hash'] == clean5['final_hash'] else 'no'} "
-            f"| {'/'.join(map(str, s['group_sizes']))} | {'met' if not why else 'MISSED: ' + ', '.join(why)} |"
+            f"| {' '.join(same) or 'neither'} | {'/'.join(map(str, s['group_sizes']))} "
+            f"| {'met' if not why else 'MISSED: ' + ', '.join(why)} |"
         )
     if simulated is not None:
         networked = [clean5["hashes_by_round"].get(str(r + 1), {}) for r in range(len(simulated))]
