@@ -24,6 +24,7 @@ import socket
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -99,6 +100,59 @@ def make_averager(
         state_provider=lambda: ({}, []),
         shutdown_timeout=3,
         **extra,
+    )
+
+
+@dataclass
+class LoopPeer:
+    """One peer of a script that all-reduces the same input over and over (stress_allreduce, profile_allreduce)."""
+
+    values: torch.Tensor
+    order_key: bytes
+    dht: object
+    averager: object
+    timeout_s: float
+    """Bound on one all-reduce (step_timeout_s)."""
+
+    def average_once(self, peer_index: int):
+        return average_once(
+            self.averager,
+            self.values,
+            peer_index=peer_index,
+            order_key=self.order_key,
+            timeout_s=self.timeout_s,
+        )
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()
+        self.dht.shutdown()
+
+
+def start_loop_peer(
+    peer_index: int, args: argparse.Namespace, initial_peers: list[str], *, prefix: str, part_size_bytes=None
+) -> LoopPeer:
+    """Peer `peer_index`'s input, DHT and averager for `args.values` values (`args`: compression, peers,
+    matchmaking_s), in one torch thread."""
+    import hivemind
+
+    from peer.outer import contribution_key
+
+    torch.set_num_threads(1)
+    if args.compression == "int8":
+        import bitsandbytes.functional  # noqa: F401  (import before the averager forks, see ExactAverager)
+    values = make_input(peer_index, args.values)
+    dht = hivemind.DHT(initial_peers=initial_peers, start=True)
+    averager = make_averager(
+        [torch.zeros(args.values)],
+        dht,
+        prefix=prefix,
+        compression=args.compression,
+        num_peers=args.peers,
+        matchmaking_s=args.matchmaking_s,
+        part_size_bytes=part_size_bytes,
+    )
+    return LoopPeer(
+        values, contribution_key([values]), dht, averager, step_timeout_s(args.values, args.compression)
     )
 
 

@@ -29,6 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from swarm_procs import read_records  # noqa: E402
+
 STEPS = ("pseudo_grad_ready", "transfer_started", "transfer_ended", "averaged", "outer_applied", "agreed")
 SPANS = (  # (column, from step, to step)
     ("wait", "pseudo_grad_ready", "transfer_started"),
@@ -62,11 +65,7 @@ def round_spans(records_by_peer: dict[str, list[dict]]) -> list[dict[str, float]
 
 
 def analyze(run_dir: Path) -> list[dict[str, float]]:
-    records = {
-        path.stem: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        for path in sorted(run_dir.glob("peer*.jsonl"))
-    }
-    return round_spans(records)
+    return round_spans({path.stem: read_records(path) for path in sorted(run_dir.glob("peer*.jsonl"))})
 
 
 def table_row(k: int, spans: list[dict[str, float]]) -> str:

@@ -26,8 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_allreduce
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the peer package from this checkout
 import bench_allreduce as bar  # noqa: E402
@@ -90,39 +88,20 @@ def process_kinds(worker_pids: list[int], averager_pids: list[int]) -> dict[str,
 
 
 def worker(peer_index: int, args, initial_peers: list[str], barrier, results) -> None:
-    import hivemind
-
-    from peer.outer import contribution_key
-
-    torch.set_num_threads(1)
-    if args.compression == "int8":
-        import bitsandbytes.functional  # noqa: F401  (see bench_allreduce: import before the averager forks)
-    values = bar.make_input(peer_index, args.values)
-    order_key = contribution_key([values])
-    dht = hivemind.DHT(initial_peers=initial_peers, start=True)
-    averager = bar.make_averager(
-        [torch.zeros(args.values)],
-        dht,
-        prefix="profile",
-        compression=args.compression,
-        num_peers=args.peers,
-        matchmaking_s=args.matchmaking_s,
-        part_size_bytes=args.part_size,
+    peer = bar.start_loop_peer(
+        peer_index, args, initial_peers, prefix="profile", part_size_bytes=args.part_size
     )
-    timeout_s = bar.step_timeout_s(args.values, args.compression)
+    timeout_s = peer.timeout_s
     try:
-        results.put(("pids", peer_index, os.getpid(), averager.pid))
+        results.put(("pids", peer_index, os.getpid(), peer.averager.pid))
         for index in range(args.allreduces + 1):  # the first one warms up, unprofiled
             barrier.wait(timeout=120 + timeout_s)  # the parent starts or keeps sampling between the barriers
             barrier.wait(timeout=120 + timeout_s)
-            wall_s, stats, digest, _ = bar.average_once(
-                averager, values, peer_index=peer_index, order_key=order_key, timeout_s=timeout_s
-            )
+            wall_s, stats, digest, _ = peer.average_once(peer_index)
             results.put(("run", index, peer_index, wall_s, stats, digest))
         barrier.wait(timeout=120 + timeout_s)
     finally:
-        averager.shutdown()
-        dht.shutdown()
+        peer.shutdown()
 
 
 def parse_raw(path: Path) -> tuple[collections.Counter, collections.Counter]:

@@ -11,7 +11,6 @@ whether any peer ended on a different model. Everything runs on 127.0.0.1 and is
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from swarm_procs import Child, read_records, wait_for_file  # noqa: E402
+from swarm_procs import Child, read_records, start_hogs, stop_hogs, wait_for_file  # noqa: E402
 
 PEER_ARGS = [
     "--model",
@@ -149,13 +148,6 @@ class Soak:
         return {name: read_records(self.run_dir / f"{name}.jsonl") for name in names}
 
 
-def cpu_hog() -> None:
-    """A process that keeps one CPU busy until killed (the soak's competing load)."""
-    os.setsid()
-    while True:
-        sum(i * i for i in range(10_000))
-
-
 def report(records: dict[str, list[dict]], final_peers: list[str]) -> dict:
     by_round: dict[int, dict[str, str]] = {}
     first_seen: dict[int, float] = {}
@@ -211,13 +203,8 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     soak = Soak(run_dir, env, args.seed)
     print(f"run directory: {run_dir}", flush=True)
-    hogs: list[int] = []
+    hogs = start_hogs(args.cpu_hogs)
     try:
-        for _ in range(args.cpu_hogs):
-            pid = os.fork()
-            if pid == 0:
-                cpu_hog()
-            hogs.append(pid)
         soak.start_bootstrap()
         for _ in range(args.peers):
             soak.start_peer("--wait-for-peers", str(args.peers))
@@ -260,10 +247,7 @@ def main() -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        for pid in hogs:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
+        stop_hogs(hogs)
         for child in list(soak.peers.values()):
             child.kill()
         if soak.bootstrap is not None:

@@ -18,48 +18,27 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_allreduce
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the peer package from this checkout
 import bench_allreduce as bar  # noqa: E402
+from swarm_procs import start_hogs, stop_hogs  # noqa: E402
 
 BARRIER_TIMEOUT_S = 120.0
 
 
 def worker(peer_index: int, args: argparse.Namespace, initial_peers: list[str], barrier, results) -> None:
     """One peer: one DHT and one averager, `args.allreduces` all-reduces; reports (index, ok, sha256 or error)."""
-    import hivemind
-
-    from peer.outer import contribution_key
-
-    torch.set_num_threads(1)
-    if args.compression == "int8":
-        import bitsandbytes.functional  # noqa: F401  (see bench_allreduce: import before the averager forks)
-    values = bar.make_input(peer_index, args.values)
-    order_key = contribution_key([values])
-    dht = hivemind.DHT(initial_peers=initial_peers, start=True)
-    averager = bar.make_averager(
-        [torch.zeros(args.values)],
-        dht,
-        prefix="stress",
-        compression=args.compression,
-        num_peers=args.peers,
-        matchmaking_s=args.matchmaking_s,
-    )
-    timeout_s = bar.step_timeout_s(args.values, args.compression)
+    peer = bar.start_loop_peer(peer_index, args, initial_peers, prefix="stress")
+    timeout_s = peer.timeout_s
     try:
         for index in range(args.allreduces):
             barrier.wait(timeout=BARRIER_TIMEOUT_S + timeout_s)
             try:
-                _, _, digest, group_size = bar.average_once(
-                    averager, values, peer_index=peer_index, order_key=order_key, timeout_s=timeout_s
-                )
+                _, _, digest, group_size = peer.average_once(peer_index)
                 results.put(("result", index, peer_index, group_size == args.peers, digest))
             except Exception as e:  # a failed all-reduce is what this script counts
                 results.put(("result", index, peer_index, False, f"{type(e).__name__}: {e}"))
@@ -69,15 +48,8 @@ def worker(peer_index: int, args: argparse.Namespace, initial_peers: list[str], 
         barrier.abort()
         raise
     finally:
-        averager.shutdown()
-        dht.shutdown()
+        peer.shutdown()
     results.put(("done", peer_index))
-
-
-def start_hogs(num_hogs: int) -> list[subprocess.Popen]:
-    return [
-        subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True) for _ in range(num_hogs)
-    ]
 
 
 def run(args: argparse.Namespace, initial_peers: list[str]) -> dict:
@@ -189,9 +161,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
+        stop_hogs(hogs)
         with contextlib.suppress(Exception):
             root.shutdown()
         bar.kill_descendants()

@@ -62,3 +62,16 @@ def wait_for_file(path: Path, child: Child, timeout_s: float) -> list[str]:
             raise RuntimeError(f"{child.name} exited early; see {child.log_path}")
         time.sleep(0.2)
     raise RuntimeError(f"{child.name} did not become ready within {timeout_s:.0f}s; see {child.log_path}")
+
+
+def start_hogs(num_hogs: int) -> list[subprocess.Popen]:
+    """`yes > /dev/null` processes that keep CPUs busy beside a swarm (stop_hogs ends them)."""
+    return [
+        subprocess.Popen(["yes"], stdout=subprocess.DEVNULL, start_new_session=True) for _ in range(num_hogs)
+    ]
+
+
+def stop_hogs(hogs: list[subprocess.Popen]) -> None:
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
