@@ -95,12 +95,16 @@ class OuterOptimizer:
     def step_(self, averaged_pseudo_grads: Sequence[torch.Tensor]) -> None:
         """SGD with Nesterov momentum, written out so every peer does exactly the same float operations:
         buf = m * buf + g;  theta -= lr * (g + m * buf)."""
-        self.changed()
         lr, momentum = self.config.lr, self.config.momentum
-        for theta, buf, grad in zip(self.global_params, self.momentum, averaged_pseudo_grads, strict=True):
-            buf.mul_(momentum).add_(grad)
-            update = grad + buf * momentum
-            theta.sub_(update * lr)
+        try:
+            for theta, buf, grad in zip(
+                self.global_params, self.momentum, averaged_pseudo_grads, strict=True
+            ):
+                buf.mul_(momentum).add_(grad)
+                update = grad + buf * momentum
+                theta.sub_(update * lr)
+        finally:
+            self.changed()
 
     @torch.no_grad()
     def rebase_(self, local_params: Sequence[torch.Tensor], snapshot: Sequence[torch.Tensor]) -> None:
@@ -120,9 +124,9 @@ class OuterOptimizer:
             p.copy_(g.to(p.device, p.dtype))
 
     def changed(self) -> None:
-        """Forget the hashes: the global parameters or the momentum were (or are about to be) modified."""
+        """Forget the hashes: the global parameters or the momentum were modified. Called once a change is complete,
+        so that a hash computed while the tensors were being written is never kept (see `hashes`)."""
         self._version += 1
-        self._hashes = None
 
     def hashes(self) -> tuple[str, str]:
         """(sha256 of the global parameters, sha256 of the global parameters then the momentum), in one pass over
@@ -152,10 +156,14 @@ class OuterOptimizer:
     @torch.no_grad()
     def load_state_tensors_(self, tensors: Sequence[torch.Tensor]) -> None:
         num = len(self.global_params)
-        self.changed()
         if len(tensors) != 2 * num:
             raise ValueError(f"state has {len(tensors)} tensors, expected {2 * num}")
-        for dst, src in zip(self.global_params + self.momentum, tensors, strict=True):
-            if dst.shape != src.shape:
-                raise ValueError(f"state tensor shape {tuple(src.shape)} does not match {tuple(dst.shape)}")
-            dst.copy_(src.to(torch.float32))
+        try:
+            for dst, src in zip(self.global_params + self.momentum, tensors, strict=True):
+                if dst.shape != src.shape:
+                    raise ValueError(
+                        f"state tensor shape {tuple(src.shape)} does not match {tuple(dst.shape)}"
+                    )
+                dst.copy_(src.to(torch.float32))
+        finally:  # also after a partial copy
+            self.changed()
