@@ -64,8 +64,10 @@ from peer.outer import average_contributions
 from peer.robust import (
     BAN_S,
     MAX_BANS_GATHERED,
+    NORM_CLIP_FACTOR,
     capped_weights,
     clamp_contribution,
+    clip_to_median_norm,
     excluded_members,
     parse_bans,
     within_bound,
@@ -132,6 +134,7 @@ class OrderedPartReducer(TensorPartReducer):
         self.max_weight = max_weight
         """No sender's weight counts for more than this (peer/robust.py max_round_tokens)."""
         self.pending: dict[int, tuple[torch.Tensor, float]] = {}
+        self.clipped_senders: set[bytes] = set()
         self.next_turn: asyncio.Future | None = None
         super().__init__(part_shapes, num_senders)
 
@@ -231,11 +234,22 @@ class OrderedPartReducer(TensorPartReducer):
     def average_and_encode(
         self, parts: list[torch.Tensor], weights: list[float], order_keys: list[bytes]
     ) -> ReducedPart:
-        """(in a worker thread) Clamp each contribution to the bound, cap the weights (peer/robust.py), average in
-        canonical order, encode the result once and wrap it in the one reply message every sender gets."""
+        """(in a worker thread) Clamp each contribution to the bound, scale it to the group's median norm, cap the
+        weights (peer/robust.py), average in canonical order, encode the result once and wrap it in the one reply
+        message every sender gets."""
         clamped = [clamp_contribution(part, self.value_bound) for part in parts]
+        clipped, scaled_down = clip_to_median_norm(clamped)
+        for i in scaled_down:
+            if (
+                order_keys[i] not in self.clipped_senders
+            ):  # once per sender and all-reduce: an attacker clips every part
+                self.clipped_senders.add(order_keys[i])
+                logger.warning(
+                    f"scaled a contribution down to {NORM_CLIP_FACTOR:g}x the group's median norm (contribution "
+                    f"{order_keys[i].hex()[:8]}); later parts of it are scaled silently"
+                )
         capped = capped_weights(weights, max_weight=self.max_weight)
-        serialized, decoded = self.encode(average_contributions(clamped, capped, order_keys))
+        serialized, decoded = self.encode(average_contributions(clipped, capped, order_keys))
         return averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized), decoded
 
 

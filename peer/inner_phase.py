@@ -17,7 +17,7 @@ from peer.faults import FaultPlan
 from peer.inner import build_inner_optimizer, inner_lr, inner_step, inner_step_options, schedule_step
 from peer.network import ScheduledAveraging, SwarmNetwork
 
-CHECK_PERIOD_S = 0.5  # how often the inner phase reads the swarm's progress (DHT lookups cost milliseconds)
+CHECK_PERIOD_S = 0.5  # how often the inner phase reads the swarm's progress near a round's end
 
 
 @dataclass
@@ -31,6 +31,8 @@ class InnerPhase:
     """This round's all-reduce, if its matchmaking was started during the inner phase."""
     resynced: bool = False
     """The peer adopted the swarm's state during the phase (--overlap): nothing to contribute this round."""
+    check_every_s: float = CHECK_PERIOD_S
+    """How long until the next read of the swarm's progress (`every_check` sets it: rounds.check_period_s)."""
 
 
 class LocalTrainer:
@@ -72,7 +74,7 @@ class LocalTrainer:
     ) -> InnerPhase:
         """Inner steps until the round ends: H steps, or with --round-tokens until `every_check` says the swarm has
         processed the budget. `on_step(step)` records our position; `between_steps` runs after every step and
-        `every_check` every CHECK_PERIOD_S; either ends the phase by returning True."""
+        `every_check` every phase.check_every_s (which it sets); either ends the phase by returning True."""
         config, H = self.config, self.config.inner.steps
         budget = config.inner.round_tokens
         tokens_per_step = config.data.batch_size * config.data.seq_len
@@ -117,9 +119,9 @@ class LocalTrainer:
             if between_steps(phase):
                 break
             if now >= next_check:
-                next_check = now + CHECK_PERIOD_S
                 if every_check(phase):
                     break
+                next_check = now + phase.check_every_s
         bar.close()
         network.report_progress(
             round_index=round_index,

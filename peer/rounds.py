@@ -185,6 +185,17 @@ def should_schedule(
     return progress.end_eta - now <= schedule_slack_s(progress, timing) + 2 * check_period_s
 
 
+def check_period_s(progress: RoundProgress, *, now: float, timing: Timing, base_s: float) -> float:
+    """How long the inner phase may train before it reads the swarm's progress again: `base_s` once the round's end
+    is near (should_schedule assumes it), but up to one progress period (and 4 x base_s) while the end is further
+    than the scheduling slack plus two progress periods away. The records it reads change about once per progress
+    period, so reading them faster early in a round only multiplies every peer's DHT traffic by k."""
+    if progress.closed or progress.scheduled_time:
+        return base_s
+    far_s = progress.end_eta - now - schedule_slack_s(progress, timing) - 2 * timing.progress_period_s
+    return min(timing.progress_period_s, 4 * base_s, max(base_s, far_s / 2))
+
+
 def scheduled_group_time(progress: RoundProgress, *, now: float, timing: Timing) -> tuple[float, str]:
     """The group time to schedule for, and how it was chosen: adopted (another peer of the round chose it) or own."""
     if progress.scheduled_time:

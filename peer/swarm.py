@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -365,6 +366,7 @@ class Swarm:
         self._publish_now.set()
 
     def _publish_periodically(self) -> None:
+        settings_published = -math.inf
         while not self._stop.is_set():
             expiration = get_dht_time() + RECORD_TTL_S
             try:
@@ -374,12 +376,15 @@ class Swarm:
                     value=self._progress.dict(),
                     expiration_time=expiration,
                 )
-                self._store(
-                    self._settings_key,
-                    subkey=self._public_key,
-                    value=self._settings_record().dict(),
-                    expiration_time=expiration,
-                )
+                # the settings never change: renewed three times per lifetime, not with every progress update
+                if time.monotonic() - settings_published >= RECORD_TTL_S / 3:
+                    self._store(
+                        self._settings_key,
+                        subkey=self._public_key,
+                        value=self._settings_record().dict(),
+                        expiration_time=expiration,
+                    )
+                    settings_published = time.monotonic()
             except Exception as e:  # the DHT may be shutting down
                 logger.debug(f"progress publish failed: {e!r}")
             self._publish_now.wait(self.config.swarm.progress_period_s)

@@ -332,6 +332,7 @@ class Peer:
                 value_bound=pseudo_gradient_bound(self.state.outer.global_params, self.config),
                 expected_peers=progress.peers,
             )
+        phase.check_every_s = rounds.check_period_s(progress, now=now, timing=timing, base_s=CHECK_PERIOD_S)
         return bool(timing.round_tokens) and progress.closed
 
     def straggler_wait_s(self) -> float:

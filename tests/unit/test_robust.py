@@ -17,9 +17,11 @@ from peer.model import build_model, load_model_config
 from peer.outer import OuterOptimizer, average_contributions, tensors_sha256
 from peer.robust import (
     MAX_BANS_GATHERED,
+    NORM_CLIP_FACTOR,
     RECEIVED_VALUE_SLACK,
     capped_weights,
     clamp_contribution,
+    clip_to_median_norm,
     excluded_members,
     max_round_tokens,
     parse_bans,
@@ -82,8 +84,36 @@ def test_an_inflated_weight_counts_at_most_four_times_the_median():
     averaged = reduce_once([*parts, attacker], [1.0, 1.0, 1e30], bound=0.01)
     # without the cap the average would be the attacker's update exactly
     assert not torch.equal(averaged, attacker)
-    expected = average_contributions([*parts, attacker], [1.0, 1.0, 4.0], KEYS)
+    clipped, scaled_down = clip_to_median_norm([*parts, attacker])
+    assert scaled_down == [
+        2
+    ]  # and its values, ten times an honest peer's, are scaled to twice the median norm
+    expected = average_contributions(clipped, [1.0, 1.0, 4.0], KEYS)
     assert tensors_sha256([averaged]) == tensors_sha256([expected])
+
+
+def test_a_contribution_far_above_the_median_norm_is_scaled_down_and_honest_ones_pass_bit_for_bit():
+    parts = honest_parts()
+    attacker = torch.full((SIZE,), 0.01)  # within the value bound, ten times an honest peer's norm
+    clipped, scaled_down = clip_to_median_norm([parts[0], attacker, parts[1]])
+    assert scaled_down == [1]
+    assert clipped[0] is parts[0] and clipped[2] is parts[1]
+    median = sorted(float(p.norm()) for p in [parts[0], attacker, parts[1]])[1]
+    assert float(clipped[1].norm()) == pytest.approx(NORM_CLIP_FACTOR * median, rel=1e-5)
+    assert torch.allclose(clipped[1] / clipped[1].norm(), attacker / attacker.norm())  # direction kept
+    # the reducer applies it: the attacker's pull on the average is at most its share of twice the median norm
+    averaged = reduce_once([parts[0], parts[1], attacker], [1.0, 1.0, 1.0], bound=0.01)
+    clean = average_contributions(parts, [1.0, 1.0], KEYS[:2])
+    assert float((averaged - clean * 2 / 3).norm()) <= NORM_CLIP_FACTOR * median / 3 * 1.0001
+    # a tiny (or zero) contribution among three cannot shrink the honest ones: the lower median is honest
+    clipped, scaled_down = clip_to_median_norm([parts[0], torch.zeros(SIZE), parts[1]])
+    assert scaled_down == [] and clipped[0] is parts[0]
+    # of two senders the smaller norm is the reference: an attacker can shrink an update, not replace it
+    _, scaled_down = clip_to_median_norm([parts[0], attacker])
+    assert scaled_down == [1]
+    # norms of the largest finite values do not overflow
+    clipped, scaled_down = clip_to_median_norm([*parts, torch.full((SIZE,), 3e38)])
+    assert scaled_down == [2] and bool(torch.isfinite(clipped[2]).all())
 
 
 def test_no_weight_counts_for_more_than_the_tokens_a_round_can_hold():

@@ -16,6 +16,7 @@ from peer.rounds import (
     RoundProgress,
     Timing,
     after_inner_group_time,
+    check_period_s,
     group_time,
     joining_round,
     majority_view,
@@ -183,6 +184,30 @@ def test_later_peers_adopt_the_scheduled_time_if_they_can_make_it():
     assert not should_schedule(
         found, now=chosen - JOIN_MARGIN_S / 2, my_eta=NOW, timing=TIMING, check_period_s=0.5
     )
+
+
+def test_progress_is_read_less_often_while_the_round_end_is_far_and_every_half_second_near_it():
+    slow_timing = Timing(matchmaking_s=2.0, progress_period_s=2.0, chunk_timeout_s=10.0)
+    far = progress(record(b"b", 3, eta=NOW + 100), mine=record(b"me", 3, eta=NOW + 100))
+    assert check_period_s(far, now=NOW, timing=slow_timing, base_s=0.5) == 2.0  # one progress period
+    assert check_period_s(far, now=NOW, timing=TIMING, base_s=0.5) == 1.0  # never more than one
+    assert check_period_s(far, now=NOW, timing=TIMING, base_s=0.1) == 0.4  # nor 4 x the base
+    near = progress(record(b"b", 3, eta=NOW + 3), mine=record(b"me", 3, eta=NOW + 3))
+    assert check_period_s(near, now=NOW, timing=slow_timing, base_s=0.5) == 0.5
+    # the base period, wherever should_schedule could say yes at the next check after a longer wait
+    for eta in range(0, 100):
+        found = progress(record(b"b", 3, eta=NOW + eta), mine=record(b"me", 3, eta=NOW + eta))
+        wait_s = check_period_s(found, now=NOW, timing=slow_timing, base_s=0.5)
+        if wait_s > 0.5:
+            assert not should_schedule(
+                found, now=NOW + wait_s, my_eta=NOW + eta, timing=slow_timing, check_period_s=0.5
+            )
+    # once another peer scheduled the group, or the round closed, back to the base period
+    scheduled = progress(
+        record(b"b", 3, eta=NOW + 100, averaging=3, scheduled_time=NOW + 5),
+        mine=record(b"me", 3, eta=NOW + 100),
+    )
+    assert check_period_s(scheduled, now=NOW, timing=slow_timing, base_s=0.5) == 0.5
 
 
 def test_never_scheduled_ahead_with_overlap_alone_or_while_a_peer_is_behind():
