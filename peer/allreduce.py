@@ -125,6 +125,7 @@ class OrderedPartReducer(TensorPartReducer):
         encode: Callable[[torch.Tensor], EncodedPart],
         value_bound: float = 0.0,
         max_weight: float = math.inf,
+        combine: Callable[..., torch.Tensor] = average_contributions,
     ):
         # mirrors TensorPartReducer.__init__; adds the expected dtypes, the order keys, the encoder and the bounds
         assert len(part_dtypes) == len(part_shapes) and len(order_keys) == num_senders
@@ -133,6 +134,8 @@ class OrderedPartReducer(TensorPartReducer):
         """Every contribution is clamped into [-value_bound, value_bound] (0: no bound; see peer/robust.py)."""
         self.max_weight = max_weight
         """No sender's weight counts for more than this (peer/robust.py max_round_tokens)."""
+        self.combine = combine
+        """(parts, weights, order keys) -> the part's average: --aggregation (peer/robust.py AGGREGATORS)."""
         self.pending: dict[int, tuple[torch.Tensor, float]] = {}
         self.clipped_senders: set[bytes] = set()
         self.next_turn: asyncio.Future | None = None
@@ -249,7 +252,7 @@ class OrderedPartReducer(TensorPartReducer):
                     f"{order_keys[i].hex()[:8]}); later parts of it are scaled silently"
                 )
         capped = capped_weights(weights, max_weight=self.max_weight)
-        serialized, decoded = self.encode(average_contributions(clipped, capped, order_keys))
+        serialized, decoded = self.encode(self.combine(clipped, capped, order_keys))
         return averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized), decoded
 
 
@@ -264,6 +267,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         value_bound: float = 0.0,
         group_time: float = 0.0,
         max_weight: float = math.inf,
+        combine: Callable[..., torch.Tensor] = average_contributions,
         **kwargs,
     ):
         # extends AllReduceRunner.__init__: the container returns averages instead of deltas, and hivemind's
@@ -295,6 +299,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             encode=functools.partial(encode_once, compression),
             value_bound=value_bound,
             max_weight=max_weight,
+            combine=combine,
         )
         self._streams_serving = 0
         self._all_streams_served = asyncio.Event()
@@ -575,6 +580,7 @@ class ExactAverager(DecentralizedAverager):
         max_state_requests: int = 2,
         access: OpenAccess | None = None,
         max_weight: float = math.inf,
+        combine: Callable[..., torch.Tensor] = average_contributions,
         **kwargs,
     ):
         self._state_provider = state_provider
@@ -582,6 +588,7 @@ class ExactAverager(DecentralizedAverager):
         self._access = OpenAccess() if access is None else access
         # the most any sender's weight counts for (peer/robust.py max_round_tokens)
         self._max_weight = max_weight
+        self._combine = combine  # --aggregation (peer/robust.py AGGREGATORS)
         # state downloads served at once: each one copies the whole state, so a crowd of requests (or one stranger
         # asking over and over) must not exhaust this peer's memory or bandwidth (I8)
         self._max_state_requests = max_state_requests
@@ -741,6 +748,7 @@ class ExactAverager(DecentralizedAverager):
             value_bound=float(value_bound),
             group_time=float(group_time) if isinstance(group_time, (int, float)) else 0.0,
             max_weight=self._max_weight,
+            combine=self._combine,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"

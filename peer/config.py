@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from peer.swarm_key import read_swarm_key
 
 COMPRESSIONS = ("none", "fp16", "int8")
+AGGREGATIONS = ("mean", "trimmed-mean")
 INNER_OPTIMIZERS = ("adamw", "adamw8bit")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -247,6 +248,10 @@ class OuterConfig:
     # None until RunConfig resolves it from the model preset (default_outer_momentum)
     compression: str = setting("none", choices=COMPRESSIONS)
     """Pseudo-gradient encoding on the wire: none, fp16 or int8 (blockwise 8-bit)."""
+    aggregation: str = setting("mean", choices=AGGREGATIONS)
+    """How a group combines its pseudo-gradients: mean (the paper's weighted mean) or trimmed-mean (per value, the
+    highest and the lowest contribution of a group of three or more are left out: for open swarms, where one peer
+    may lie; see README Security)."""
     overlap: bool = False
     """All-reduce round r in the background while round r+1's inner steps run (hides communication). A local
     choice, not part of the fingerprint: peers with and without it can train together."""
@@ -259,6 +264,10 @@ class OuterConfig:
         if self.compression not in COMPRESSIONS:
             raise ValueError(
                 f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}"
+            )
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}"
             )
 
 
@@ -446,6 +455,7 @@ SHARED_SETTINGS = frozenset(
         "outer_lr",
         "outer_momentum",
         "compression",
+        "aggregation",
     }
 )
 """The settings that change the math every peer must compute alike: the initial model (architecture, seed or
@@ -544,6 +554,7 @@ def shared_values(config: RunConfig) -> dict:
         "outer_lr": outer.lr,
         "outer_momentum": outer.momentum,
         "compression": outer.compression,
+        "aggregation": outer.aggregation,
     }
 
 

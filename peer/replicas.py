@@ -18,7 +18,8 @@ import torch
 from peer.config import COMPRESSIONS, OuterConfig, RunConfig, setting
 from peer.data import data_seed, train_batches
 from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step, inner_step_options
-from peer.outer import AveragingResult, OuterOptimizer, average_contributions
+from peer.outer import AveragingResult, OuterOptimizer
+from peer.robust import AGGREGATORS
 from peer.workload import Workload
 
 CPU = torch.device("cpu")  # the simulation runs on the CPU
@@ -120,13 +121,16 @@ class ExperimentConfig:
 
 # ---- averaging in memory ------------------------------------------------------------------------------------
 class InMemoryAverager:
-    """The exact averager: the same canonical-order weighted mean the networked reducers compute."""
+    """The exact averager: the same canonical-order combination (--aggregation) the networked reducers compute."""
+
+    def __init__(self, aggregation: str = "mean"):
+        self.combine = AGGREGATORS[aggregation]
 
     def average_round(
         self, pseudo_grads: list[list[torch.Tensor]], *, tokens: list[int], order_keys: list[bytes]
     ) -> AveragingResult:
         averaged = [
-            average_contributions([grads[j] for grads in pseudo_grads], tokens, order_keys)
+            self.combine([grads[j] for grads in pseudo_grads], tokens, order_keys)
             for j in range(len(pseudo_grads[0]))
         ]
         return AveragingResult(averaged=averaged, group_size=len(pseudo_grads), tokens=sum(tokens))
@@ -149,14 +153,20 @@ def encode_decode(tensor: torch.Tensor, compression: str) -> torch.Tensor:
 
 
 def compressed_average(
-    pseudo_grads: list[list[torch.Tensor]], *, tokens: list[int], order_keys: list[bytes], compression: str
+    pseudo_grads: list[list[torch.Tensor]],
+    *,
+    tokens: list[int],
+    order_keys: list[bytes],
+    compression: str,
+    aggregation: str = "mean",
 ) -> AveragingResult:
     """The networked all-reduce's values under compression: senders encode their parts, the reducer averages
     the decoded parts and encodes the average once, and every peer (the reducer too) uses its decoding."""
+    averager = InMemoryAverager(aggregation)
     if compression == "none":
-        return InMemoryAverager().average_round(pseudo_grads, tokens=tokens, order_keys=order_keys)
+        return averager.average_round(pseudo_grads, tokens=tokens, order_keys=order_keys)
     sent = [[encode_decode(g, compression) for g in grads] for grads in pseudo_grads]
-    result = InMemoryAverager().average_round(sent, tokens=tokens, order_keys=order_keys)
+    result = averager.average_round(sent, tokens=tokens, order_keys=order_keys)
     result.averaged = [encode_decode(a, compression) for a in result.averaged]
     return result
 
@@ -413,7 +423,11 @@ def run_replicas(
         averaged = None
         if pseudo_grads:
             averaged = compressed_average(
-                pseudo_grads, tokens=tokens, order_keys=keys, compression=exp.compression
+                pseudo_grads,
+                tokens=tokens,
+                order_keys=keys,
+                compression=exp.compression,
+                aggregation=config.outer.aggregation,
             ).averaged
         tokens_seen += sum(steps) * tps
         run.rounds.append(

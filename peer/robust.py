@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from peer.config import MAX_STEP_TOKENS, RunConfig
+from peer.outer import average_contributions
 
 # |m_hat| / sqrt(v_hat) of Adam with beta1 = 0.9, beta2 = 0.95 stays below (1 - b1) / sqrt(1 - b2) / (1 - b1 / sqrt(b2))
 # ~ 5.8 however the gradients behave; twice that leaves room for bias correction and eps.
@@ -100,6 +101,36 @@ def clip_to_median_norm(
         (part * (limit / norms[i])).to(part.dtype) if i in clipped else part for i, part in enumerate(parts)
     ]
     return scaled, clipped
+
+
+@torch.no_grad()
+def trimmed_mean(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], order_keys: Sequence[bytes]
+) -> torch.Tensor:
+    """Per value, the weighted mean of the contributions without the highest and the lowest one (with three or more
+    contributions; with fewer, average_contributions). One sender that lies about a value is either left out or lies
+    between two honest values, so it moves no value beyond the honest peers' own spread.
+
+    Bit for bit the same wherever it is computed, on a reducer (one part of a shard) or in the simulation (whole
+    tensors): every operation is per value (a stable sort of the contributions in canonical order, then a sum in
+    sorted order), so how a tensor is split into parts cannot change a bit."""
+    if len(parts) < 3:
+        return average_contributions(parts, weights, order_keys)
+    order = sorted(range(len(parts)), key=lambda i: (order_keys[i], i))
+    values, rank = torch.sort(torch.stack([parts[i].float() for i in order]), dim=0, stable=True)
+    ordered_weights = torch.tensor([float(weights[i]) for i in order], dtype=torch.float64)
+    kept_values, kept_weights = values[1:-1], ordered_weights[rank[1:-1]]
+    total = kept_weights[0].clone()
+    for weight in kept_weights[1:]:
+        total += weight
+    result = kept_values[0] * (kept_weights[0] / total).float()
+    for value, weight in zip(kept_values[1:], kept_weights[1:], strict=True):
+        result += value * (weight / total).float()  # multiply then add: no fused rounding
+    return result
+
+
+AGGREGATORS = {"mean": average_contributions, "trimmed-mean": trimmed_mean}
+"""--aggregation: how a reducer (and the simulation) combines a group's contributions to one part."""
 
 
 def within_bound(part: torch.Tensor, bound: float) -> bool:

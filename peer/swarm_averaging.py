@@ -301,7 +301,7 @@ def _wait_cancellable(control, should_stop, *, timeout_s: float, during_allreduc
 
 def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_provider, access: OpenAccess):
     from peer.allreduce import ExactAverager
-    from peer.robust import max_round_tokens
+    from peer.robust import AGGREGATORS, max_round_tokens
 
     swarm = config.swarm
     return ExactAverager(
@@ -320,5 +320,6 @@ def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_
         state_provider=state_provider,
         access=access,
         max_weight=float(max_round_tokens(config)),
+        combine=AGGREGATORS[config.outer.aggregation],
         shutdown_timeout=3,
     )

@@ -1,7 +1,8 @@
 """One attacking peer among four honest ones, for every attack of tests/attacker.py, against clean runs of the same
 honest peers: what the attacker costs them.
 
-    python scripts/bench_attacks.py [--rounds 6] [--attacks votes weight ...] [--out docs/results/bench_attacks.json]
+    python scripts/bench_attacks.py [--rounds 6] [--attacks votes weight ...] [--aggregation trimmed-mean]
+                                    [--out docs/results/bench_attacks.json]
 
 Every run is a bootstrap node and four honest peers on 127.0.0.1 (tiny model, embedded data, 20 inner steps per round,
 protection on: it has no switch), each training `--data-shard i/5` for i = 0..3, plus a fifth member on shard 4/5:
@@ -50,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(REPO))
 from swarm_procs import Child, read_records, start_bootstrap, wait_for_file  # noqa: E402
 
+from peer.config import AGGREGATIONS  # noqa: E402
 from tests.attacker import ATTACKS  # noqa: E402
 
 NUM_HONEST = 4
@@ -264,7 +266,16 @@ def main() -> int:
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--timeout-s", type=float, default=300, help="longest time for one run (default 300)")
     parser.add_argument("--out", help="also write every figure here as JSON")
+    parser.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default="mean",
+        help="the run's --aggregation, for every peer and the simulation (default mean)",
+    )
     args = parser.parse_args()
+    PEER_ARGS.extend(
+        ["--aggregation", args.aggregation]
+    )  # every run and the simulation train the same settings
     if args.rounds < 2:
         print("--rounds must be at least 2 (a stall is a gap between two rounds)", file=sys.stderr)
         return 2
@@ -273,7 +284,9 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     began = time.monotonic()
-    print(f"bench_attacks: {args.rounds} rounds per run, {load()}", flush=True)
+    print(
+        f"bench_attacks: {args.rounds} rounds per run, --aggregation {args.aggregation}, {load()}", flush=True
+    )
     initial_hash, zero_hash = model_hashes()
     results: dict[str, dict] = {}
     for scenario in ["clean-4", "clean-5", *args.attacks]:

@@ -72,16 +72,21 @@ def test_late_joiner_matches_the_swarm_after_its_first_round(local_swarm):
         assert peer.wait(timeout_s=30) == 0
 
 
-@pytest.mark.timeout(240)
-def test_networked_run_equals_in_process_simulation(local_swarm):
-    common = ["--max-rounds", "3", "--wait-for-peers", "2", "--seed", "7"]
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "k, aggregation",
+    [(2, "mean"), (3, "trimmed-mean")],
+    ids=["mean", "trimmed-mean"],  # trimmed: per value, hivemind's split into parts must not change a bit
+)
+def test_networked_run_equals_in_process_simulation(local_swarm, k, aggregation):
+    common = ["--max-rounds", "3", "--wait-for-peers", str(k), "--seed", "7", "--aggregation", aggregation]
     local_swarm.start_bootstrap()
-    peers = [local_swarm.start_peer(f"shard{i}", *common, "--data-shard", f"{i}/2") for i in range(2)]
+    peers = [local_swarm.start_peer(f"shard{i}", *common, "--data-shard", f"{i}/{k}") for i in range(k)]
     config, _ = config_from_args([*FAST_PEER_ARGS, *common])
-    simulated = [r["global_params_sha256"] for r in simulate(config, num_replicas=2)]
-    local_swarm.wait_rounds(peers, 3, timeout_s=180)
+    simulated = [r["global_params_sha256"] for r in simulate(config, num_replicas=k)]
+    local_swarm.wait_rounds(peers, 3, timeout_s=240)
     for peer in peers:
-        assert [r["group_size"] for r in peer.records()] == [2, 2, 2], peer.log()[-2000:]
+        assert [r["group_size"] for r in peer.records()] == [k] * 3, peer.log()[-2000:]
         assert [r["global_params_sha256"] for r in peer.records()] == simulated
 
 

@@ -16,6 +16,7 @@ from peer.inner import build_inner_optimizer, inner_step
 from peer.model import build_model, load_model_config
 from peer.outer import OuterOptimizer, average_contributions, tensors_sha256
 from peer.robust import (
+    AGGREGATORS,
     MAX_BANS_GATHERED,
     NORM_CLIP_FACTOR,
     RECEIVED_VALUE_SLACK,
@@ -26,6 +27,7 @@ from peer.robust import (
     max_round_tokens,
     parse_bans,
     pseudo_gradient_bound,
+    trimmed_mean,
     within_bound,
 )
 from tests.unit.test_allreduce import submit
@@ -184,3 +186,68 @@ def test_a_ban_list_from_a_stranger_is_bounded_and_typed():
     assert parse_bans("liar") == frozenset()
     assert parse_bans([b"a", "b", 3, b"", b"x" * 65, b"y" * 64]) == {b"a", b"y" * 64}
     assert len(parse_bans([bytes([i]) for i in range(200)])) == MAX_BANS_GATHERED
+
+
+# ---- --aggregation trimmed-mean -------------------------------------------------------------------------------
+def five_contributions(size: int = 1000) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    return [torch.randn(size, generator=generator) * 1e-3 for _ in range(5)]
+
+
+FIVE_KEYS = tuple(bytes([i]) * 4 for i in (9, 3, 7, 1, 5))
+
+
+def test_trimmed_mean_leaves_out_the_highest_and_lowest_value_of_each_coordinate():
+    parts, weights = five_contributions(), [1.0, 2.0, 1.0, 3.0, 1.0]
+    result = trimmed_mean(parts, weights, FIVE_KEYS)
+    stacked = torch.stack(parts)
+    values, rank = stacked.sort(dim=0)
+    w = torch.tensor(weights, dtype=torch.float64)[rank[1:-1]]
+    expected = (values[1:-1].double() * w).sum(0) / w.sum(0)
+    assert torch.allclose(result.double(), expected, rtol=1e-5, atol=1e-9)
+    # every value lies within the honest contributions' own range, whatever one of them is replaced by
+    attacked = [*parts[:4], torch.full((1000,), 3e38)]
+    poisoned = trimmed_mean(attacked, weights, FIVE_KEYS)
+    assert bool((poisoned <= torch.stack(parts[:4]).max(0).values).all())
+    assert bool((poisoned >= torch.stack(parts[:4]).min(0).values).all())
+    # fewer than three contributions: the plain weighted mean, bit for bit
+    two = trimmed_mean(parts[:2], weights[:2], FIVE_KEYS[:2])
+    assert tensors_sha256([two]) == tensors_sha256(
+        [average_contributions(parts[:2], weights[:2], FIVE_KEYS[:2])]
+    )
+
+
+def test_trimmed_mean_is_the_same_bits_in_any_input_order_and_for_any_split_into_parts():
+    parts, weights = five_contributions(), [1.0, 2.0, 1.0, 3.0, 1.0]
+    parts[2][:100] = parts[0][:100]  # ties between contributions of different weights
+    whole = trimmed_mean(parts, weights, FIVE_KEYS)
+    order = [3, 0, 4, 2, 1]
+    shuffled = trimmed_mean(
+        [parts[i] for i in order], [weights[i] for i in order], [FIVE_KEYS[i] for i in order]
+    )
+    assert tensors_sha256([shuffled]) == tensors_sha256([whole])
+    # a reducer sees one part of a shard at a time; the simulation sees whole tensors
+    pieces = [
+        trimmed_mean([p[a:b] for p in parts], weights, FIVE_KEYS) for a, b in ((0, 1), (1, 337), (337, 1000))
+    ]
+    assert tensors_sha256([torch.cat(pieces)]) == tensors_sha256([whole])
+
+
+def test_the_reducer_combines_with_the_runs_aggregation():
+    parts = five_contributions(SIZE)
+
+    async def run():
+        reducer = OrderedPartReducer(
+            (torch.Size([SIZE]),),
+            5,
+            part_dtypes=(torch.float32,),
+            order_keys=FIVE_KEYS,
+            encode=functools.partial(encode_once, NoCompression()),
+            value_bound=1.0,
+            max_weight=1e9,
+            combine=AGGREGATORS["trimmed-mean"],
+        )
+        return await submit(reducer, [(s, 0, parts[s], 1.0) for s in range(5)])
+
+    averaged = asyncio.run(run())[0][1]
+    assert tensors_sha256([averaged]) == tensors_sha256([trimmed_mean(parts, [1.0] * 5, FIVE_KEYS)])
