@@ -5,7 +5,7 @@ A pseudo-gradient is the sum of H AdamW steps, and an AdamW step moves each valu
 peer computes identically from the run's settings and the global parameters: reducers clamp contributions to it and
 every receiver checks the averaged parts against it (I8). That bound is loose (it must hold for any data), so a
 reducer also scales each contribution down to NORM_CLIP_FACTOR x the group's lower-median norm for that part: honest
-peers of one run have norms within a few percent of each other, a contribution far above theirs is an attack.
+peers of one run have norms within about 2x of each other, a contribution far above theirs is an attack.
 Honest contributions are inside both bounds, so they pass bit for bit unchanged and peers agree with the simulation,
 which never clamps.
 """
@@ -25,10 +25,11 @@ from peer.outer import average_contributions
 ADAM_UPDATE_BOUND = 12.0
 # a peer's weight (its tokens) counts up to this many times the median weight of the group
 WEIGHT_CAP_FACTOR = 4.0
-# a contribution's L2 norm (per part) counts up to this many times the group's lower-median norm. Honest peers of the
-# tiny preset differ by at most 1.07x (4 replicas, H = 20; measured per 128K-value part); one that takes several times
-# more inner steps than the others (--round-tokens, a much faster GPU) is scaled down, its direction kept
-NORM_CLIP_FACTOR = 2.0
+# a contribution's L2 norm (per part) counts up to this many times the group's lower-median norm. Honest peers differ
+# by up to 2.1x (bench_attacks' five shards, round 6 of 6, per tensor) and must pass unchanged, so that the networked
+# run stays the simulation; one that takes several times more inner steps than the others (--round-tokens, a much
+# faster GPU) may be scaled down, its direction kept
+NORM_CLIP_FACTOR = 3.0
 # decoding a lossy codec (fp16, 8-bit blockwise) may overshoot a value slightly
 RECEIVED_VALUE_SLACK = 1.05
 # a reducer that returned an averaged part no honest reducer can produce is banned from our groups this long
