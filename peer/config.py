@@ -301,7 +301,9 @@ class SwarmConfig:
     chunk_timeout_s: float = 10.0
     """Drop a peer that sends no data for this long during an all-reduce or a state download."""
     state_timeout_s: float = 300.0
-    """Longest time to download the swarm's state when joining or resyncing."""
+    """Longest time to download the swarm's state when joining or resyncing. It also sets the slowest donor
+    accepted: one that sends less than the state's size / this per second is dropped for the next donor, so raise it
+    on a slow link (a 600 MB state in 300 s needs 2 MB/s)."""
     progress_period_s: float = 2.0
     """How often this peer publishes its progress record to the DHT."""
     wait_for_peers: int = setting(1, metavar="N")
