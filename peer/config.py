@@ -20,6 +20,10 @@ from peer.swarm_key import read_swarm_key
 
 COMPRESSIONS = ("none", "fp16", "int8")
 AGGREGATIONS = ("mean", "trimmed-mean")
+COMPRESSION_CODECS = {"int8": "int8-absmax-1024"}
+"""The wire format of a compression whose format changed since peers first shipped it (peer/codec.py INT8_CODEC_ID;
+int8 used to be hivemind's bitsandbytes blockwise quantization). It is in the run fingerprint, so peers on the old
+format and peers on this one never average together (I5), and the mismatch message names it."""
 INNER_OPTIMIZERS = ("adamw", "adamw8bit")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -247,7 +251,7 @@ class OuterConfig:
     small and 10m presets, the paper's 0.9 otherwise (measured, see docs/RESULTS.md)."""
     # None until RunConfig resolves it from the model preset (default_outer_momentum)
     compression: str = setting("none", choices=COMPRESSIONS)
-    """Pseudo-gradient encoding on the wire: none, fp16 or int8 (blockwise 8-bit)."""
+    """Pseudo-gradient encoding on the wire: none, fp16 or int8 (blockwise absmax 8-bit, peer/codec.py)."""
     aggregation: str = setting("mean", choices=AGGREGATIONS)
     """How a group combines its pseudo-gradients: mean (the paper's weighted mean) or trimmed-mean (per value, the
     highest and the lowest contribution of a group of three or more are left out: for open swarms, where one peer
@@ -564,10 +568,13 @@ def fingerprint_settings(
     config: RunConfig, *, model_arch: dict, tokenizer_id: str, init_params_sha256: str | None = None
 ) -> dict:
     """The settings that must match for peers to average together (I5): every shared setting, the model, the
-    tokenizer and the initial weights by content. `init_params_sha256`: the hash of the pretrained initial
-    parameters (--init-from), which replace the seed's."""
+    tokenizer and the initial weights by content, and the compression's wire format where it changed
+    (COMPRESSION_CODECS). `init_params_sha256`: the hash of the pretrained initial parameters (--init-from), which
+    replace the seed's."""
     init = {} if init_params_sha256 is None else {"init_params_sha256": init_params_sha256}
-    return {**init, "model": model_arch, "tokenizer": tokenizer_id, **shared_values(config)}
+    codec = COMPRESSION_CODECS.get(config.outer.compression)
+    codecs = {} if codec is None else {"compression_codec": codec}
+    return {**init, **codecs, "model": model_arch, "tokenizer": tokenizer_id, **shared_values(config)}
 
 
 def fingerprint(settings: dict) -> str:

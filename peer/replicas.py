@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peer.codec import fp16_decode, fp16_encode, int8_decode, int8_encode
 from peer.config import COMPRESSIONS, OuterConfig, RunConfig, setting
 from peer.data import data_seed, train_batches
 from peer.inner import build_inner_optimizer, evaluate, inner_lr, inner_step, inner_step_options
@@ -137,19 +138,15 @@ class InMemoryAverager:
 
 
 def encode_decode(tensor: torch.Tensor, compression: str) -> torch.Tensor:
-    """What a receiver decodes from `tensor` sent with the swarm's pseudo-gradient compression (fp32 out)."""
+    """What a receiver decodes from `tensor` sent with the swarm's pseudo-gradient compression (fp32 out).
+
+    The networked all-reduce encodes the parts it splits each tensor into; those parts are whole int8 blocks
+    (peer/compression.py Int8Compression), so encoding the whole tensor here gives the same blocks and values."""
     if compression == "none":
         return tensor
-    if compression == "fp16":  # hivemind's Float16Compression: a cast and back
-        return tensor.to(torch.float16).to(torch.float32)
-    # int8 = hivemind's BlockwiseQuantization: bitsandbytes' dynamic 8-bit codebook with one absmax per block
-    # of 4096 values. Here the blocks run over each whole tensor; the networked all-reduce quantizes the parts
-    # it splits the flattened pseudo-gradient into, so its block boundaries (and the rounding of values near
-    # them) differ slightly. Imported here: bitsandbytes is optional and slow to import.
-    from bitsandbytes.functional import dequantize_blockwise, quantize_blockwise
-
-    quantized, state = quantize_blockwise(tensor.contiguous(), blocksize=4096, nested=False)
-    return dequantize_blockwise(quantized, state).reshape(tensor.shape)
+    if compression == "fp16":
+        return fp16_decode(fp16_encode(tensor).numpy().tobytes(), tensor.numel()).reshape(tensor.shape)
+    return int8_decode(int8_encode(tensor).numpy().tobytes(), tensor.numel()).reshape(tensor.shape)
 
 
 def compressed_average(

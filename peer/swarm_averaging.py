@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from hivemind.averaging.control import AveragingStage, StepControl
-from hivemind.compression import BlockwiseQuantization, CompressionBase, Float16Compression, NoCompression
 from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
+from peer.compression import COMPRESSION
 from peer.config import RunConfig
 from peer.network import AveragingAttempt, DonationCheck
 from peer.outer import AveragingResult
@@ -26,12 +26,6 @@ logger = logging.getLogger(__name__)
 DHT_TIMEOUT_S = 10.0  # bound on setting the group key
 STATE_OVERHEAD_BYTES = 1 << 20  # metadata and protobuf framing of a state download
 MAX_DONORS_TRIED = 8  # per download attempt: the next attempt reads the records afresh
-
-COMPRESSION: dict[str, CompressionBase] = {
-    "none": NoCompression(),
-    "fp16": Float16Compression(),
-    "int8": BlockwiseQuantization(),
-}
 
 
 @dataclass
