@@ -66,10 +66,9 @@ def make_input(peer_index: int, num_values: int) -> torch.Tensor:
     return torch.randn(num_values, generator=generator)
 
 
-def step_timeout_s(num_values: int, compression: str) -> float:
-    """Generous bound for one all-reduce on a slow shared machine (CPU int8 encoding runs at ~1M values/s)."""
-    per_million = 6.0 if compression == "int8" else 1.5
-    return 60.0 + per_million * num_values / 1e6
+def step_timeout_s(num_values: int) -> float:
+    """Generous bound for one all-reduce on a slow shared machine."""
+    return 60.0 + 1.5 * num_values / 1e6
 
 
 def make_averager(
@@ -138,8 +137,6 @@ def start_loop_peer(
     from peer.outer import contribution_key
 
     torch.set_num_threads(1)
-    if args.compression == "int8":
-        import bitsandbytes.functional  # noqa: F401  (import before the averager forks, see ExactAverager)
     values = make_input(peer_index, args.values)
     dht = hivemind.DHT(initial_peers=initial_peers, start=True)
     averager = make_averager(
@@ -151,9 +148,7 @@ def start_loop_peer(
         matchmaking_s=args.matchmaking_s,
         part_size_bytes=part_size_bytes,
     )
-    return LoopPeer(
-        values, contribution_key([values]), dht, averager, step_timeout_s(args.values, args.compression)
-    )
+    return LoopPeer(values, contribution_key([values]), dht, averager, step_timeout_s(args.values))
 
 
 def average_once(averager, values: torch.Tensor, *, peer_index: int, order_key: bytes, timeout_s: float):
@@ -201,11 +196,6 @@ def worker(
     from peer.outer import average_contributions, contribution_key, tensors_sha256
 
     torch.set_num_threads(1)
-    if "int8" in args.compressions:
-        # bitsandbytes takes ~10 s to import on a loaded 2-core machine; hivemind imports it lazily on the first
-        # compress(), i.e. inside the averager process during the first all-reduce. Import it here, before
-        # the averager forks, so that the timings below measure the all-reduce and not the import.
-        import bitsandbytes.functional  # noqa: F401
     try:
         dist.init_process_group(
             "gloo",
@@ -257,19 +247,19 @@ def worker(
                 runs = []
                 try:
                     for _ in range(args.repeats + 1):  # the first one warms up connections and threads
-                        barrier.wait(timeout=READY_TIMEOUT_S + step_timeout_s(num_values, compression))
+                        barrier.wait(timeout=READY_TIMEOUT_S + step_timeout_s(num_values))
                         runs.append(
                             average_once(
                                 averager,
                                 values,
                                 peer_index=peer_index,
                                 order_key=order_key,
-                                timeout_s=step_timeout_s(num_values, compression),
+                                timeout_s=step_timeout_s(num_values),
                             )
                         )
                     # a reducer may still be streaming averaged parts to others when its own step() returns;
                     # shutting down now would cut those streams
-                    barrier.wait(timeout=READY_TIMEOUT_S + step_timeout_s(num_values, compression))
+                    barrier.wait(timeout=READY_TIMEOUT_S + step_timeout_s(num_values))
                 finally:
                     averager.shutdown()
                 runs = runs[1:]
@@ -359,7 +349,7 @@ def run_peers(num_peers: int, args: argparse.Namespace, initial_peers: list[str]
     floor: dict[tuple[int, str], list[list[float]]] = {}
     ours: dict[tuple[int, str], list] = {}
     budget_s = READY_TIMEOUT_S + sum(
-        (args.repeats + 1) * (step_timeout_s(n, c) + args.matchmaking_s + 5)
+        (args.repeats + 1) * (step_timeout_s(n) + args.matchmaking_s + 5)
         for n in args.sizes
         for c in args.compressions
     )

@@ -195,8 +195,6 @@ def allreduce_worker(peer_index, args, net_names, addresses, barrier, maddrs_que
     try:
         enter_namespace(net_names[peer_index])
         torch.set_num_threads(1)
-        if "int8" in args.compressions:
-            import bitsandbytes.functional  # noqa: F401  (see bench_allreduce: import before the averager forks)
         if peer_index == 0:
             dht = hivemind.DHT(host_maddrs=[f"/ip4/{addresses[0]}/tcp/0"], start=True)
             for _ in range(args.peers - 1):
@@ -248,7 +246,7 @@ def allreduce_worker(peer_index, args, net_names, addresses, barrier, maddrs_que
 
 def wan_step_timeout_s(args) -> float:
     slowest_s = 2 * args.values * 4 * 8 / (min(args.bandwidths) * 1e6)
-    return 60.0 + 3 * slowest_s + (6.0 * args.values / 1e6 if "int8" in args.compressions else 0.0)
+    return 60.0 + 3 * slowest_s + 1.5 * args.values / 1e6
 
 
 def run_allreduce_part(args, net: Network) -> list[dict]:

@@ -15,6 +15,7 @@ from peer.config import (
     SwarmConfig,
     differing_settings,
     fingerprint,
+    fingerprint_settings,
     parse_shard,
 )
 
@@ -244,6 +245,24 @@ def test_fingerprint_changes_with_settings_that_must_match():
     other = dict(base, inner_steps=100)
     assert fingerprint(base) != fingerprint(other)
     assert differing_settings(base, other) == ["inner_steps (ours 500, theirs 100)"]
+
+
+def test_fingerprint_names_the_int8_wire_format():
+    """int8 was hivemind's bitsandbytes format before peer/codec.py: the fingerprint names the new format, so peers
+    on the old one never average with peers on the new one; none and fp16 (same bytes as before) are unchanged."""
+    settings = {
+        compression: fingerprint_settings(
+            config_from_args(["--compression", compression])[0], model_arch={"a": 1}, tokenizer_id="t"
+        )
+        for compression in ("none", "fp16", "int8")
+    }
+    assert settings["int8"]["compression_codec"] == "int8-absmax-1024"
+    old_int8 = {key: value for key, value in settings["int8"].items() if key != "compression_codec"}
+    assert fingerprint(settings["int8"]) != fingerprint(old_int8)
+    assert differing_settings(settings["int8"], old_int8) == [
+        "compression_codec (ours 'int8-absmax-1024', theirs None)"
+    ]
+    assert "compression_codec" not in settings["none"] and "compression_codec" not in settings["fp16"]
 
 
 @pytest.mark.parametrize(

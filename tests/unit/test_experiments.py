@@ -25,14 +25,17 @@ def setup():
 
 
 @pytest.mark.parametrize("compression", ["fp16", "int8"])
-def test_encode_decode_is_what_hivemind_decodes(compression):
-    """The emulation gives bit for bit what hivemind's codec (the COMPRESSION table of peer/swarm_averaging.py) gives a receiver."""
-    from hivemind.compression import BlockwiseQuantization, Float16Compression
+def test_encode_decode_is_what_a_receiver_decodes(compression):
+    """The emulation gives bit for bit what the all-reduce's codec (peer/compression.py, as hivemind's
+    deserialize_torch_tensor dispatches it) gives a receiver."""
+    from hivemind.compression import deserialize_torch_tensor
     from hivemind.compression.base import CompressionInfo
 
-    codec = {"fp16": Float16Compression(), "int8": BlockwiseQuantization()}[compression]
-    x = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)) * 1e-3  # several 4096-value blocks
-    decoded = codec.extract(codec.compress(x, CompressionInfo.from_tensor(x)))
+    from peer.compression import COMPRESSION
+
+    codec = COMPRESSION[compression]
+    x = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)) * 1e-3  # several 1024-value blocks
+    decoded = deserialize_torch_tensor(codec.compress(x, CompressionInfo.from_tensor(x)))
     ours = encode_decode(x, compression)
     assert ours.shape == x.shape and ours.dtype == torch.float32
     assert torch.equal(ours, decoded)
