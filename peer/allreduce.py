@@ -48,7 +48,6 @@ from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import (
-    BlockwiseQuantization,
     CompressionBase,
     CompressionInfo,
     NoCompression,
@@ -598,10 +597,6 @@ class ExactAverager(DecentralizedAverager):
         # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer] of the last all-reduce,
         # written by the averager process
         self._transport_stats = mp.Array(ctypes.c_double, 4)
-        if isinstance(kwargs.get("compression"), BlockwiseQuantization):
-            # hivemind imports bitsandbytes lazily inside the first all-reduce, which can take longer than the
-            # chunk timeout on a loaded machine; import it before the averager process is forked
-            import bitsandbytes.functional  # noqa: F401
         super().__init__(*args, **kwargs)
 
     async def _step(self, *, step, future_for_init):
