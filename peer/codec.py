@@ -24,9 +24,10 @@ FP16_MAX = torch.finfo(torch.float16).max
 MAX_DIMS = 16
 """A decoded tensor has at most this many dimensions (the shape is another peer's claim)."""
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
-_ROWS_PER_CHUNK = 64  # blocks encoded at once: the temporaries (256 KiB) stay in the CPU's cache
+_ROWS_PER_CHUNK = 256  # blocks encoded at once: the temporary quotients (1 MiB) stay in the CPU's cache
 
-# np.frombuffer over the protobuf's immutable bytes gives a read-only array; decoders only read it (no copy)
+# np.frombuffer over the protobuf's immutable bytes gives a read-only array, which fp16_decode only reads (no copy);
+# hivemind.compression.base installs the same filter
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
@@ -45,9 +46,14 @@ def _flat_float32(values: torch.Tensor) -> torch.Tensor:
     return values.detach().reshape(-1).to(device="cpu", dtype=torch.float32).contiguous()
 
 
-def _encode_blocks_(values: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> None:
-    """Encode the rows of `values` (blocks x values) into `scales` (blocks) and `codes` (blocks x values)."""
-    low, high = torch.aminmax(values, dim=1)
+def _block_scales(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scales to send, divisors to encode with, which blocks are usable) for the blocks of `flat`."""
+    num_full = flat.numel() // INT8_BLOCK
+    blocks = flat[: num_full * INT8_BLOCK].view(num_full, INT8_BLOCK)
+    low, high = blocks.amin(dim=1), blocks.amax(dim=1)  # (torch's aminmax along a dimension is 8x slower)
+    if num_full * INT8_BLOCK < flat.numel():  # the last, shorter block
+        tail = flat[num_full * INT8_BLOCK :]
+        low, high = torch.cat([low, tail.amin()[None]]), torch.cat([high, tail.amax()[None]])
     absmax = torch.maximum(high, low.neg())  # NaN when the block holds one (maximum propagates NaN)
     finite = torch.isfinite(absmax)
     scale = absmax / INT8_LEVELS
@@ -57,16 +63,24 @@ def _encode_blocks_(values: torch.Tensor, scales: torch.Tensor, codes: torch.Ten
     scale = torch.where(overflows, torch.nextafter(scale, scale.new_zeros(())), scale)
     usable = finite & (scale >= _SMALLEST_NORMAL)  # not for NaN, inf, 0 and subnormal scales
     if bool(usable.all()):
-        quotient = values / scale[:, None]
-    else:
-        # a block with a non-finite value decodes to NaN everywhere (scale NaN, codes 0), so that a receiver's
-        # finiteness check rejects it instead of averaging a plausible finite stand-in; a block whose values are
-        # all below ~1.5e-36 in magnitude decodes to zeros (scale 0), so that no decoded value is subnormal, whose
-        # arithmetic depends on the CPU's flush-to-zero mode
-        quotient = values / torch.where(usable, scale, 1.0)[:, None]
+        return scale, scale, usable
+    # a block with a non-finite value decodes to NaN everywhere (scale NaN, codes 0), so that a receiver's finiteness
+    # check rejects it instead of averaging a plausible finite stand-in; a block whose values are all below ~1.5e-36
+    # in magnitude decodes to zeros (scale 0), so that no decoded value is subnormal, whose arithmetic depends on
+    # the CPU's flush-to-zero mode
+    sent = torch.where(usable, scale, torch.where(finite, 0.0, math.nan))
+    return sent, torch.where(usable, scale, 1.0), usable
+
+
+def _encode_rows_(
+    values: torch.Tensor, divisors: torch.Tensor, usable: torch.Tensor | None, codes: torch.Tensor
+) -> None:
+    """codes = round(values / divisors) for rows of values (blocks x values); rows not `usable` get 0."""
+    quotient = torch.div(values, divisors[:, None])
+    if usable is not None:
         quotient[~usable] = 0.0
-        scale = torch.where(usable, scale, torch.where(finite, 0.0, math.nan))
-    scales.copy_(scale)
+    # |value| <= absmax and scale = absmax / 127 (rounded, or one ulp less) put the quotient within 127 x (1 + 2^-22):
+    # it rounds to at most 127; the clamp only guards the int8 cast against a wrap-around
     codes.copy_(quotient.round_().clamp_(-INT8_LEVELS, INT8_LEVELS))
 
 
@@ -78,18 +92,29 @@ def int8_encode(values: torch.Tensor) -> torch.Tensor:
     num_blocks = -(-num_values // INT8_BLOCK)
     encoded = torch.empty(int8_num_bytes(num_values), dtype=torch.uint8)
     scales, codes = encoded[: 4 * num_blocks].view(torch.float32), encoded[4 * num_blocks :].view(torch.int8)
+    if not num_values:
+        return encoded
+    sent, divisors, usable = _block_scales(flat)
+    scales.copy_(sent)
+    all_usable = bool(usable.all())
     num_full = num_values // INT8_BLOCK
-    step = _ROWS_PER_CHUNK * INT8_BLOCK
-    for start in range(0, num_full * INT8_BLOCK, step):
-        stop = min(start + step, num_full * INT8_BLOCK)
-        _encode_blocks_(
-            flat[start:stop].view(-1, INT8_BLOCK),
-            scales[start // INT8_BLOCK : stop // INT8_BLOCK],
-            codes[start:stop].view(-1, INT8_BLOCK),
+    for first in range(0, num_full, _ROWS_PER_CHUNK):  # a chunk at a time: the temporaries stay in the cache
+        rows = slice(first, min(first + _ROWS_PER_CHUNK, num_full))
+        span = slice(rows.start * INT8_BLOCK, rows.stop * INT8_BLOCK)
+        _encode_rows_(
+            flat[span].view(-1, INT8_BLOCK),
+            divisors[rows],
+            None if all_usable else usable[rows],
+            codes[span].view(-1, INT8_BLOCK),
         )
-    if num_full < num_blocks:  # the last, shorter block
-        tail = num_full * INT8_BLOCK
-        _encode_blocks_(flat[tail:].view(1, -1), scales[num_full:], codes[tail:].view(1, -1))
+    if num_full < num_blocks:
+        tail = slice(num_full * INT8_BLOCK, num_values)
+        _encode_rows_(
+            flat[tail][None],
+            divisors[num_full:],
+            None if all_usable else usable[num_full:],
+            codes[tail][None],
+        )
     return encoded
 
 
@@ -100,22 +125,23 @@ def int8_decode(buffer: bytes, num_values: int) -> torch.Tensor:
             f"an int8 buffer of {num_values} values has {int8_num_bytes(num_values)} bytes, not {len(buffer)}"
         )
     num_blocks = -(-num_values // INT8_BLOCK)
-    raw = torch.from_numpy(np.frombuffer(buffer, dtype=np.uint8))
-    scales, codes = raw[: 4 * num_blocks].view(torch.float32), raw[4 * num_blocks :].view(torch.int8)
-    if bool(((scales.abs() < _SMALLEST_NORMAL) & (scales != 0)).any()):
+    # numpy reads the protobuf's immutable bytes in place, and its mixed int8 x float32 product is one pass
+    scales = np.frombuffer(buffer, dtype=np.float32, count=num_blocks)
+    codes = np.frombuffer(buffer, dtype=np.int8, offset=4 * num_blocks)
+    if bool(((np.abs(scales) < _SMALLEST_NORMAL) & (scales != 0)).any()):
         # never written by int8_encode; the products would depend on the CPU's flush-to-zero mode
         raise CodecError("an int8 buffer with a subnormal scale")
-    decoded = torch.empty(num_values, dtype=torch.float32)
+    decoded = np.empty(num_values, dtype=np.float32)
     full = num_values // INT8_BLOCK * INT8_BLOCK
-    if full:
-        torch.mul(
-            codes[:full].view(-1, INT8_BLOCK),
-            scales[: full // INT8_BLOCK, None],
-            out=decoded[:full].view(-1, INT8_BLOCK),
-        )
-    if full < num_values:
-        torch.mul(codes[full:], scales[-1], out=decoded[full:])
-    return decoded
+    np.multiply(
+        codes[:full].reshape(-1, INT8_BLOCK),
+        scales[: full // INT8_BLOCK, None],
+        out=decoded[:full].reshape(-1, INT8_BLOCK),
+    )
+    np.multiply(
+        codes[full:], scales[num_blocks - 1 :], out=decoded[full:]
+    )  # the last, shorter block (if any)
+    return torch.from_numpy(decoded)
 
 
 def fp16_encode(values: torch.Tensor) -> torch.Tensor:
@@ -126,7 +152,10 @@ def fp16_encode(values: torch.Tensor) -> torch.Tensor:
     if not flat.is_floating_point() or flat.dtype == torch.bfloat16:
         raise TypeError(f"fp16 encodes float16, float32 or float64 tensors, not {flat.dtype}")
     half = flat.to(device="cpu", dtype=torch.float16)
-    if bool(torch.isinf(half).any()):  # rare: values beyond the range, or infinities
+    if not half.numel():
+        return half
+    low, high = torch.aminmax(half)  # (aminmax, not isinf: torch's isinf on float16 is ten times slower here)
+    if not (math.isfinite(low) and math.isfinite(high)):  # rare: values beyond the range, infinities, NaN
         flat = flat.to(device="cpu", dtype=torch.float32)
         half = torch.where(torch.isinf(flat), flat, flat.clamp(-FP16_MAX, FP16_MAX)).to(torch.float16)
     return half.contiguous()
