@@ -141,7 +141,7 @@ def run(args) -> dict:
             pids[message[1]] = (message[2], message[3])
         worker_pids = [pids[i][0] for i in range(args.peers)]
         averager_pids = [pids[i][1] for i in range(args.peers)]
-        timeout_s = 120 + bar.step_timeout_s(args.values, args.compression)
+        timeout_s = 120 + bar.step_timeout_s(args.values)
         barrier.wait(timeout=timeout_s)  # warm-up all-reduce
         barrier.wait(timeout=timeout_s)
         kinds = process_kinds(worker_pids, averager_pids)

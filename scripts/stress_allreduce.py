@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, initial_peers: list[str]) -> dict:
         proc.start()
     outcomes: dict[int, dict[int, tuple[bool, str]]] = collections.defaultdict(dict)
     started = time.monotonic()
-    deadline = started + args.allreduces * (bar.step_timeout_s(args.values, args.compression) + 10) + 120
+    deadline = started + args.allreduces * (bar.step_timeout_s(args.values) + 10) + 120
     done = 0
     try:
         while done < args.peers:
