@@ -1,5 +1,5 @@
-"""The pseudo-gradient codecs of the all-reduce in plain torch: blockwise absmax int8 and fp16, each a byte layout
-with its encoder and its decoder. Decoding is elementwise IEEE arithmetic only (no reductions), so the same bytes
+"""The pseudo-gradient codecs of the all-reduce in plain torch and numpy: blockwise absmax int8 and fp16, each a byte
+layout with its encoder and its decoder. Decoding is elementwise IEEE arithmetic only (no reductions), so the same bytes
 decode to the same floats on every machine (I1), and every buffer is checked first: it comes from another peer."""
 
 from __future__ import annotations
@@ -133,14 +133,16 @@ def int8_decode(buffer: bytes, num_values: int) -> torch.Tensor:
         raise CodecError("an int8 buffer with a subnormal scale")
     decoded = np.empty(num_values, dtype=np.float32)
     full = num_values // INT8_BLOCK * INT8_BLOCK
-    np.multiply(
-        codes[:full].reshape(-1, INT8_BLOCK),
-        scales[: full // INT8_BLOCK, None],
-        out=decoded[:full].reshape(-1, INT8_BLOCK),
-    )
-    np.multiply(
-        codes[full:], scales[num_blocks - 1 :], out=decoded[full:]
-    )  # the last, shorter block (if any)
+    # a stranger's scales may overflow or be NaN: the products are then inf or NaN, which the receivers' finiteness
+    # checks reject; numpy need not warn about it
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.multiply(
+            codes[:full].reshape(-1, INT8_BLOCK),
+            scales[: full // INT8_BLOCK, None],
+            out=decoded[:full].reshape(-1, INT8_BLOCK),
+        )
+        last = scales[num_blocks - 1 :]  # the last, shorter block (if any)
+        np.multiply(codes[full:], last, out=decoded[full:])
     return torch.from_numpy(decoded)
 
 
