@@ -33,8 +33,10 @@ if hivemind.__version__ != HIVEMIND_VERSION:
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
+import hmac
 import math
 import multiprocessing as mp
 import time
@@ -59,6 +61,8 @@ from hivemind.utils import MPFuture, get_dht_time, get_logger
 from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
 from hivemind.utils.streaming import combine_from_streaming
 
+from peer import direct_transport
+from peer.direct_transport import DirectError, DirectSettings
 from peer.outer import average_contributions
 from peer.robust import (
     BAN_S,
@@ -79,6 +83,16 @@ STATE_TENSORS_KEY = "_num_tensors"  # added to served metadata: how many tensors
 HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
 PREFETCH_PARTS = 2  # parts decoded (received) or encoded (to send) ahead of the one being processed
 MAX_BANS_KEPT = 1024  # banned peers remembered at once (expired bans are dropped first)
+DIRECT_GROUP_POLL_S = 0.05  # how often a direct connection that arrived before its group checks for it
+TRANSPORT_STATS = (
+    "bytes_sent",
+    "bytes_received",
+    "transfer_s",
+    "transfer_started_at",
+    "reducers_direct",  # other reducers we sent our parts to over the direct path
+    "reducers_p2p",  # ... and through the p2p daemon
+    "senders_direct",  # other senders that reached us over the direct path
+)
 BANS_QUERY_TIMEOUT_S = 5.0  # how long the training process waits for the averager process's ban list
 EncodedPart = tuple[runtime_pb2.Tensor, torch.Tensor]  # (the serialized averaged part, its decoded value)
 # (the reply message every sender of a part gets, its decoded value)
@@ -267,6 +281,9 @@ class ExactAllReduceRunner(AllReduceRunner):
         group_time: float = 0.0,
         max_weight: float = math.inf,
         combine: Callable[..., torch.Tensor] = average_contributions,
+        direct: tuple[direct_transport.Identity, DirectSettings] | None = None,
+        direct_endpoints: dict[PeerID, direct_transport.Endpoint] | None = None,
+        direct_keys: dict[PeerID, bytes] | None = None,
         **kwargs,
     ):
         # extends AllReduceRunner.__init__: the container returns averages instead of deltas, and hivemind's
@@ -303,6 +320,16 @@ class ExactAllReduceRunner(AllReduceRunner):
         self._streams_serving = 0
         self._all_streams_served = asyncio.Event()
         self._all_streams_served.set()
+        self.direct = direct
+        """Our key and settings for direct connections to reducers (peer/direct_transport.py); None: p2p only."""
+        self.direct_endpoints = direct_endpoints or {}
+        """Each member's advertised direct listener (absent: it has none, or advertised garbage)."""
+        self.direct_keys = direct_keys or {}
+        """Each member's advertised key: a direct connection claiming to be that sender must prove it holds it."""
+        self.reducers_by_path = {"direct": 0, "p2p": 0}
+        """How many other reducers we sent our parts to over each path."""
+        self.senders_direct = 0
+        """How many other senders reached us over the direct path."""
 
     def start_grace_s(self) -> float:
         """How much longer than the usual timeouts a member may take to start: until the group time."""
@@ -357,11 +384,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         try:
             done_sending = asyncio.Event()
             inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
-            # bounded: opening a stream to a peer that was just killed can otherwise hang until hivemind's whole
-            # allreduce_timeout, long after the other peers gave up on the round
-            stream = await asyncio.wait_for(
-                self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter), self.reducer_timeout
-            )
+            stream = await self._open_stream(peer_id, inputs_aiter)
             if self.should_delay_results(self.peer_id):
                 await done_sending.wait()
 
@@ -398,8 +421,52 @@ class ExactAllReduceRunner(AllReduceRunner):
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
         finally:
-            if stream is not None:  # close our end of the p2p stream (hivemind's reader closes its writer)
+            if stream is not None:  # close our end of the stream (hivemind's p2p reader closes its writer)
                 await stream.aclose()
+
+    async def _open_stream(self, peer_id: PeerID, inputs: AsyncIterator[averaging_pb2.AveragingData]):
+        """The stream of our parts to one reducer and its averaged parts back: over a direct connection when both
+        of us have the direct path and it connects, else (silently) through the p2p daemon. Both carry the same
+        messages, so everything the runner does with them is the same on either path."""
+        endpoint = self.direct_endpoints.get(peer_id)
+        if self.direct is not None and endpoint is not None:
+            identity, settings = self.direct
+            try:
+                stream = await direct_transport.connect(
+                    endpoint,
+                    inputs,
+                    identity=identity,
+                    group_id=self.group_id,
+                    sender=self.peer_id.to_bytes(),
+                    reducer=peer_id.to_bytes(),
+                    settings=settings,
+                )
+                self.reducers_by_path["direct"] += 1
+                return stream
+            except DirectError as e:
+                logger.debug(f"no direct connection to {peer_id}, using the p2p stream: {e}")
+        self.reducers_by_path["p2p"] += 1
+        # bounded: opening a stream to a peer that was just killed can otherwise hang until hivemind's whole
+        # allreduce_timeout, long after the other peers gave up on the round
+        return await asyncio.wait_for(
+            self._get_peer_stub(peer_id).rpc_aggregate_part(inputs), self.reducer_timeout
+        )
+
+    def direct_handler(self, sender: bytes, key: bytes) -> direct_transport.Handler | None:
+        """How a direct connection that proved it holds `key` and claims to be `sender` is served: exactly like a
+        p2p stream from that sender (rpc_aggregate_part); None unless that member of ours advertised that key."""
+        try:
+            peer_id = PeerID(sender)
+        except Exception:  # a stranger's bytes that are no peer id
+            return None
+        if peer_id not in self.sender_peer_ids or peer_id == self.peer_id:
+            return None
+        advertised = self.direct_keys.get(peer_id)
+        if advertised is None or not hmac.compare_digest(advertised, key):
+            return None
+        self.senders_direct += 1
+        context = P2PContext(handle_name="direct", local_id=self.peer_id, remote_id=peer_id)
+        return functools.partial(self.rpc_aggregate_part, context=context)
 
     def check_averaged_part(
         self, reducer: PeerID, part: torch.Tensor, expected_shapes: Sequence[torch.Size], index: int
@@ -580,6 +647,7 @@ class ExactAverager(DecentralizedAverager):
         access: OpenAccess | None = None,
         max_weight: float = math.inf,
         combine: Callable[..., torch.Tensor] = average_contributions,
+        direct: DirectSettings | None = None,
         **kwargs,
     ):
         self._state_provider = state_provider
@@ -594,10 +662,77 @@ class ExactAverager(DecentralizedAverager):
         self._state_requests_serving: asyncio.Semaphore | None = None
         # peer id -> time.monotonic() until which it is banned from our groups; used in the averager process only
         self._bans: dict[bytes, float] = {}
-        # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer] of the last all-reduce,
-        # written by the averager process
-        self._transport_stats = mp.Array(ctypes.c_double, 4)
+        # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer, other reducers reached
+        # directly, through p2p, other senders that reached us directly] of the last all-reduce
+        self._transport_stats = mp.Array(ctypes.c_double, len(TRANSPORT_STATS))
+        self._init_direct(
+            direct, dht=args[1] if len(args) > 1 else kwargs["dht"], client_mode=kwargs.get("client_mode")
+        )
         super().__init__(*args, **kwargs)
+
+    def _init_direct(self, settings: DirectSettings | None, *, dht, client_mode: bool | None) -> None:
+        """(training process, before the averager process forks) Our direct-path key and, unless we are a client,
+        our listener, bound now so that its port can go into the metadata we gather."""
+        self._direct_settings = settings if settings is not None and settings.enabled else None
+        self._direct_identity = direct_transport.Identity() if self._direct_settings else None
+        self._direct_server = None
+        if self._direct_settings is None or client_mode:
+            return
+        hosts = self._direct_settings.hosts or direct_transport.hosts_from_maddrs(dht.get_visible_maddrs())
+        if not hosts:
+            return  # nowhere others could reach us (e.g. relayed only): we still connect out as a sender
+        self._direct_settings = dataclasses.replace(self._direct_settings, hosts=hosts)
+        try:
+            self._direct_server = direct_transport.DirectServer(
+                self._direct_settings,
+                identity=self._direct_identity,
+                peer_id=dht.peer_id.to_bytes(),
+                resolve=self._resolve_direct,
+            )
+        except OSError as e:  # e.g. the port is taken: every part goes through p2p, as before
+            logger.warning(f"direct data path not listening ({e}); senders to us use the p2p daemon")
+
+    def direct_metadata(self) -> dict | None:
+        """What to add under "direct" to the metadata we gather (None: the direct path is off here)."""
+        if self._direct_identity is None:
+            return None
+        if self._direct_server is None:  # we send directly, but nobody can connect to us
+            return {"key": self._direct_identity.public, "port": 0, "hosts": []}
+        return self._direct_server.advertised()
+
+    def start(self) -> None:
+        # extends multiprocessing.Process.start: the averager process now holds the listening socket; ours goes
+        super().start()
+        if self._direct_server is not None:
+            self._direct_server.sock.close()
+
+    async def add_p2p_handlers(self, *args, **kwargs) -> None:
+        # extends ServicerBase.add_p2p_handlers, which the averager process calls once on start when it serves
+        # (not in client mode): the direct listener starts serving on the same event loop
+        await super().add_p2p_handlers(*args, **kwargs)
+        if self._direct_server is not None:
+            await self._direct_server.start()
+
+    async def _shutdown(self, timeout) -> None:
+        if self._direct_server is not None:
+            self._direct_server.close()
+        await super()._shutdown(timeout)
+
+    async def _resolve_direct(self, group_id: bytes, sender: bytes, key: bytes):
+        """(averager process) The runner's handler for an authenticated direct connection, once the group is ours
+        (a sender may reach us before we registered it, as on the p2p path); None for a group we never join
+        within the all-reduce timeout, or a sender that is not the member who advertised that key."""
+        deadline = time.monotonic() + (self._allreduce_timeout or HANG_UP_TIMEOUT_S)
+        while group_id not in self._running_groups and time.monotonic() < deadline:
+            await asyncio.sleep(DIRECT_GROUP_POLL_S)
+        future = self._running_groups.get(group_id)
+        if future is None:
+            return None
+        try:
+            runner = await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
+        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            return None
+        return runner.direct_handler(sender, key)
 
     async def _step(self, *, step, future_for_init):
         # extends DecentralizedAverager._step: as a leader, assemble the group as soon as every peer expected in
@@ -641,12 +776,10 @@ class ExactAverager(DecentralizedAverager):
         return metadata, tensors, None
 
     def last_transport_stats(self) -> dict:
-        sent, received, seconds, started_at = self._transport_stats[:]
+        stats = dict(zip(TRANSPORT_STATS, self._transport_stats[:], strict=True))
         return {
-            "bytes_sent": int(sent),
-            "bytes_received": int(received),
-            "transfer_s": seconds,
-            "transfer_started_at": started_at,
+            key: value if key in ("transfer_s", "transfer_started_at") else int(value)
+            for key, value in stats.items()
         }
 
     def banned_peers(self) -> list[bytes]:
@@ -732,6 +865,7 @@ class ExactAverager(DecentralizedAverager):
         ours = members.get(self.peer_id) or {}
         value_bound, group_time = ours.get("value_bound", 0.0), ours.get("group_time", 0.0)
         started, started_at = time.perf_counter(), time.time()
+        advertised = {peer_id: (metadata or {}).get("direct") for peer_id, metadata in members.items()}
         runner = ExactAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -744,6 +878,17 @@ class ExactAverager(DecentralizedAverager):
             group_time=float(group_time) if isinstance(group_time, (int, float)) else 0.0,
             max_weight=self._max_weight,
             combine=self._combine,
+            direct=None if self._direct_identity is None else (self._direct_identity, self._direct_settings),
+            direct_endpoints={
+                peer_id: endpoint
+                for peer_id, entry in advertised.items()
+                if (endpoint := direct_transport.parse_endpoint(entry)) is not None
+            },
+            direct_keys={
+                peer_id: key
+                for peer_id, entry in advertised.items()
+                if (key := direct_transport.parse_key(entry)) is not None
+            },
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
@@ -766,6 +911,9 @@ class ExactAverager(DecentralizedAverager):
             runner.bytes_received,
             time.perf_counter() - started,
             started_at,
+            runner.reducers_by_path["direct"],
+            runner.reducers_by_path["p2p"],
+            runner.senders_direct,
         ]
 
     def _outsider(self, members: dict[PeerID, dict | None]) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -80,8 +81,10 @@ def make_averager(
     num_peers: int,
     matchmaking_s: float,
     part_size_bytes: int | None = None,
+    transport: str = "direct",
 ):
     from peer.allreduce import ExactAverager
+    from peer.direct_transport import DirectSettings
     from peer.swarm_averaging import COMPRESSION
 
     extra = {} if part_size_bytes is None else {"part_size_bytes": part_size_bytes}
@@ -98,6 +101,7 @@ def make_averager(
         compression=COMPRESSION[compression],
         state_provider=lambda: ({}, []),
         shutdown_timeout=3,
+        direct=DirectSettings(enabled=transport == "direct"),
         **extra,
     )
 
@@ -159,7 +163,7 @@ def average_once(averager, values: torch.Tensor, *, peer_index: int, order_key: 
         tensors[0].copy_(values)
     started = time.perf_counter()
     group = averager.step(
-        gather={"order_key": order_key.hex(), "peer_index": peer_index},
+        gather={"order_key": order_key.hex(), "peer_index": peer_index, "direct": averager.direct_metadata()},
         weight=float(peer_index + 1),
         timeout=timeout_s,
         allow_retries=False,
@@ -234,15 +238,16 @@ def worker(
         for num_values in args.sizes:
             values = make_input(peer_index, num_values)
             order_key = contribution_key([values])
-            for compression in args.compressions:
+            for compression, transport in itertools.product(args.compressions, args.transports):
                 averager = make_averager(
                     [torch.zeros(num_values)],
                     dht,
-                    prefix=f"bench{num_peers}_{num_values}_{compression}",
+                    prefix=f"bench{num_peers}_{num_values}_{compression}_{transport}",
                     compression=compression,
                     num_peers=num_peers,
                     matchmaking_s=args.matchmaking_s,
                     part_size_bytes=args.part_size,
+                    transport=transport,
                 )
                 runs = []
                 try:
@@ -277,7 +282,7 @@ def worker(
                         ]
                     )
                     del inputs
-                results.put(("ours", peer_index, num_values, compression, runs, expected))
+                results.put(("ours", peer_index, num_values, (compression, transport), runs, expected))
             del values
         dht.shutdown()
         results.put(("done", peer_index))
@@ -352,6 +357,7 @@ def run_peers(num_peers: int, args: argparse.Namespace, initial_peers: list[str]
         (args.repeats + 1) * (step_timeout_s(n) + args.matchmaking_s + 5)
         for n in args.sizes
         for c in args.compressions
+        for _ in args.transports
     )
     deadline = time.monotonic() + budget_s
     done = 0
@@ -384,7 +390,8 @@ def run_peers(num_peers: int, args: argparse.Namespace, initial_peers: list[str]
                 if args.verbose:
                     hashes = " ".join(run[2][:8] for run in runs)
                     print(
-                        f"  k={num_peers} P={human(num_values)} {compression}: peer {index} sha256 {hashes}",
+                        f"  k={num_peers} P={human(num_values)} {compression}: peer {index} sha256 {hashes}, "
+                        f"reducers direct/p2p {[(r[1]['reducers_direct'], r[1]['reducers_p2p']) for r in runs]}",
                         file=sys.stderr,
                     )
         for proc in procs:
@@ -399,8 +406,8 @@ def summarize(num_peers: int, args, gloo: dict, floor: dict, ours: dict) -> list
     for num_values in args.sizes:
         # an all-reduce is over when its slowest peer is done: per repetition the max over peers, then the median
         gloo_s = statistics.median(max(times) for times in zip(*gloo[num_values], strict=True))
-        for compression in args.compressions:
-            per_peer = sorted(ours[(num_values, compression)], key=lambda item: item[0])
+        for compression, transport in itertools.product(args.compressions, args.transports):
+            per_peer = sorted(ours[(num_values, (compression, transport))], key=lambda item: item[0])
             runs_by_peer = [runs for _, runs, _ in per_peer]
             transfer_s = statistics.median(
                 max(run[1]["transfer_s"] for run in rep) for rep in zip(*runs_by_peer, strict=True)
@@ -409,6 +416,9 @@ def summarize(num_peers: int, args, gloo: dict, floor: dict, ours: dict) -> list
             floor_s = statistics.median(max(t) for t in zip(*floor[(num_values, compression)], strict=True))
             sent = [run[1]["bytes_sent"] for runs in runs_by_peer for run in runs]
             received = [run[1]["bytes_received"] for runs in runs_by_peer for run in runs]
+            # which path the parts really took: reducers reached directly / through p2p, over all peers and runs
+            direct = sum(run[1]["reducers_direct"] for runs in runs_by_peer for run in runs)
+            via_p2p = sum(run[1]["reducers_p2p"] for runs in runs_by_peer for run in runs)
             # I1: within each all-reduce every peer holds the same bytes
             per_rep_hashes = [{run[2] for run in rep} for rep in zip(*runs_by_peer, strict=True)]
             identical = all(len(h) == 1 for h in per_rep_hashes)
@@ -421,6 +431,9 @@ def summarize(num_peers: int, args, gloo: dict, floor: dict, ours: dict) -> list
                     "peers": num_peers,
                     "values": num_values,
                     "compression": compression,
+                    "transport": transport,
+                    "reducers_direct": direct,
+                    "reducers_p2p": via_p2p,
                     "ours_s": transfer_s,
                     "ours_step_s": step_s,
                     "gloo_fp32_s": gloo_s,
@@ -444,9 +457,15 @@ def summarize(num_peers: int, args, gloo: dict, floor: dict, ours: dict) -> list
     return rows
 
 
+def path_label(row: dict) -> str:
+    """The transport asked for, with a "!" if any reducer was reached another way (a fallback happened)."""
+    fell_back = row["reducers_p2p"] if row["transport"] == "direct" else row["reducers_direct"]
+    return row["transport"] + ("!" if fell_back else "")
+
+
 def print_table(rows: list[dict]) -> None:
     header = (
-        f"{'k':>2} {'P':>5} {'comp':>5} | {'ours s':>7} {'gloo s':>7} {'ratio':>6} | {'p2p s':>6} {'/p2p':>5} | "
+        f"{'k':>2} {'P':>5} {'comp':>5} {'path':>6} | {'ours s':>7} {'gloo s':>7} {'ratio':>6} | {'p2p s':>6} {'/p2p':>5} | "
         f"{'sent/peer MB':>12} {'bound MB':>9} {'sent/bnd':>8} | {'step s':>7} | identical (sha256)"
     )
     print(header)
@@ -459,7 +478,7 @@ def print_table(rows: list[dict]) -> None:
             identical += ", differs between repeats"
         sha = ",".join(h[:8] for h in row["sha256"])
         print(
-            f"{row['peers']:>2} {human(row['values']):>5} {row['compression']:>5} | "
+            f"{row['peers']:>2} {human(row['values']):>5} {row['compression']:>5} {path_label(row):>6} | "
             f"{row['ours_s']:>7.3f} {row['gloo_fp32_s']:>7.3f} {row['ratio']:>6.2f} | "
             f"{row['p2p_floor_s']:>6.3f} {row['ratio_to_floor']:>5.2f} | "
             f"{row['bytes_sent_mean'] / 1e6:>12.2f} {row['bytes_bound'] / 1e6:>9.2f} "
@@ -480,6 +499,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--compressions", default="none,fp16,int8", help="comma-separated subset of none,fp16,int8"
     )
+    p.add_argument(
+        "--transports",
+        default="direct,p2p",
+        help="comma-separated subset of direct (our TCP data path, peer/direct_transport.py) and p2p "
+        "(everything through hivemind's p2p daemon); default both",
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed all-reduces per setting (median; default 1)")
     p.add_argument(
         "--matchmaking-s", type=float, default=1.0, help="min_matchmaking_time of each all-reduce (default 1)"
@@ -499,6 +524,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     except (ValueError, argparse.ArgumentTypeError) as e:
         p.error(str(e))
     args.compressions = [c.strip() for c in args.compressions.split(",")]
+    args.transports = [t.strip() for t in args.transports.split(",")]
+    if bad := [t for t in args.transports if t not in ("direct", "p2p")]:
+        p.error(f"--transports: unknown {bad}; choose from direct, p2p")
     if any(k < 2 for k in args.peers):
         p.error("--peers: every k must be at least 2")
     if bad := [c for c in args.compressions if c not in BYTES_PER_ELEMENT]:
@@ -544,6 +572,7 @@ def main(argv=None) -> int:
             "p2p s: the same bytes streamed to every other peer and echoed back through hivemind's p2p daemon, "
             "nothing else (scripts/p2p_floor.py);\n"
             "sent/peer: bytes each peer sent (measured, protobuf framing included), mean over peers;\n"
+            "path: the data path (direct: our TCP connections; p2p: hivemind's daemon; '!': some reducer fell back);\n"
             "bound: 2(k-1)/k x P x bytes per element; step s: averager.step() incl. matchmaking;\n"
             "identical: every peer's result has the same sha256 in each repetition (invariant I1)."
         )

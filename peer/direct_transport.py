@@ -1,0 +1,397 @@
+"""A direct TCP data path for the all-reduce: a listener, a mutually authenticated handshake and length-prefixed
+frames of AveragingData, so that the runner's own messages bypass the p2p daemon (peer/allreduce.py uses it per
+reducer and falls back to the p2p stream when it cannot connect). Authenticated per connection, not encrypted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from hivemind.proto import averaging_pb2
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"DLCdirect1"  # the server's first bytes: a client that reads anything else falls back to p2p
+NONCE_BYTES = 16
+KEY_BYTES = 32  # an X25519 public key
+MAC_BYTES = 32  # HMAC-SHA256
+MAX_ID_BYTES = 64  # a group id or a libp2p peer id (both far shorter)
+MAX_HOSTS = 4  # hosts advertised (and tried) per peer
+FRAME_HEADER = struct.Struct("!BI")  # kind, payload length
+DATA, END = 1, 2  # frame kinds: one AveragingData message; the end of this direction's stream
+ACCEPTED = b"\x01"
+READ_BUFFER_BYTES = (
+    4 << 20
+)  # per connection: a sender cannot make us buffer more than this ahead of the reducer
+Handler = Callable[[AsyncIterator[averaging_pb2.AveragingData]], AsyncIterator[averaging_pb2.AveragingData]]
+
+
+class DirectError(Exception):
+    """A direct connection could not be set up or broke the protocol (the caller falls back or fails the part)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DirectSettings:
+    """This machine's direct data path (machine settings: never shared, not in the fingerprint)."""
+
+    enabled: bool = True
+    """Listen for and make direct connections; off: every part goes through the p2p daemon."""
+    port: int = 0
+    """TCP port to listen on (0: chosen by the OS)."""
+    hosts: tuple[str, ...] = ()
+    """Addresses others connect to (empty: derived from this peer's announced or visible multiaddrs)."""
+    max_connections: int = 64
+    """Connections served at once; more are closed at once (their senders fall back to p2p)."""
+    handshake_timeout_s: float = 5.0
+    """Bound on a connection's handshake, on either side."""
+    connect_timeout_s: float = 1.0
+    """Bound on opening a TCP connection to one advertised host."""
+    max_frame_bytes: int = 64 << 20
+    """Largest frame accepted: an all-reduce part is at most a few MB."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--direct-port must be in [0, 65535], got {self.port}")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a peer's direct listener is, and its public key, as advertised in its matchmaking metadata."""
+
+    hosts: tuple[str, ...]
+    port: int
+    key: bytes
+
+
+def parse_key(advertised) -> bytes | None:
+    """A member's advertised public key (a sender needs one even without a listener), or None."""
+    key = advertised.get("key") if isinstance(advertised, dict) else None
+    return key if isinstance(key, bytes) and len(key) == KEY_BYTES else None
+
+
+def parse_endpoint(advertised) -> Endpoint | None:
+    """A member's advertised listener, or None if it advertised none or something malformed (from a stranger)."""
+    key = parse_key(advertised)
+    if key is None:
+        return None
+    hosts, port = advertised.get("hosts"), advertised.get("port")
+    if not (isinstance(port, int) and not isinstance(port, bool) and 0 < port <= 65535):
+        return None
+    if not isinstance(hosts, list | tuple):
+        return None
+    valid = []
+    for host in list(hosts)[:MAX_HOSTS]:
+        with contextlib.suppress(ValueError, TypeError):
+            valid.append(str(ipaddress.ip_address(host)))
+    return Endpoint(tuple(valid), port, key) if valid else None
+
+
+def hosts_from_maddrs(maddrs) -> tuple[str, ...]:
+    """The IP addresses in multiaddrs (announced or visible), routable ones before loopback, relays left out."""
+    found = []
+    for maddr in maddrs:
+        parts = str(maddr).split("/")
+        if "p2p-circuit" in parts or len(parts) < 3 or parts[1] not in ("ip4", "ip6"):
+            continue
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(parts[2])
+            if not address.is_unspecified and str(address) not in found:
+                found.append(str(address))
+    found.sort(key=lambda host: ipaddress.ip_address(host).is_loopback)
+    return tuple(found[:MAX_HOSTS])
+
+
+class Identity:
+    """An ephemeral X25519 key pair (one per averager process lifetime): its public half is advertised."""
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        self.public = self._private.public_key().public_bytes_raw()
+
+    def shared_key(self, peer_public: bytes) -> bytes:
+        return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+
+
+def _mac(key: bytes, role: bytes, *fields: bytes) -> bytes:
+    """HMAC-SHA256 over a role label and length-prefixed fields (no two field lists give the same input)."""
+    message = b"diloco-direct/" + role + b"".join(len(f).to_bytes(2, "big") + f for f in fields)
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def sender_mac(shared: bytes, server_nonce: bytes, group_id: bytes, sender: bytes, reducer: bytes) -> bytes:
+    """What a sender proves: it holds the key it claims, for this group, this reducer and this connection."""
+    return _mac(shared, b"sender", server_nonce, group_id, sender, reducer)
+
+
+def reducer_mac(shared: bytes, client_nonce: bytes, group_id: bytes, sender: bytes, reducer: bytes) -> bytes:
+    """What the reducer proves back: the connection reached the holder of the advertised key, not an impostor."""
+    return _mac(shared, b"reducer", client_nonce, group_id, sender, reducer)
+
+
+def encode_hello(group_id: bytes, sender: bytes, key: bytes, nonce: bytes, mac: bytes) -> bytes:
+    assert len(group_id) <= MAX_ID_BYTES and len(sender) <= MAX_ID_BYTES
+    return bytes([len(group_id), len(sender)]) + group_id + sender + key + nonce + mac
+
+
+async def read_hello(reader: asyncio.StreamReader) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+    """(group id, sender, sender key, client nonce, mac); DirectError on anything out of bounds."""
+    lengths = await reader.readexactly(2)
+    if lengths[0] > MAX_ID_BYTES or lengths[1] > MAX_ID_BYTES or not lengths[0] or not lengths[1]:
+        raise DirectError(f"hello with id lengths {lengths[0]}, {lengths[1]}")
+    body = await reader.readexactly(lengths[0] + lengths[1] + KEY_BYTES + NONCE_BYTES + MAC_BYTES)
+    group_id, rest = body[: lengths[0]], body[lengths[0] :]
+    sender, rest = rest[: lengths[1]], rest[lengths[1] :]
+    key, nonce, mac = rest[:KEY_BYTES], rest[KEY_BYTES:-MAC_BYTES], rest[-MAC_BYTES:]
+    return group_id, sender, key, nonce, mac
+
+
+def write_frame(writer: asyncio.StreamWriter, message: averaging_pb2.AveragingData | None) -> None:
+    """Queue one frame: a message, or (None) the end of our stream."""
+    if message is None:
+        writer.write(FRAME_HEADER.pack(END, 0))
+        return
+    payload = message.SerializeToString()
+    writer.writelines((FRAME_HEADER.pack(DATA, len(payload)), payload))
+
+
+async def read_frame(
+    reader: asyncio.StreamReader, max_frame_bytes: int
+) -> averaging_pb2.AveragingData | None:
+    """The next message, or None at the END frame; DirectError for an unknown kind, an oversize or corrupt frame."""
+    kind, length = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+    if kind == END and length == 0:
+        return None
+    if kind != DATA:
+        raise DirectError(f"frame of unknown kind {kind}")
+    if length > max_frame_bytes:
+        raise DirectError(f"frame of {length} bytes, more than {max_frame_bytes}")
+    message = averaging_pb2.AveragingData()
+    try:
+        message.ParseFromString(await reader.readexactly(length))
+    except Exception as e:  # protobuf's DecodeError, or worse: a stranger's bytes
+        raise DirectError(f"malformed frame: {type(e).__name__}") from None
+    return message
+
+
+async def _incoming(
+    reader: asyncio.StreamReader, max_frame_bytes: int, ended: asyncio.Event
+) -> AsyncIterator[averaging_pb2.AveragingData]:
+    """The messages of the other side until its END frame (then `ended` is set); a broken stream just ends."""
+    try:
+        while (message := await read_frame(reader, max_frame_bytes)) is not None:
+            yield message
+        ended.set()
+    except (asyncio.IncompleteReadError, ConnectionError, DirectError) as e:
+        logger.debug(f"direct stream ended early: {e!r}")
+
+
+class DirectStream:
+    """The sender's side of one direct connection: our messages go out from a task, replies are iterated."""
+
+    def __init__(
+        self, reader, writer, outgoing: AsyncIterator[averaging_pb2.AveragingData], max_frame_bytes: int
+    ):
+        self._reader, self._writer = reader, writer
+        self._replies = _incoming(reader, max_frame_bytes, asyncio.Event())
+        self._pump = asyncio.create_task(self._send_all(outgoing))
+
+    async def _send_all(self, outgoing) -> None:
+        try:
+            async for message in outgoing:
+                write_frame(self._writer, message)
+                await self._writer.drain()
+            write_frame(self._writer, None)
+            await self._writer.drain()
+        except (
+            ConnectionError,
+            OSError,
+        ) as e:  # the reducer is gone: the replies end short, the runner says so
+            logger.debug(f"direct send failed: {e!r}")
+
+    def __aiter__(self):
+        return self._replies
+
+    async def aclose(self) -> None:
+        """Hang up (after the last reply, or on failure): the reducer waits for that before it closes."""
+        self._pump.cancel()
+        with contextlib.suppress(BaseException):
+            await self._pump
+        await self._replies.aclose()
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+
+
+async def connect(
+    endpoint: Endpoint,
+    outgoing: AsyncIterator[averaging_pb2.AveragingData],
+    *,
+    identity: Identity,
+    group_id: bytes,
+    sender: bytes,
+    reducer: bytes,
+    settings: DirectSettings,
+) -> DirectStream:
+    """Open an authenticated direct stream to a reducer (trying its advertised hosts in turn), or raise DirectError
+    without having consumed `outgoing`, so the caller can hand it to the p2p stream instead."""
+    shared = identity.shared_key(endpoint.key)
+    problems = []
+    for host in endpoint.hosts:
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, endpoint.port, limit=READ_BUFFER_BYTES),
+                settings.connect_timeout_s,
+            )
+            await asyncio.wait_for(
+                _client_handshake(reader, writer, shared, identity.public, group_id, sender, reducer),
+                settings.handshake_timeout_s,
+            )
+            _set_nodelay(writer)
+            return DirectStream(reader, writer, outgoing, settings.max_frame_bytes)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, DirectError) as e:
+            problems.append(f"{host}:{endpoint.port}: {e!r}")
+            if writer is not None:
+                writer.close()
+    raise DirectError("; ".join(problems) or "no host advertised")
+
+
+async def _client_handshake(reader, writer, shared, public, group_id, sender, reducer) -> None:
+    if await reader.readexactly(len(MAGIC)) != MAGIC:
+        raise DirectError("not a direct listener")
+    server_nonce, client_nonce = await reader.readexactly(NONCE_BYTES), os.urandom(NONCE_BYTES)
+    mac = sender_mac(shared, server_nonce, group_id, sender, reducer)
+    writer.write(encode_hello(group_id, sender, public, client_nonce, mac))
+    await writer.drain()
+    answer = await reader.readexactly(len(ACCEPTED) + MAC_BYTES)
+    expected = ACCEPTED + reducer_mac(shared, client_nonce, group_id, sender, reducer)
+    if not hmac.compare_digest(answer, expected):
+        raise DirectError("the listener did not prove it holds the reducer's key")
+
+
+def _set_nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class DirectServer:
+    """The reducer's listener. Bound when constructed (so the port is known before the averager process forks),
+    served on the averager process's event loop by `start`. Every byte received is a stranger's until the
+    handshake proved the sender's key, and `resolve` said that key is the one the group's member advertised."""
+
+    def __init__(
+        self,
+        settings: DirectSettings,
+        *,
+        identity: Identity,
+        peer_id: bytes,
+        resolve: Callable[[bytes, bytes, bytes], Awaitable[Handler | None]],
+    ):
+        self.settings, self.identity, self.peer_id, self.resolve = settings, identity, peer_id, resolve
+        loopback_only = all(ipaddress.ip_address(host).is_loopback for host in settings.hosts)
+        any_v6 = any(ipaddress.ip_address(host).version == 6 for host in settings.hosts)
+        bind = "127.0.0.1" if loopback_only else ("::" if any_v6 else "0.0.0.0")
+        self.sock = socket.create_server(
+            (bind, settings.port), dualstack_ipv6=bind == "::" and socket.has_dualstack_ipv6()
+        )
+        self.port = self.sock.getsockname()[1]
+        self.num_connections = 0
+        self.num_served = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    def advertised(self) -> dict:
+        """What goes into our matchmaking metadata (parse_endpoint reads it)."""
+        return {"hosts": list(self.settings.hosts), "port": self.port, "key": self.identity.public}
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, sock=self.sock, limit=READ_BUFFER_BYTES)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.sock.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.num_connections >= self.settings.max_connections:
+            writer.close()
+            return
+        self.num_connections += 1
+        try:
+            handler = await asyncio.wait_for(
+                self._handshake(reader, writer), self.settings.handshake_timeout_s
+            )
+            if handler is not None:
+                handler = await handler
+            if handler is not None:
+                _set_nodelay(writer)
+                self.num_served += 1
+                await self._relay(handler, reader, writer)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, DirectError) as e:
+            logger.debug(f"direct connection closed: {e!r}")
+        except Exception as e:  # never crash on a stranger's bytes
+            logger.warning(f"direct connection failed: {e!r}", exc_info=True)
+        finally:
+            self.num_connections -= 1
+            writer.close()
+
+    async def _handshake(self, reader, writer) -> Awaitable[Handler | None] | None:
+        """Check the sender's MAC and prove ours; returns the (not yet awaited) resolution of its group."""
+        server_nonce = os.urandom(NONCE_BYTES)
+        writer.write(MAGIC + server_nonce)
+        await writer.drain()
+        group_id, sender, key, client_nonce, mac = await read_hello(reader)
+        try:
+            shared = self.identity.shared_key(key)
+        except ValueError:  # e.g. a low-order point
+            raise DirectError("invalid sender key") from None
+        if not hmac.compare_digest(mac, sender_mac(shared, server_nonce, group_id, sender, self.peer_id)):
+            raise DirectError("bad sender MAC")
+        writer.write(ACCEPTED + reducer_mac(shared, client_nonce, group_id, sender, self.peer_id))
+        await writer.drain()
+        # the group may not be registered yet (this reducer may still be finishing its inner steps): resolve()
+        # waits for it, bounded, and answers None for an unknown group or a sender whose advertised key differs
+        return self.resolve(group_id, sender, key)
+
+    async def _relay(self, handler: Handler, reader, writer) -> None:
+        """Feed the sender's messages to the runner and its replies back; then keep the connection until the sender
+        hangs up, as the runner's hang-up protocol expects (ExactAllReduceRunner.rpc_aggregate_part)."""
+        ended = asyncio.Event()
+        replies = handler(_incoming(reader, self.settings.max_frame_bytes, ended))
+
+        async def send_replies() -> None:
+            async for message in replies:
+                write_frame(writer, message)
+                await writer.drain()
+
+        sending = asyncio.create_task(send_replies())
+        hang_up = asyncio.create_task(_wait_for_hang_up(reader, ended))
+        try:
+            await asyncio.wait({sending, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+            if sending.done():
+                write_frame(writer, None)
+                await writer.drain()
+        finally:
+            for task in (sending, hang_up):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+
+async def _wait_for_hang_up(reader: asyncio.StreamReader, ended: asyncio.Event) -> None:
+    """Return once the sender closed its side (after its END frame; before it, the incoming stream sees it)."""
+    await ended.wait()
+    with contextlib.suppress(Exception):
+        while await reader.read(1 << 16):
+            pass  # nothing may follow END; a sender that sends more anyway is drained, not buffered
