@@ -30,10 +30,123 @@ MAX_HOSTS = 4  # hosts advertised (and tried) per peer
 FRAME_HEADER = struct.Struct("!BI")  # kind, payload length
 DATA, END = 1, 2  # frame kinds: one AveragingData message; the end of this direction's stream
 ACCEPTED = b"\x01"
-READ_BUFFER_BYTES = (
-    4 << 20
-)  # per connection: a sender cannot make us buffer more than this ahead of the reducer
+SPILL_BYTES = 1 << 16  # read while no read is awaited (see Connection)
 Handler = Callable[[AsyncIterator[averaging_pb2.AveragingData]], AsyncIterator[averaging_pb2.AveragingData]]
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One TCP connection, read straight into the buffer of the read being awaited: asyncio's StreamReader copies
+    every byte into a stream buffer and compacts it on each read, which cost more than the rest of the path for
+    MB-sized frames. Reading is paused while no read is awaited, so a sender can make us buffer nothing beyond
+    the frame we asked for (the kernel's TCP window holds the rest). Offers the StreamReader/StreamWriter calls
+    used here (one object is both)."""
+
+    def __init__(self, on_connect: Callable[[Connection], Awaitable[None]] | None = None):
+        self.transport: asyncio.Transport | None = None
+        self._on_connect, self._task = on_connect, None
+        self._buffer, self._filled, self._exact = memoryview(bytearray()), 0, True
+        self._reading = False
+        # what arrived while no read was awaited (the event loop may read once before it honours pause_reading)
+        self._scratch, self._spill = bytearray(SPILL_BYTES), bytearray()
+        self._waiter: asyncio.Future | None = None
+        self._eof = False
+        self._can_write, self._closed = asyncio.Event(), asyncio.Event()
+        self._can_write.set()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.pause_reading()
+        if self._on_connect is not None:
+            self._task = asyncio.ensure_future(
+                self._on_connect(self)
+            )  # kept: a task nobody holds may be collected
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._buffer[self._filled :] if self._reading else memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._reading:
+            self._spill += self._scratch[:nbytes]
+            self.transport.pause_reading()
+            return
+        self._filled += nbytes
+        if self._filled == len(self._buffer) or not self._exact:
+            self.transport.pause_reading()
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False  # close: neither side writes after the other hung up
+
+    def connection_lost(self, exc) -> None:
+        self._eof = True
+        self._wake()
+        self._can_write.set()
+        self._closed.set()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _fill(self, buffer: bytearray, *, exact: bool) -> int:
+        assert self._waiter is None, "one read at a time"
+        self._buffer, self._filled, self._exact = memoryview(buffer), 0, exact
+        if self._spill:
+            self._filled = min(len(buffer), len(self._spill))
+            buffer[: self._filled] = self._spill[: self._filled]
+            del self._spill[: self._filled]
+        self._reading = True
+        try:
+            while self._filled < len(buffer) and not (self._filled and not exact) and not self._eof:
+                self._waiter = asyncio.get_running_loop().create_future()
+                self.transport.resume_reading()
+                await self._waiter
+                self._waiter = None
+        finally:
+            self._waiter, self._buffer, self._reading = None, memoryview(bytearray()), False
+            if not self._eof:
+                self.transport.pause_reading()
+        return self._filled
+
+    async def readexactly(self, num_bytes: int) -> bytearray:
+        buffer = bytearray(num_bytes)
+        filled = await self._fill(buffer, exact=True) if num_bytes else 0
+        if filled < num_bytes:
+            raise asyncio.IncompleteReadError(bytes(buffer[:filled]), num_bytes)
+        return buffer
+
+    async def read(self, max_bytes: int) -> bytes:
+        """Up to max_bytes (at least one), or b"" once the other side closed."""
+        buffer = bytearray(max_bytes)
+        return bytes(buffer[: await self._fill(buffer, exact=False)])
+
+    def write(self, data) -> None:
+        self.transport.write(data)
+
+    def writelines(self, chunks) -> None:
+        self.transport.writelines(chunks)
+
+    async def drain(self) -> None:
+        await self._can_write.wait()
+        if self.transport.is_closing():
+            raise ConnectionResetError("direct connection closed")
+
+    def get_extra_info(self, name: str):
+        return self.transport.get_extra_info(name)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
 
 
 class DirectError(Exception):
@@ -143,19 +256,20 @@ def encode_hello(group_id: bytes, sender: bytes, key: bytes, nonce: bytes, mac: 
     return bytes([len(group_id), len(sender)]) + group_id + sender + key + nonce + mac
 
 
-async def read_hello(reader: asyncio.StreamReader) -> tuple[bytes, bytes, bytes, bytes, bytes]:
+async def read_hello(reader: Connection) -> tuple[bytes, bytes, bytes, bytes, bytes]:
     """(group id, sender, sender key, client nonce, mac); DirectError on anything out of bounds."""
     lengths = await reader.readexactly(2)
     if lengths[0] > MAX_ID_BYTES or lengths[1] > MAX_ID_BYTES or not lengths[0] or not lengths[1]:
         raise DirectError(f"hello with id lengths {lengths[0]}, {lengths[1]}")
     body = await reader.readexactly(lengths[0] + lengths[1] + KEY_BYTES + NONCE_BYTES + MAC_BYTES)
+    body = bytes(body)
     group_id, rest = body[: lengths[0]], body[lengths[0] :]
     sender, rest = rest[: lengths[1]], rest[lengths[1] :]
     key, nonce, mac = rest[:KEY_BYTES], rest[KEY_BYTES:-MAC_BYTES], rest[-MAC_BYTES:]
     return group_id, sender, key, nonce, mac
 
 
-def write_frame(writer: asyncio.StreamWriter, message: averaging_pb2.AveragingData | None) -> None:
+def write_frame(writer: Connection, message: averaging_pb2.AveragingData | None) -> None:
     """Queue one frame: a message, or (None) the end of our stream."""
     if message is None:
         writer.write(FRAME_HEADER.pack(END, 0))
@@ -164,9 +278,7 @@ def write_frame(writer: asyncio.StreamWriter, message: averaging_pb2.AveragingDa
     writer.writelines((FRAME_HEADER.pack(DATA, len(payload)), payload))
 
 
-async def read_frame(
-    reader: asyncio.StreamReader, max_frame_bytes: int
-) -> averaging_pb2.AveragingData | None:
+async def read_frame(reader: Connection, max_frame_bytes: int) -> averaging_pb2.AveragingData | None:
     """The next message, or None at the END frame; DirectError for an unknown kind, an oversize or corrupt frame."""
     kind, length = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
     if kind == END and length == 0:
@@ -184,7 +296,7 @@ async def read_frame(
 
 
 async def _incoming(
-    reader: asyncio.StreamReader, max_frame_bytes: int, ended: asyncio.Event
+    reader: Connection, max_frame_bytes: int, ended: asyncio.Event
 ) -> AsyncIterator[averaging_pb2.AveragingData]:
     """The messages of the other side until its END frame (then `ended` is set); a broken stream just ends."""
     try:
@@ -249,10 +361,11 @@ async def connect(
     for host in endpoint.hosts:
         writer = None
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, endpoint.port, limit=READ_BUFFER_BYTES),
+            _, writer = await asyncio.wait_for(
+                asyncio.get_running_loop().create_connection(Connection, host, endpoint.port),
                 settings.connect_timeout_s,
             )
+            reader = writer
             await asyncio.wait_for(
                 _client_handshake(reader, writer, shared, identity.public, group_id, sender, reducer),
                 settings.handshake_timeout_s,
@@ -279,7 +392,7 @@ async def _client_handshake(reader, writer, shared, public, group_id, sender, re
         raise DirectError("the listener did not prove it holds the reducer's key")
 
 
-def _set_nodelay(writer: asyncio.StreamWriter) -> None:
+def _set_nodelay(writer: Connection) -> None:
     sock = writer.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
@@ -316,14 +429,17 @@ class DirectServer:
         return {"hosts": list(self.settings.hosts), "port": self.port, "key": self.identity.public}
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, sock=self.sock, limit=READ_BUFFER_BYTES)
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: Connection(self._serve), sock=self.sock
+        )
 
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
         self.sock.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, connection: Connection) -> None:
+        reader = writer = connection
         if self.num_connections >= self.settings.max_connections:
             writer.close()
             return
@@ -389,7 +505,7 @@ class DirectServer:
                     await task
 
 
-async def _wait_for_hang_up(reader: asyncio.StreamReader, ended: asyncio.Event) -> None:
+async def _wait_for_hang_up(reader: Connection, ended: asyncio.Event) -> None:
     """Return once the sender closed its side (after its END frame; before it, the incoming stream sees it)."""
     await ended.wait()
     with contextlib.suppress(Exception):
