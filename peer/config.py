@@ -24,6 +24,7 @@ COMPRESSION_CODECS = {"int8": "int8-absmax-1024"}
 """The wire format of a compression whose format changed since peers first shipped it (peer/codec.py INT8_CODEC_ID;
 int8 used to be hivemind's bitsandbytes blockwise quantization). It is in the run fingerprint, so peers on the old
 format and peers on this one never average together (I5), and the mismatch message names it."""
+DIRECT_TRANSPORTS = ("on", "off")
 INNER_OPTIMIZERS = ("adamw", "adamw8bit")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -293,6 +294,12 @@ class SwarmConfig:
     """Write this peer's multiaddrs here once it is ready (others can join through them)."""
     client_mode: bool = False
     """Behind NAT: make only outgoing connections (needs --initial-peers); still contributes to averaging."""
+    direct_transport: str = setting("on", choices=DIRECT_TRANSPORTS)
+    """on: the all-reduce's data goes over direct TCP connections between peers (authenticated, not encrypted),
+    falling back to the p2p daemon per peer where one cannot connect; off: everything through the p2p daemon."""
+    direct_port: int = setting(0, metavar="PORT")
+    """TCP port of the direct data path (0: chosen by the OS); others reach it at this peer's announced address
+    (--announce-maddrs) or, without one, its listening addresses."""
     run_id: str = "diloco"
     """Name of the training run; peers only average with peers of the same run and fingerprint."""
     matchmaking_s: float = 5.0
@@ -334,6 +341,10 @@ class SwarmConfig:
             raise ValueError(f"--straggler-wait-s must be non-negative, got {self.straggler_wait_s}")
         if self.wait_for_peers < 1:
             raise ValueError(f"--wait-for-peers must be at least 1, got {self.wait_for_peers}")
+        if self.direct_transport not in DIRECT_TRANSPORTS:
+            raise ValueError(f"--direct-transport must be on or off, got {self.direct_transport!r}")
+        if not 0 <= self.direct_port <= 65535:
+            raise ValueError(f"--direct-port must be in [0, 65535], got {self.direct_port}")
         if self.client_mode and not self.initial_peers:
             raise ValueError("--client-mode needs --initial-peers: a client cannot start a swarm")
         if self.swarm_key is not None:
@@ -506,6 +517,8 @@ MACHINE_SETTINGS = frozenset(
         "identity_path",
         "maddrs_file",
         "client_mode",
+        "direct_transport",
+        "direct_port",
         "matchmaking_s",
         "straggler_wait_s",
         "allreduce_timeout_s",

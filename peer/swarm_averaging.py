@@ -109,6 +109,8 @@ class RoundAveraging:
                 "group_time": float(scheduled_time),  # likewise: members closed in early may start until then
                 # reducers that lied to us: a member a majority of the group bans is left out of its all-reduce
                 "bans": bans,
+                # our direct data path's listener and key (peer/direct_transport.py); None when it is off here
+                "direct": self.averager.direct_metadata(),
             },
         )
         join_window_s = max(2 * self.config.swarm.matchmaking_s, 5.0)
@@ -295,6 +297,7 @@ def _wait_cancellable(control, should_stop, *, timeout_s: float, during_allreduc
 
 def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_provider, access: OpenAccess):
     from peer.allreduce import ExactAverager
+    from peer.direct_transport import DirectSettings, hosts_from_maddrs
     from peer.robust import AGGREGATORS, max_round_tokens
 
     swarm = config.swarm
@@ -316,4 +319,11 @@ def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_
         max_weight=float(max_round_tokens(config)),
         combine=AGGREGATORS[config.outer.aggregation],
         shutdown_timeout=3,
+        direct=DirectSettings(
+            enabled=swarm.direct_transport == "on",
+            port=swarm.direct_port,
+            hosts=hosts_from_maddrs(
+                swarm.announce_maddrs
+            ),  # none announced: the averager uses the visible ones
+        ),
     )
