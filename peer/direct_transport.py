@@ -324,11 +324,9 @@ class DirectStream:
                 await self._writer.drain()
             write_frame(self._writer, None)
             await self._writer.drain()
-        except (
-            ConnectionError,
-            OSError,
-        ) as e:  # the reducer is gone: the replies end short, the runner says so
+        except Exception as e:  # the reducer is gone, or our parts failed: hang up, so the replies end short
             logger.debug(f"direct send failed: {e!r}")
+            self._writer.close()
 
     def __aiter__(self):
         return self._replies
