@@ -25,6 +25,8 @@ def test_three_peers_agree_every_round_and_learn(local_swarm):
         assert records[-1]["loss"] < records[0]["loss"]
         assert all(r["resyncs"] == 0 and not r["failed"] for r in records)
         assert all(0 <= r["sync_wait_s"] <= r["allreduce_s"] and r["bytes_sent"] > 0 for r in records)
+        # the data went over the direct path (peer/direct_transport.py) to both other reducers, every round
+        assert [(r["reducers_direct"], r["reducers_p2p"]) for r in records] == [(2, 0)] * 3
     for round_index, by_peer in hashes_by_round(peers).items():
         assert len(set(by_peer.values())) == 1, f"round {round_index}: peers disagree: {by_peer}"
     for peer in peers:
@@ -123,5 +125,8 @@ def test_client_mode_peer_contributes_and_agrees(local_swarm):
     local_swarm.wait_rounds(peers, 2, timeout_s=180)
     for peer in peers:
         assert [r["group_size"] for r in peer.records()] == [3, 3], peer.log()[-2000:]
+    # the client opens no listener and reduces nothing, but sends its parts directly to both reducers
+    assert [r["reducers_direct"] for r in peers[2].records()] == [2, 2]
+    assert all(r["reducers_direct"] == 1 and r["senders_direct"] == 2 for p in peers[:2] for r in p.records())
     for round_index, by_peer in hashes_by_round(peers).items():
         assert len(set(by_peer.values())) == 1, f"round {round_index}: peers disagree: {by_peer}"
