@@ -723,8 +723,15 @@ class ExactAverager(DecentralizedAverager):
         (a sender may reach us before we registered it, as on the p2p path); None for a group we never join
         within the all-reduce timeout, or a sender that is not the member who advertised that key."""
         deadline = time.monotonic() + (self._allreduce_timeout or HANG_UP_TIMEOUT_S)
-        while group_id not in self._running_groups and time.monotonic() < deadline:
-            await asyncio.sleep(DIRECT_GROUP_POLL_S)
+        while group_id not in self._running_groups and (remaining_s := deadline - time.monotonic()) > 0:
+            registered = (
+                self._pending_groups_registered
+            )  # cleared while matchmaking, set as a group registers
+            if registered.is_set():  # we are not even looking for a group yet
+                await asyncio.sleep(min(DIRECT_GROUP_POLL_S, remaining_s))
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(registered.wait(), remaining_s)
         future = self._running_groups.get(group_id)
         if future is None:
             return None
