@@ -322,8 +322,7 @@ def _make_averager(config: RunConfig, prefix: str, dht, averaged_tensors, state_
         direct=DirectSettings(
             enabled=swarm.direct_transport == "on",
             port=swarm.direct_port,
-            hosts=hosts_from_maddrs(
-                swarm.announce_maddrs
-            ),  # none announced: the averager uses the visible ones
+            # the announced addresses; none announced: the averager uses the visible ones
+            hosts=hosts_from_maddrs(swarm.announce_maddrs),
         ),
     )
