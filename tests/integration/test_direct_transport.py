@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from peer.allreduce import ExactAverager
+from peer.compression import COMPRESSION
 from peer.direct_transport import DirectSettings
 from peer.outer import average_contributions, contribution_key, tensors_sha256
-from peer.swarm_averaging import COMPRESSION
 
 NUM_PEERS = 3
 NUM_VALUES = 400_000  # several parts per shard
