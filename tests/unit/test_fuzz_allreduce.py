@@ -151,13 +151,14 @@ def test_every_part_is_accepted_or_fails_only_its_sender(case):
 
 
 def check_within_the_contributions(averaged: torch.Tensor, accepted: list[tuple], value_bound: float) -> None:
-    """A weighted mean lies between the smallest and largest (clamped) contribution, up to fp32 rounding."""
+    """A weighted mean lies between the smallest and largest (clamped) contribution, up to fp32 rounding; the norm
+    clip scales a contribution toward zero, so the range is widened to include 0."""
     stacked = torch.stack([part.double() for part, _ in accepted])
     if value_bound > 0:
         stacked = stacked.clamp(-value_bound, value_bound)
         assert float(averaged.abs().max()) <= value_bound * (1 + 4 * FLOAT32_EPS)
     assert math.isfinite(sum(capped_weights([weight for _, weight in accepted], max_weight=MAX_WEIGHT)))
-    low, high = stacked.min(dim=0).values, stacked.max(dim=0).values
+    low, high = stacked.min(dim=0).values.clamp(max=0.0), stacked.max(dim=0).values.clamp(min=0.0)
     slack = stacked.abs().max(dim=0).values * (len(accepted) + 1) * FLOAT32_EPS + 1e-44
     assert bool(((averaged.double() >= low - slack) & (averaged.double() <= high + slack)).all())
 
