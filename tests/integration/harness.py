@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -225,3 +226,63 @@ def hashes_by_round(peers: list[Peer]) -> dict[int, dict[str, str]]:
         for record in peer.records():
             table.setdefault(record["round"], {})[peer.name] = record["global_params_sha256"]
     return table
+
+
+# ---- forked peers around a root DHT, none of hivemind in the test process ---------------------------------------
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _serve_root_dht(maddrs_sender, stop) -> None:
+    import hivemind
+
+    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    maddrs_sender.send([str(m) for m in dht.get_visible_maddrs()])
+    stop.wait(timeout=900)
+    dht.shutdown()
+
+
+@contextlib.contextmanager
+def forked_peers(target, num_peers: int, *, start_timeout_s: float = 60.0):
+    """Fork a root DHT and `num_peers` processes running target(index, initial_peers, barrier, results); yields
+    (results queue, peer processes); afterwards kills every process they left behind (p2pd included).
+
+    Nothing of hivemind runs in the test process itself: a DHT created and shut down there leaves process-wide
+    pipes that the next module's forked peers inherit half-closed ("Broken pipe" in their all-reduce)."""
+    before = set(descendants(os.getpid()))
+    ctx = mp.get_context("fork")  # hivemind objects must not be created in spawned processes
+    results, barrier, stop = ctx.Queue(), ctx.Barrier(num_peers), ctx.Event()
+    maddrs_receiver, maddrs_sender = ctx.Pipe(duplex=False)
+    root = ctx.Process(target=_serve_root_dht, args=(maddrs_sender, stop))
+    procs: list = []
+    try:
+        root.start()
+        if not maddrs_receiver.poll(start_timeout_s):
+            raise RuntimeError(f"the root DHT did not start within {start_timeout_s:.0f} s")
+        initial_peers = maddrs_receiver.recv()
+        procs = [
+            ctx.Process(target=target, args=(i, initial_peers, barrier, results)) for i in range(num_peers)
+        ]
+        for proc in procs:
+            proc.start()
+        yield results, procs
+    finally:
+        stop.set()
+        for pid in reversed(descendants(os.getpid())):
+            if pid not in before:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for proc in [*procs, root]:
+            proc.join(timeout=5)

@@ -3,13 +3,8 @@ bit-identical averaged tensors under none, fp16 and int8, and the bytes on the w
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing as mp
-import os
 import queue
-import signal
 import time
-from pathlib import Path
 
 import hivemind
 import pytest
@@ -19,6 +14,7 @@ from peer.allreduce import ExactAverager
 from peer.outer import average_contributions, contribution_key, tensors_sha256
 from peer.replicas import compressed_average
 from peer.swarm_averaging import COMPRESSION
+from tests.integration.harness import forked_peers
 
 NUM_PEERS = 3
 SHAPES = [(600, 500), (777,)]  # 300,777 values: two tensors, several parts per shard, a ragged tail
@@ -95,33 +91,9 @@ def _peer(peer_index: int, initial_peers: list[str], barrier, results) -> None:
         raise
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _run_peers_once() -> dict[str, list[tuple]]:
-    """Fork NUM_PEERS peers that average once per compression; kill every process they left behind (p2pd
-    included). Raises _RoundFailed if a peer's all-reduce failed."""
-    before = set(_descendants(os.getpid()))
-    root = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-    ctx = mp.get_context("fork")  # hivemind objects must not be created in spawned processes
-    results, barrier = ctx.Queue(), ctx.Barrier(NUM_PEERS)
-    initial_peers = [str(m) for m in root.get_visible_maddrs()]
-    procs = [ctx.Process(target=_peer, args=(i, initial_peers, barrier, results)) for i in range(NUM_PEERS)]
-    try:
-        for proc in procs:
-            proc.start()
+    """Fork NUM_PEERS peers that average once per compression. Raises _RoundFailed if a peer's all-reduce failed."""
+    with forked_peers(_peer, NUM_PEERS) as (results, procs):
         collected: dict[str, list[tuple]] = {c: [] for c in COMPRESSIONS}
         deadline = time.monotonic() + PEERS_TIMEOUT_S
         for _ in range(NUM_PEERS * len(COMPRESSIONS)):
@@ -137,15 +109,6 @@ def _run_peers_once() -> dict[str, list[tuple]]:
         for proc in procs:
             proc.join(timeout=15)
         return collected
-    finally:
-        with contextlib.suppress(Exception):
-            root.shutdown()
-        for pid in reversed(_descendants(os.getpid())):
-            if pid not in before:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for proc in procs:
-            proc.join(timeout=5)
 
 
 class _RoundFailed(Exception):

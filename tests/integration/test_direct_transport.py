@@ -4,14 +4,9 @@ listener nobody can reach), and every peer ends bit-identical to the in-memory a
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing as mp
-import os
 import queue
-import signal
 import socket
 import time
-from pathlib import Path
 
 import hivemind
 import pytest
@@ -21,6 +16,7 @@ from peer.allreduce import ExactAverager
 from peer.compression import COMPRESSION
 from peer.direct_transport import DirectSettings
 from peer.outer import average_contributions, contribution_key, tensors_sha256
+from tests.integration.harness import forked_peers
 
 NUM_PEERS = 3
 NUM_VALUES = 400_000  # several parts per shard
@@ -91,34 +87,11 @@ def _peer(peer_index: int, initial_peers: list[str], barrier, results) -> None:
         raise
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 @pytest.fixture(scope="module")
 def reports() -> dict[str, dict[int, tuple]]:
     """{scenario: {peer: (group size, sha256, transport stats)}} from one run of NUM_PEERS forked peers."""
-    before = set(_descendants(os.getpid()))
-    root = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-    ctx = mp.get_context("fork")  # hivemind objects must not be created in spawned processes
-    results, barrier = ctx.Queue(), ctx.Barrier(NUM_PEERS)
-    initial_peers = [str(m) for m in root.get_visible_maddrs()]
-    procs = [ctx.Process(target=_peer, args=(i, initial_peers, barrier, results)) for i in range(NUM_PEERS)]
-    collected: dict[str, dict[int, tuple]] = {name: {} for name, _ in SCENARIOS}
-    try:
-        for proc in procs:
-            proc.start()
+    with forked_peers(_peer, NUM_PEERS) as (results, procs):
+        collected: dict[str, dict[int, tuple]] = {name: {} for name, _ in SCENARIOS}
         deadline = time.monotonic() + PEERS_TIMEOUT_S
         for _ in range(NUM_PEERS * len(SCENARIOS)):
             try:
@@ -132,15 +105,6 @@ def reports() -> dict[str, dict[int, tuple]]:
         for proc in procs:
             proc.join(timeout=15)
         return collected
-    finally:
-        with contextlib.suppress(Exception):
-            root.shutdown()
-        for pid in reversed(_descendants(os.getpid())):
-            if pid not in before:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        for proc in procs:
-            proc.join(timeout=5)
 
 
 def _exact_sha256() -> str:
