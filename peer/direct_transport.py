@@ -210,7 +210,9 @@ def parse_endpoint(advertised) -> Endpoint | None:
 
 
 def hosts_from_maddrs(maddrs) -> tuple[str, ...]:
-    """The IP addresses in multiaddrs (announced or visible), routable ones before loopback, relays left out."""
+    """The IP addresses in multiaddrs (announced or visible), relays left out; loopback only if there is nothing else
+    (a remote sender would dial its own machine: refused at best, at worst a local service that keeps it waiting
+    for the handshake timeout; a peer on this machine reaches the other addresses too)."""
     found = []
     for maddr in maddrs:
         parts = str(maddr).split("/")
@@ -220,8 +222,8 @@ def hosts_from_maddrs(maddrs) -> tuple[str, ...]:
             address = ipaddress.ip_address(parts[2])
             if not address.is_unspecified and str(address) not in found:
                 found.append(str(address))
-    found.sort(key=lambda host: ipaddress.ip_address(host).is_loopback)
-    return tuple(found[:MAX_HOSTS])
+    routable = [host for host in found if not ipaddress.ip_address(host).is_loopback]
+    return tuple((routable or found)[:MAX_HOSTS])
 
 
 class Identity:

@@ -221,4 +221,5 @@ def test_advertised_endpoints_from_strangers_are_parsed_or_refused():
             "/ip4/0.0.0.0/tcp/1",
             "/ip4/1.2.3.4/tcp/1/p2p-circuit",
         ]
-    ) == ("10.0.0.2", "127.0.0.1")
+    ) == ("10.0.0.2",)
+    assert dt.hosts_from_maddrs(["/ip4/127.0.0.1/tcp/1", "/ip6/::1/tcp/1"]) == ("127.0.0.1", "::1")
