@@ -6,6 +6,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -229,22 +230,6 @@ def hashes_by_round(peers: list[Peer]) -> dict[int, dict[str, str]]:
 
 
 # ---- forked peers around a root DHT, none of hivemind in the test process ---------------------------------------
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children first), read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _serve_root_dht(maddrs_sender, stop) -> None:
     import hivemind
 
@@ -261,7 +246,9 @@ def forked_peers(target, num_peers: int, *, start_timeout_s: float = 60.0):
 
     Nothing of hivemind runs in the test process itself: a DHT created and shut down there leaves process-wide
     pipes that the next module's forked peers inherit half-closed ("Broken pipe" in their all-reduce)."""
-    before = set(descendants(os.getpid()))
+    from tests.conftest import descendants, kill_new_descendants
+
+    before = descendants(os.getpid())
     ctx = mp.get_context("fork")  # hivemind objects must not be created in spawned processes
     results, barrier, stop = ctx.Queue(), ctx.Barrier(num_peers), ctx.Event()
     maddrs_receiver, maddrs_sender = ctx.Pipe(duplex=False)
@@ -280,9 +267,24 @@ def forked_peers(target, num_peers: int, *, start_timeout_s: float = 60.0):
         yield results, procs
     finally:
         stop.set()
-        for pid in reversed(descendants(os.getpid())):
-            if pid not in before:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        kill_new_descendants(before, grace_s=0.0)
         for proc in [*procs, root]:
             proc.join(timeout=5)
+
+
+class ForkedPeerFailed(Exception):
+    """A forked peer reported an error instead of its result."""
+
+
+def peer_reports(results, count: int, *, timeout_s: float):
+    """The first `count` items the forked peers put in `results`, each (peer index, ...); raises ForkedPeerFailed
+    for one that reads (peer index, "error", message), AssertionError if they do not all arrive within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(count):
+        try:
+            item = results.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"peers did not report within {timeout_s:.0f} s") from None
+        if item[1] == "error":
+            raise ForkedPeerFailed(f"peer {item[0]} failed: {item[2]}")
+        yield item

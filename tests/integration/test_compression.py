@@ -3,9 +3,6 @@ bit-identical averaged tensors under none, fp16 and int8, and the bytes on the w
 
 from __future__ import annotations
 
-import queue
-import time
-
 import hivemind
 import pytest
 import torch
@@ -14,7 +11,7 @@ from peer.allreduce import ExactAverager
 from peer.outer import average_contributions, contribution_key, tensors_sha256
 from peer.replicas import compressed_average
 from peer.swarm_averaging import COMPRESSION
-from tests.integration.harness import forked_peers
+from tests.integration.harness import ForkedPeerFailed, forked_peers, peer_reports
 
 NUM_PEERS = 3
 SHAPES = [(600, 500), (777,)]  # 300,777 values: two tensors, several parts per shard, a ragged tail
@@ -92,27 +89,16 @@ def _peer(peer_index: int, initial_peers: list[str], barrier, results) -> None:
 
 
 def _run_peers_once() -> dict[str, list[tuple]]:
-    """Fork NUM_PEERS peers that average once per compression. Raises _RoundFailed if a peer's all-reduce failed."""
+    """Fork NUM_PEERS peers that average once per compression. Raises ForkedPeerFailed if a peer's all-reduce failed."""
     with forked_peers(_peer, NUM_PEERS) as (results, procs):
         collected: dict[str, list[tuple]] = {c: [] for c in COMPRESSIONS}
-        deadline = time.monotonic() + PEERS_TIMEOUT_S
-        for _ in range(NUM_PEERS * len(COMPRESSIONS)):
-            try:
-                item = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"peers did not report within {PEERS_TIMEOUT_S:.0f} s")
-            if item[1] == "error":
-                raise _RoundFailed(f"peer {item[0]} failed: {item[2]}")
+        for item in peer_reports(results, NUM_PEERS * len(COMPRESSIONS), timeout_s=PEERS_TIMEOUT_S):
             peer_index, compression, group_size, digest, averaged, stats = item
             averaged = [torch.from_numpy(a) for a in averaged]
             collected[compression].append((peer_index, group_size, digest, averaged, stats))
         for proc in procs:
             proc.join(timeout=15)
         return collected
-
-
-class _RoundFailed(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +110,10 @@ def swarm_results() -> dict[str, list[tuple]]:
     completed all-reduce gives, so a failed one is retried once; two failures in a row fail the tests."""
     try:
         return _run_peers_once()
-    except _RoundFailed as first:
+    except ForkedPeerFailed as first:
         try:
             return _run_peers_once()
-        except _RoundFailed as second:
+        except ForkedPeerFailed as second:
             pytest.fail(f"the all-reduce failed twice: {first}; then {second}")
 
 

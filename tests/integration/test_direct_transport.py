@@ -4,9 +4,7 @@ listener nobody can reach), and every peer ends bit-identical to the in-memory a
 
 from __future__ import annotations
 
-import queue
 import socket
-import time
 
 import hivemind
 import pytest
@@ -16,7 +14,7 @@ from peer.allreduce import ExactAverager
 from peer.compression import COMPRESSION
 from peer.direct_transport import DirectSettings
 from peer.outer import average_contributions, contribution_key, tensors_sha256
-from tests.integration.harness import forked_peers
+from tests.integration.harness import forked_peers, peer_reports
 
 NUM_PEERS = 3
 NUM_VALUES = 400_000  # several parts per shard
@@ -92,14 +90,7 @@ def reports() -> dict[str, dict[int, tuple]]:
     """{scenario: {peer: (group size, sha256, transport stats)}} from one run of NUM_PEERS forked peers."""
     with forked_peers(_peer, NUM_PEERS) as (results, procs):
         collected: dict[str, dict[int, tuple]] = {name: {} for name, _ in SCENARIOS}
-        deadline = time.monotonic() + PEERS_TIMEOUT_S
-        for _ in range(NUM_PEERS * len(SCENARIOS)):
-            try:
-                item = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                pytest.fail(f"peers did not report within {PEERS_TIMEOUT_S:.0f} s")
-            if item[1] == "error":
-                pytest.fail(f"peer {item[0]} failed: {item[2]}")
+        for item in peer_reports(results, NUM_PEERS * len(SCENARIOS), timeout_s=PEERS_TIMEOUT_S):
             peer_index, name, *report = item
             collected[name][peer_index] = tuple(report)
         for proc in procs:
