@@ -63,6 +63,7 @@ from hivemind.utils.streaming import combine_from_streaming
 
 from peer import direct_transport
 from peer.direct_transport import DirectError, DirectSettings
+from peer.group_closing import EarlyClose, full_group_size
 from peer.outer import average_contributions
 from peer.robust import (
     BAN_S,
@@ -610,15 +611,6 @@ async def aiter_with_first_timeout(
         item_timeout = timeout
 
 
-def full_group_size(metadata: dict) -> int | None:
-    """The group size at which a leader closes its group at once: our own gathered "group_size" (None: none, or
-    fewer than 2, and the group closes at its scheduled time as hivemind's default does)."""
-    expected = metadata.get("group_size")
-    if isinstance(expected, int) and not isinstance(expected, bool) and expected >= 2:
-        return expected
-    return None
-
-
 def metadata_order_key(metadata: dict, peer_id: PeerID) -> bytes:
     """A member's place in the canonical summation order: its data-stream key, or (if it sent none that parses) one
     derived from its peer id, so a malformed entry cannot fail the round for everyone."""
@@ -662,6 +654,7 @@ class ExactAverager(DecentralizedAverager):
         self._state_requests_serving: asyncio.Semaphore | None = None
         # peer id -> time.monotonic() until which it is banned from our groups; used in the averager process only
         self._bans: dict[bytes, float] = {}
+        self._early_close: EarlyClose | None = None  # the current step's (averager process)
         # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer, other reducers reached
         # directly, through p2p, other senders that reached us directly] of the last all-reduce
         self._transport_stats = mp.Array(ctypes.c_double, len(TRANSPORT_STATS))
@@ -742,13 +735,21 @@ class ExactAverager(DecentralizedAverager):
         return runner.direct_handler(sender, key)
 
     async def _step(self, *, step, future_for_init):
-        # extends DecentralizedAverager._step: as a leader, assemble the group as soon as every peer expected in
-        # the round joined (our own gathered "group_size", counted from the round's progress records) instead of
-        # waiting until the group time; 0 keeps hivemind's "wait until the group time" (target_group_size None)
+        # extends DecentralizedAverager._step: as a leader, assemble the group as soon as this peer's all-reduce is
+        # triggered and every peer expected in the round joined (peer/group_closing.py) instead of waiting until
+        # the group time; no expected count keeps hivemind's "wait until the group time"
         metadata = gathered_metadata(self.serializer, step.data_for_gather, self.peer_id, self._access) or {}
-        self._matchmaking.target_group_size = full_group_size(metadata)
+        early_close = EarlyClose(
+            self._matchmaking, expected=full_group_size(metadata), round_index=metadata.get("round")
+        )
+        self._early_close = early_close
         self._follow_no_banned_leader()
-        return await super()._step(step=step, future_for_init=future_for_init)
+        # runs once super()._step attached the trigger (synchronously, before its first await)
+        closer = asyncio.create_task(early_close.close_once_triggered(step))
+        try:
+            return await super()._step(step=step, future_for_init=future_for_init)
+        finally:
+            closer.cancel()
 
     def _banned(self, peer: PeerID) -> bool:
         """(averager process) Whether a reducer of ours lied, less than BAN_S ago."""
@@ -950,6 +951,8 @@ class ExactAverager(DecentralizedAverager):
         if self._banned(context.remote_id):  # and a reducer that lied to us never joins a group we lead
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
+        if self._early_close is not None and metadata is not None:
+            self._early_close.count_in(metadata)  # a late member expects itself too
         async for response in super().rpc_join_group(request, context):
             yield response
 

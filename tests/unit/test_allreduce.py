@@ -12,7 +12,7 @@ import torch
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import NoCompression
 
-from peer.allreduce import OrderedPartReducer, aiter_with_first_timeout, encode_once, full_group_size
+from peer.allreduce import OrderedPartReducer, aiter_with_first_timeout, encode_once
 from peer.outer import average_contributions, tensors_sha256
 
 PART_SIZE = 1000
@@ -272,15 +272,6 @@ def test_the_next_part_accumulates_while_the_previous_average_is_still_encoded()
     first, second = asyncio.run(run())
     assert tensors_sha256([first[0][1]]) == tensors_sha256([expected_average(parts, (0, 1), 0)])
     assert tensors_sha256([second[1][1]]) == tensors_sha256([expected_average(parts, (0, 1), 1)])
-
-
-@pytest.mark.parametrize(
-    ("metadata", "expected"),
-    [({"group_size": 4}, 4), ({"group_size": 2}, 2), ({"group_size": 1}, None), ({"group_size": 0}, None),
-     ({}, None), ({"group_size": True}, None), ({"group_size": "4"}, None), ({"group_size": 4.0}, None)],
-)  # fmt: skip
-def test_a_leader_closes_its_group_early_only_for_a_real_group_size(metadata, expected):
-    assert full_group_size(metadata) == expected
 
 
 def test_the_first_item_may_take_longer_than_the_next_ones():
