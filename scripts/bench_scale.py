@@ -12,7 +12,8 @@ newcomer has logged --rounds rounds, every peer gets SIGTERM (and leaves within 
 - DHT traffic per peer: link bytes while every peer was in its inner phase (no all-reduce, no state transfer:
   progress records, hash records, DHT maintenance), as a rate and per round of median length;
 - memory per peer: the largest proportional set size (PSS) of the peer's process tree (main, DHT, averager, p2pd);
-- time from the newcomer's start to the end of its first round whose all-reduce included it.
+- time from the newcomer's start to the end of its first round whose all-reduce included it;
+- failed peer-rounds: rounds any peer logged as failed (no group, or a failed all-reduce; no fault is injected).
 Namespaces are set up and removed as in bench_wan.py (named after this process id; swept if a run was killed).
 """
 
@@ -246,7 +247,7 @@ def summarize(args, raw: dict, num_values: int) -> dict:
 def print_table(rows: list[dict]) -> None:
     print(
         f"{'k':>3} | {'allreduce s':>11} {'bound s':>7} {'ratio':>5} | {'sent MB':>7} {'bound MB':>8} {'ratio':>5} | "
-        f"{'one group':>9} | {'DHT KB/s':>8} {'KB/round':>8} | {'PSS MB':>6} | {'join s':>6} | agreed"
+        f"{'one group':>9} | {'DHT KB/s':>8} {'KB/round':>8} | {'PSS MB':>6} | {'join s':>6} | failed | agreed"
     )
     for r in rows:
 
@@ -262,7 +263,8 @@ def print_table(rows: list[dict]) -> None:
             f"{fmt(r['dht_bytes_per_s_per_peer'] and r['dht_bytes_per_s_per_peer'] / 1e3, '8.2f')} "
             f"{fmt(r['dht_bytes_per_round_per_peer'] and r['dht_bytes_per_round_per_peer'] / 1e3, '8.1f')} | "
             f"{fmt(r['pss_bytes_max'] and r['pss_bytes_max'] / 2**20, '6.0f')} | "
-            f"{fmt(r['newcomer_s_to_first_round'], '6.1f')} | {r['agreed_rounds']}/{r['rounds_all_peers']}"
+            f"{fmt(r['newcomer_s_to_first_round'], '6.1f')} | {r['failed_peer_rounds']:>6} | "
+            f"{r['agreed_rounds']}/{r['rounds_all_peers']}"
         )
 
 
