@@ -148,11 +148,21 @@ class OrderedPartReducer(TensorPartReducer):
 
     def reset_accumulators(self) -> None:
         # mirrors TensorPartReducer.reset_accumulators; differs: the parts are kept whole in `pending` (summed
-        # later, in canonical order) instead of being added to a running-sum accumulator as they arrive, and
-        # senders of later parts are woken by `next_turn` (also resolved by finalize)
-        super().reset_accumulators()
-        self.pending = {}
-        self.accumulator = None
+        # later, in canonical order) instead of being added to a running-sum accumulator as they arrive (so none
+        # is allocated and zeroed per part), and senders of later parts are woken by `next_turn` (also resolved by
+        # finalize)
+        assert self.current_part_accumulated_from == self.num_current_senders or self.current_part_index == -1
+        self.pending, self.accumulator = {}, None
+        if self.current_part_index >= self.num_parts - 1:
+            self.finalize()
+            return
+        self.current_part_index += 1
+        self.current_part_accumulated_from = 0
+        self.current_part_future = asyncio.Future()
+        self.num_current_senders = sum(
+            self.current_part_index < failed_index for failed_index in self.sender_failed_after
+        )
+        self.denominator = 0.0
         if self.next_turn is not None and not self.next_turn.done():
             self.next_turn.set_result(None)
         self.next_turn = asyncio.Future()

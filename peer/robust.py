@@ -96,6 +96,8 @@ def clip_to_median_norm(
     overflow them."""
     if len(parts) < 2:
         return list(parts), []
+    if _clearly_within(parts, factor):
+        return list(parts), []
     norms = [float(torch.linalg.vector_norm(part, dtype=torch.float64)) for part in parts]
     limit = factor * sorted(norms)[(len(norms) - 1) // 2]
     clipped = [i for i, norm in enumerate(norms) if norm > limit]
@@ -103,6 +105,24 @@ def clip_to_median_norm(
         (part * (limit / norms[i])).to(part.dtype) if i in clipped else part for i, part in enumerate(parts)
     ]
     return scaled, clipped
+
+
+NORM_FAST_MARGIN = 0.95
+"""clip_to_median_norm's float32 shortcut decides only when every norm is below this share of the limit: float32
+norms of a part are within ~1e-5 of the float64 ones (far less than 5 %), so the shortcut never decides otherwise."""
+NORM_FAST_MIN = 1e-15
+"""... and only when every float32 norm is at least this (smaller ones may have lost squares that underflowed)."""
+
+
+def _clearly_within(parts: Sequence[torch.Tensor], factor: float) -> bool:
+    """Whether every part's norm is clearly within `factor` x the lower median, judged from float32 norms (~5x
+    faster than float64 ones): then clip_to_median_norm scales nothing, exactly as the float64 norms would decide.
+    False when in doubt: near the limit, or a norm that overflowed (non-finite) or may have underflowed."""
+    norms = [float(torch.linalg.vector_norm(part)) for part in parts]
+    if not all(math.isfinite(norm) and norm >= NORM_FAST_MIN for norm in norms):
+        return False
+    limit = factor * sorted(norms)[(len(norms) - 1) // 2]
+    return all(norm <= NORM_FAST_MARGIN * limit for norm in norms)
 
 
 @torch.no_grad()
