@@ -374,7 +374,8 @@ class ExactAllReduceRunner(AllReduceRunner):
                 if num_parts != 0
             }
             pending_tasks |= reducers
-            await asyncio.wait(reducers)  # each ends with all its parts registered, or our own in their place
+            if reducers:  # each ends with all its parts registered, or our own in their place
+                await asyncio.wait(reducers)
             if container.finished.is_set():
                 raise AllreduceException("All-reduce was terminated during iteration")
             parts = [part for peer_parts in container._output_parts_by_peer for part in peer_parts]
