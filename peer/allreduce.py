@@ -51,17 +51,16 @@ from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import (
     CompressionBase,
-    CompressionInfo,
     NoCompression,
     deserialize_torch_tensor,
 )
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture, get_dht_time, get_logger
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, attach_event_on_finished
+from hivemind.utils.asyncio import aiter_with_timeout, attach_event_on_finished
 from hivemind.utils.streaming import combine_from_streaming
 
-from peer import direct_transport
+from peer import direct_transport, wire
 from peer.direct_transport import DirectError, DirectSettings
 from peer.group_closing import EarlyClose, full_group_size
 from peer.outer import average_contributions
@@ -69,6 +68,7 @@ from peer.robust import (
     BAN_S,
     MAX_BANS_GATHERED,
     NORM_CLIP_FACTOR,
+    all_finite,
     capped_weights,
     clamp_contribution,
     clip_to_median_norm,
@@ -77,12 +77,12 @@ from peer.robust import (
     within_bound,
 )
 from peer.swarm_key import OpenAccess
+from peer.wire import WirePart
 
 logger = get_logger(__name__)
 
 STATE_TENSORS_KEY = "_num_tensors"  # added to served metadata: how many tensors follow (removed on receipt)
 HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
-PREFETCH_PARTS = 2  # parts decoded (received) or encoded (to send) ahead of the one being processed
 MAX_BANS_KEPT = 1024  # banned peers remembered at once (expired bans are dropped first)
 DIRECT_GROUP_POLL_S = 0.05  # how often a direct connection that arrived before its group checks for it
 TRANSPORT_STATS = (
@@ -95,28 +95,18 @@ TRANSPORT_STATS = (
     "senders_direct",  # other senders that reached us over the direct path
 )
 BANS_QUERY_TIMEOUT_S = 5.0  # how long the training process waits for the averager process's ban list
-EncodedPart = tuple[runtime_pb2.Tensor, torch.Tensor]  # (the serialized averaged part, its decoded value)
-# (the reply message every sender of a part gets, its decoded value)
-ReducedPart = tuple[averaging_pb2.AveragingData, torch.Tensor]
+# (the reply every sender of a part gets, its decoded value)
+ReducedPart = tuple[WirePart, torch.Tensor]
 
 
-def encode_once(compression: CompressionBase, averaged: torch.Tensor) -> EncodedPart:
-    """Encode an averaged part for the wire and decode it back: every peer, the reducer too, uses the decoded
-    value of these same bytes, so a lossy codec cannot make peers disagree (I1)."""
-    serialized = compression.compress(averaged, CompressionInfo.from_tensor(averaged), allow_inplace=True)
-    return serialized, deserialize_torch_tensor(serialized)
-
-
-def _settle(future: asyncio.Future, work: asyncio.Future) -> None:
-    """Hand the outcome of a worker thread's `work` to the future the senders of that part wait on."""
-    if future.done():
-        return
-    if work.cancelled():
-        future.cancel()
-    elif work.exception() is not None:
-        future.set_exception(work.exception())
-    else:
-        future.set_result(work.result())
+def encode_once(compression: CompressionBase, averaged: torch.Tensor) -> ReducedPart:
+    """Encode an averaged part for the wire, as the reply every sender gets, and decode it back: every peer, the
+    reducer too, uses the decoded value of these same bytes, so a lossy codec cannot make peers disagree (I1).
+    Without compression the bytes are the averaged tensor's own memory, and their decoding is that tensor."""
+    header, payload = wire.encode_tensor(compression, averaged)
+    decoded = averaged if header.compression == wire.NONE else wire.decode_tensor(header, payload)
+    reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=header)
+    return WirePart(reply, payload), decoded
 
 
 class OrderedPartReducer(TensorPartReducer):
@@ -124,9 +114,10 @@ class OrderedPartReducer(TensorPartReducer):
 
     Everything a sender hands in is checked first: a part of the wrong shape or dtype, a non-finite value or a
     weight that is not a positive finite number fails that sender (AllreduceException, the runner then bans it)
-    and never reaches the sum. The sum and the encoding run in a worker thread (torch and the codecs release the
-    GIL), so the event loop keeps moving bytes and the next part accumulates meanwhile. Inherited unchanged
-    from TensorPartReducer: `on_sender_failed`, `finalize`.
+    and never reaches the sum. The sum and the encoding run on the event loop as soon as the last sender's part is
+    in: for parts of a few hundred KB that is cheaper than a worker thread's hand-over and wake-ups (the profile in
+    docs/PERFORMANCE.md section 0), and the kernel's socket buffers keep the bytes moving meanwhile. Inherited
+    unchanged from TensorPartReducer: `on_sender_failed`.
     """
 
     def __init__(
@@ -136,7 +127,7 @@ class OrderedPartReducer(TensorPartReducer):
         *,
         part_dtypes: Sequence[torch.dtype],
         order_keys: Sequence[bytes],
-        encode: Callable[[torch.Tensor], EncodedPart],
+        encode: Callable[[torch.Tensor], ReducedPart],
         value_bound: float = 0.0,
         max_weight: float = math.inf,
         combine: Callable[..., torch.Tensor] = average_contributions,
@@ -157,11 +148,21 @@ class OrderedPartReducer(TensorPartReducer):
 
     def reset_accumulators(self) -> None:
         # mirrors TensorPartReducer.reset_accumulators; differs: the parts are kept whole in `pending` (summed
-        # later, in canonical order) instead of being added to a running-sum accumulator as they arrive, and
-        # senders of later parts are woken by `next_turn` (the previous part's average may still be computed)
-        super().reset_accumulators()
-        self.pending = {}
-        self.accumulator = None
+        # later, in canonical order) instead of being added to a running-sum accumulator as they arrive (so none
+        # is allocated and zeroed per part), and senders of later parts are woken by `next_turn` (also resolved by
+        # finalize)
+        assert self.current_part_accumulated_from == self.num_current_senders or self.current_part_index == -1
+        self.pending, self.accumulator = {}, None
+        if self.current_part_index >= self.num_parts - 1:
+            self.finalize()
+            return
+        self.current_part_index += 1
+        self.current_part_accumulated_from = 0
+        self.current_part_future = asyncio.Future()
+        self.num_current_senders = sum(
+            self.current_part_index < failed_index for failed_index in self.sender_failed_after
+        )
+        self.denominator = 0.0
         if self.next_turn is not None and not self.next_turn.done():
             self.next_turn.set_result(None)
         self.next_turn = asyncio.Future()
@@ -185,23 +186,21 @@ class OrderedPartReducer(TensorPartReducer):
             )
         if not (isinstance(weight, float | int) and 0 < weight < float("inf")):
             raise AllreduceException(f"sender {sender_index} sent weight {weight!r}")
-        if not bool(torch.isfinite(tensor_part).all()):
+        if not all_finite(tensor_part):
             raise AllreduceException(f"sender {sender_index} sent non-finite values in part {part_index}")
 
     async def accumulate_part(
         self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
     ) -> ReducedPart:
         # mirrors TensorPartReducer.accumulate_part (wait for the part's turn, refuse a banned sender); differs:
-        # the turn is `next_turn`, the part is checked (check_part) and stored rather than added, and the result
-        # is the (reply message, decoded) average instead of a tensor
+        # the turn is `next_turn` (no task per wait: finalize resolves it too), the part is checked (check_part) and
+        # stored rather than added, and the result is the (reply, decoded) average instead of a tensor
         assert 0 <= sender_index < self.num_senders, "sender indices are ours, not the sender's"
         if not 0 <= part_index < self.num_parts:
             raise AllreduceException(f"sender {sender_index} sent more than {self.num_parts} parts")
         self.num_parts_received[sender_index] += 1
         while part_index > self.current_part_index:
-            finished = asyncio.create_task(self.finished.wait())
-            await asyncio.wait({self.next_turn, finished}, return_when=asyncio.FIRST_COMPLETED)
-            finished.cancel()
+            await asyncio.wait({self.next_turn})  # never cancels the shared future, unlike awaiting it
             if self.finished.is_set():
                 raise AllreduceException(
                     f"attempted to aggregate part in a finalized {self.__class__.__name__}"
@@ -224,8 +223,8 @@ class OrderedPartReducer(TensorPartReducer):
 
     def check_current_part_finished(self) -> None:
         # mirrors TensorPartReducer.check_current_part_finished; differs: the average, over the senders sorted by
-        # index and summed in order-key order (average_contributions), and its encoding run in a worker thread;
-        # a part that every sender failed fails instead of dividing by zero
+        # index and summed in order-key order (average_contributions), and its encoding; a part that every sender
+        # failed fails instead of dividing by zero
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from != self.num_current_senders:
             return
@@ -234,26 +233,30 @@ class OrderedPartReducer(TensorPartReducer):
             future.set_exception(AllreduceException("every sender of this part failed"))
         else:
             senders = sorted(pending)
-            work = functools.partial(
-                self.average_and_encode,
-                [pending[s][0] for s in senders],
-                [pending[s][1] for s in senders],
-                [self.order_keys[s] for s in senders],
-            )
-            asyncio.get_running_loop().run_in_executor(None, work).add_done_callback(
-                functools.partial(_settle, future)
-            )
-            # a placeholder: after the last part, finalize() cancels the current future, and this part's senders
-            # must still get its result once the worker thread is done
-            self.current_part_future = asyncio.Future()
+            try:
+                future.set_result(
+                    self.average_and_encode(
+                        [pending[s][0] for s in senders],
+                        [pending[s][1] for s in senders],
+                        [self.order_keys[s] for s in senders],
+                    )
+                )
+            except Exception as e:  # e.g. a codec that refuses the average: this part fails for its senders
+                future.set_exception(e)
         self.reset_accumulators()
+
+    def finalize(self) -> None:
+        # extends TensorPartReducer.finalize: senders waiting for their turn wake up (and see `finished`)
+        super().finalize()
+        if self.next_turn is not None and not self.next_turn.done():
+            with contextlib.suppress(RuntimeError):  # called from __del__ too, maybe after the loop closed
+                self.next_turn.set_result(None)
 
     def average_and_encode(
         self, parts: list[torch.Tensor], weights: list[float], order_keys: list[bytes]
     ) -> ReducedPart:
-        """(in a worker thread) Clamp each contribution to the bound, scale it to the group's median norm, cap the
-        weights (peer/robust.py), average in canonical order, encode the result once and wrap it in the one reply
-        message every sender gets."""
+        """Clamp each contribution to the bound, scale it to the group's median norm, cap the weights
+        (peer/robust.py), average in canonical order, and encode the result once as the reply every sender gets."""
         clamped = [clamp_contribution(part, self.value_bound) for part in parts]
         clipped, scaled_down = clip_to_median_norm(clamped)
         for i in scaled_down:
@@ -266,8 +269,7 @@ class OrderedPartReducer(TensorPartReducer):
                     f"{order_keys[i].hex()[:8]}); later parts of it are scaled silently"
                 )
         capped = capped_weights(weights, max_weight=self.max_weight)
-        serialized, decoded = self.encode(self.combine(clipped, capped, order_keys))
-        return averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized), decoded
+        return self.encode(self.combine(clipped, capped, order_keys))
 
 
 class ExactAllReduceRunner(AllReduceRunner):
@@ -289,7 +291,6 @@ class ExactAllReduceRunner(AllReduceRunner):
     ):
         # extends AllReduceRunner.__init__: the container returns averages instead of deltas, and hivemind's
         # running-sum TensorPartReducer is replaced by an OrderedPartReducer over the same part shapes
-        kwargs.setdefault("prefetch", PREFETCH_PARTS)  # parts encoded ahead of sending (hivemind: 1)
         super().__init__(compression=compression, **kwargs)
         self.compression, self.value_bound = compression, value_bound
         self.group_time = group_time
@@ -354,12 +355,56 @@ class ExactAllReduceRunner(AllReduceRunner):
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._all_streams_served.wait(), timeout)
 
+    async def run(self) -> AsyncIterator[list[torch.Tensor]]:
+        """Run the all-reduce; yields, per tensor, its averaged parts in order (all of them arrived and were checked
+        when the first list is yielded; a failed reducer's parts are our own values, see failed_size)."""
+        # mirrors AllReduceRunner.run for peers that send (auxiliary mode is refused by ExactAverager); differs: it
+        # waits for every reducer's stream to end instead of iterating hivemind's iterate_output_tensors (which
+        # concatenates each tensor's parts, a copy the caller then copies again: the caller writes the parts into
+        # its tensors in one copy, write_parts)
+        container = self.tensor_part_container
+        pending_tasks = set()
+        if container.num_parts_by_peer[self.ordered_peer_ids.index(self.peer_id)] != 0:
+            pending_tasks.add(asyncio.create_task(self._handle_missing_senders()))
+        try:
+            assert self.peer_id in self.sender_peer_ids, "auxiliary averagers are not supported"
+            reducers = {
+                asyncio.create_task(self._communicate_with_peer(peer_id))
+                for peer_id, num_parts in zip(self.ordered_peer_ids, container.num_parts_by_peer, strict=True)
+                if num_parts != 0
+            }
+            pending_tasks |= reducers
+            if reducers:  # each ends with all its parts registered, or our own in their place
+                await asyncio.wait(reducers)
+            if container.finished.is_set():
+                raise AllreduceException("All-reduce was terminated during iteration")
+            parts = [part for peer_parts in container._output_parts_by_peer for part in peer_parts]
+            first = 0
+            for num_parts in container.num_parts_by_tensor:
+                yield parts[first : first + num_parts]
+                first += num_parts
+            self.finalize()
+        except BaseException as e:
+            self.finalize(exception=e)
+            for task in pending_tasks:
+                task.cancel()
+            raise
+        finally:
+            for task in pending_tasks:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception as inner_exc:
+                    logger.debug(f"Task {task} failed with {inner_exc}", exc_info=True)
+
     async def _communicate_with_peer(self, peer_id: PeerID) -> None:
         """Send our part to one reducer and register the averaged part it returns (ours: decode our own encoding)."""
         # mirrors AllReduceRunner._communicate_with_peer; differs: our own shard's parts go through the codec like
         # everyone else's; what is registered is the averaged part itself, not a delta, checked for the shape and
         # dtype of our own part; opening the stream is bounded by the reducer timeout; we hang up as soon as the
-        # last expected part arrived (see rpc_aggregate_part); received bytes are counted; a failure is logged
+        # last expected part arrived (see rpc_aggregate_part); received bytes are counted; a failure is logged;
+        # each averaged part is decoded on the event loop as it arrives (no worker thread: see OrderedPartReducer)
         peer_index = self.ordered_peer_ids.index(peer_id)
         if peer_id == self.peer_id:
             sender_index = self.sender_peer_ids.index(peer_id)
@@ -371,9 +416,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                 tensor_part = (
                     raw_part
                     if lossless
-                    else deserialize_torch_tensor(
-                        self.compression.compress(raw_part, CompressionInfo.from_tensor(raw_part))
-                    )
+                    else wire.decode_tensor(*wire.encode_tensor(self.compression, raw_part))
                 )
                 _, decoded = await self.tensor_part_reducer.accumulate_part(
                     sender_index, part_index, tensor_part, weight=self.weight
@@ -390,25 +433,18 @@ class ExactAllReduceRunner(AllReduceRunner):
                 await done_sending.wait()
 
             expected_parts = self.part_shapes_by_peer[peer_index]
-
-            def _deserialize(msg: averaging_pb2.AveragingData) -> torch.Tensor:
-                if msg.code != averaging_pb2.AVERAGED_PART:
-                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
-                self.bytes_received += msg.ByteSize()
-                return deserialize_torch_tensor(msg.tensor_part)
-
             # the first averaged part waits for every sender of that shard, the slowest included (see group_time)
             first_timeout = (
                 None if self.reducer_timeout is None else self.reducer_timeout + self.start_grace_s()
             )
-            parts = amap_in_executor(
-                _deserialize,
-                aiter_with_first_timeout(stream, first_timeout, self.reducer_timeout),
-                max_prefetch=PREFETCH_PARTS,
-            )
+            parts = aiter_with_first_timeout(stream, first_timeout, self.reducer_timeout)
             async with contextlib.aclosing(parts):
-                async for averaged_part in parts:
-                    # checked here, in stream order (the executor may deserialize two parts at once)
+                async for message in parts:
+                    if message.header.code != averaging_pb2.AVERAGED_PART:
+                        code = averaging_pb2.MessageCode.Name(message.header.code)
+                        raise AllreduceException(f"{peer_id} sent {code}")
+                    self.bytes_received += message.num_bytes()
+                    averaged_part = wire.decode_tensor(message.header.tensor_part, message.payload)
                     self.check_averaged_part(peer_id, averaged_part, expected_parts, part_index)
                     self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
                     part_index += 1
@@ -425,10 +461,11 @@ class ExactAllReduceRunner(AllReduceRunner):
             if stream is not None:  # close our end of the stream (hivemind's p2p reader closes its writer)
                 await stream.aclose()
 
-    async def _open_stream(self, peer_id: PeerID, inputs: AsyncIterator[averaging_pb2.AveragingData]):
+    async def _open_stream(self, peer_id: PeerID, inputs: AsyncIterator[WirePart]):
         """The stream of our parts to one reducer and its averaged parts back: over a direct connection when both
         of us have the direct path and it connects, else (silently) through the p2p daemon. Both carry the same
-        messages, so everything the runner does with them is the same on either path."""
+        parts (as AveragingData messages through the daemon), so everything the runner does with them is the same
+        on either path."""
         endpoint = self.direct_endpoints.get(peer_id)
         if self.direct is not None and endpoint is not None:
             identity, settings = self.direct
@@ -449,13 +486,15 @@ class ExactAllReduceRunner(AllReduceRunner):
         self.reducers_by_path["p2p"] += 1
         # bounded: opening a stream to a peer that was just killed can otherwise hang until hivemind's whole
         # allreduce_timeout, long after the other peers gave up on the round
-        return await asyncio.wait_for(
-            self._get_peer_stub(peer_id).rpc_aggregate_part(inputs), self.reducer_timeout
+        messages = await asyncio.wait_for(
+            self._get_peer_stub(peer_id).rpc_aggregate_part(_amap(wire.to_message, inputs)),
+            self.reducer_timeout,
         )
+        return _P2PParts(messages)
 
     def direct_handler(self, sender: bytes, key: bytes) -> direct_transport.Handler | None:
         """How a direct connection that proved it holds `key` and claims to be `sender` is served: exactly like a
-        p2p stream from that sender (rpc_aggregate_part); None unless that member of ours advertised that key."""
+        p2p stream from that sender (serve_parts); None unless that member of ours advertised that key."""
         try:
             peer_id = PeerID(sender)
         except Exception:  # a stranger's bytes that are no peer id
@@ -467,7 +506,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             return None
         self.senders_direct += 1
         context = P2PContext(handle_name="direct", local_id=self.peer_id, remote_id=peer_id)
-        return functools.partial(self.rpc_aggregate_part, context=context)
+        return functools.partial(self.serve_parts, context=context)
 
     def check_averaged_part(
         self, reducer: PeerID, part: torch.Tensor, expected_shapes: Sequence[torch.Size], index: int
@@ -492,10 +531,22 @@ class ExactAllReduceRunner(AllReduceRunner):
                 f"{self.value_bound:.3g} every contribution was clamped to"
             )
 
-    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
-        # wraps AllReduceRunner._generate_input_for_peer unchanged, counting the bytes sent
-        async for message in super()._generate_input_for_peer(peer_index):
-            self.bytes_sent += message.ByteSize()
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[WirePart]:
+        # mirrors AllReduceRunner._generate_input_for_peer and TensorPartContainer.iterate_input_parts_for; differs:
+        # each part is encoded on the event loop as it is asked for (no worker thread), into a WirePart, and the
+        # bytes sent are counted. Without compression the payload is a copy of the part (the transport sends it
+        # from that memory, and our tensors are overwritten with the result)
+        container = self.tensor_part_container
+        assert not container._inputs_consumed_by_peer[peer_index], "input parts of that peer were consumed"
+        container._inputs_consumed_by_peer[peer_index] = True
+        lossless = isinstance(self.compression, NoCompression)
+        for part_index, (part, _) in enumerate(container._input_parts_by_peer[peer_index]):
+            tensor_part, payload = wire.encode_tensor(self.compression, part.clone() if lossless else part)
+            header = averaging_pb2.AveragingData(tensor_part=tensor_part, weight=self.weight)
+            if part_index == 0:
+                header.code, header.group_id = averaging_pb2.PART_FOR_AVERAGING, self.group_id
+            message = WirePart(header, payload)
+            self.bytes_sent += message.num_bytes()
             yield message
 
     async def rpc_aggregate_part(
@@ -503,6 +554,13 @@ class ExactAllReduceRunner(AllReduceRunner):
     ) -> typing.AsyncIterator[
         averaging_pb2.AveragingData
     ]:  # typing's: hivemind reads the hint to see a stream
+        """A sender's stream through the p2p daemon: its messages as parts to serve_parts, the replies as messages."""
+        async for reply in self.serve_parts(_amap(wire.from_message, stream), context):
+            yield wire.to_message(reply)
+
+    async def serve_parts(
+        self, stream: AsyncIterator[WirePart], context: P2PContext
+    ) -> AsyncIterator[WirePart]:
         """Serve one sender (AllReduceRunner.rpc_aggregate_part), then keep the stream open until it hangs up.
 
         hivemind's p2p daemon (go-libp2p-daemon v0.5.0.hivemind1, stream.go `doStreamPipe`) pipes each stream
@@ -514,17 +572,18 @@ class ExactAllReduceRunner(AllReduceRunner):
         receiver sees a clean end one part short. So the reducer never closes first: the sender hangs up once
         it has every averaged part (`_communicate_with_peer`), which makes hivemind's stream handler cancel us;
         only then does our side close, with nothing left in flight in either direction."""
-        # extends AllReduceRunner.rpc_aggregate_part (unchanged inside): the wait for the hang-up; streams are
-        # counted for wait_until_served, so the all-reduce returns only once every sender received its parts
+        # mirrors AllReduceRunner.rpc_aggregate_part, over parts instead of messages; extends it: the wait for the
+        # hang-up; streams are counted for wait_until_served, so the all-reduce returns only once every sender
+        # received its parts
         if context.remote_id not in self.sender_peer_ids:  # e.g. a member the group's majority excluded
-            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            yield WirePart(averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION))
             return
         self._streams_serving += 1
         self._all_streams_served.clear()
         served = 0
         try:
-            async for message in super().rpc_aggregate_part(stream, context):
-                served += message.code == averaging_pb2.AVERAGED_PART
+            async for message in self._serve_sender(stream, context):
+                served += message.header.code == averaging_pb2.AVERAGED_PART
                 yield message
             if served and served == self.tensor_part_reducer.num_parts:
                 # bounded like the sender's own wait for each part; cancelled when the sender hangs up
@@ -534,34 +593,123 @@ class ExactAllReduceRunner(AllReduceRunner):
             if not self._streams_serving:
                 self._all_streams_served.set()
 
-    async def _accumulate_parts_streaming(
-        self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
-    ):
-        # mirrors AllReduceRunner._accumulate_parts_streaming; differs: each reply is the averaged part encoded
-        # once by the reducer (the same bytes for every sender) instead of "average minus this sender's part"
-        # encoded per sender; bytes are counted
-        part_index = 0
+    async def _serve_sender(
+        self, stream: AsyncIterator[WirePart], context: P2PContext
+    ) -> AsyncIterator[WirePart]:
+        # mirrors AllReduceRunner.rpc_aggregate_part (hivemind 1.1.12) line by line, over parts; differs: the timeout
+        # per part is asyncio.timeout (no task per part, as aiter_with_timeout's wait_for makes)
+        sender_index = self.sender_peer_ids.index(context.remote_id)
+        self.active_senders.add(context.remote_id)
+        if len(self.active_senders) == len(self.sender_peer_ids):
+            self.all_senders_started.set()
 
-        def _deserialize(msg: averaging_pb2.AveragingData) -> tuple[torch.Tensor, float]:
-            self.bytes_received += msg.ByteSize()
-            return deserialize_torch_tensor(msg.tensor_part), msg.weight
+        def reply(code: int) -> WirePart:
+            return WirePart(averaging_pb2.AveragingData(code=code))
 
         try:
-            async for tensor_part, weight in amap_in_executor(
-                _deserialize, stream, max_prefetch=PREFETCH_PARTS
-            ):
+            async with asyncio.timeout(self.sender_timeout):
+                request: WirePart = await anext(aiter(stream))
+            reason_to_reject = self._check_reasons_to_reject(request.header, context)
+            if reason_to_reject:
+                yield WirePart(reason_to_reject)
+                return
+            elif request.header.code == averaging_pb2.PART_FOR_AVERAGING:
+                parts = aiter_with_first_timeout(
+                    _prepend(request, stream), self.sender_timeout, self.sender_timeout
+                )
+                if not self.should_delay_results(context.remote_id):
+                    async for message in self._accumulate_parts_streaming(parts, sender_index):
+                        yield message
+                else:
+                    done_receiving = asyncio.Event()
+                    delayed_results = asyncio.Queue()
+
+                    async def _accumulate_parts():
+                        try:
+                            async for message in self._accumulate_parts_streaming(
+                                attach_event_on_finished(parts, done_receiving), sender_index
+                            ):
+                                delayed_results.put_nowait(message)
+                        finally:
+                            delayed_results.put_nowait(None)
+
+                    accumulate_task = asyncio.create_task(_accumulate_parts())
+                    await done_receiving.wait()
+                    while True:
+                        next_result = await delayed_results.get()
+                        if next_result is None:
+                            break
+                        yield next_result
+                    await accumulate_task
+            else:
+                yield reply(averaging_pb2.INTERNAL_ERROR)
+                code = averaging_pb2.MessageCode.Name(request.header.code)
+                raise AllreduceException(f"{context.remote_id} sent {code}")
+        except BaseException as e:
+            await self._ban_sender(context.remote_id)
+            if isinstance(e, Exception):
+                logger.debug(f"Caught {repr(e)} when communicating with {context.remote_id}", exc_info=True)
+                yield reply(averaging_pb2.INTERNAL_ERROR)
+            else:
+                raise  # CancelledError, StopIteration and similar
+
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[WirePart], sender_index: int):
+        # mirrors AllReduceRunner._accumulate_parts_streaming; differs: each reply is the averaged part encoded
+        # once by the reducer (the same bytes for every sender) instead of "average minus this sender's part"
+        # encoded per sender; parts are decoded on the event loop as they arrive; bytes are counted
+        part_index = 0
+        try:
+            async for message in stream:
+                self.bytes_received += message.num_bytes()
+                tensor_part = wire.decode_tensor(message.header.tensor_part, message.payload)
                 try:
                     reply, _ = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, tensor_part, weight=weight
+                        sender_index, part_index, tensor_part, weight=message.header.weight
                     )
                     part_index += 1
                 except BannedException:
                     break
-                self.bytes_sent += reply.ByteSize()
+                self.bytes_sent += reply.num_bytes()
                 yield reply
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+def write_parts(tensor: torch.Tensor, parts: Sequence[torch.Tensor]) -> None:
+    """Copy a tensor's averaged parts (in order) into it: one copy, straight into its memory when it is contiguous."""
+    if len(parts) == 1:
+        tensor.copy_(parts[0].view(tensor.shape))
+    elif tensor.is_contiguous():
+        torch.cat(parts, out=tensor.view(-1))
+    else:
+        tensor.copy_(torch.cat(parts).view(tensor.shape))
+
+
+async def _amap(function: Callable, iterable: AsyncIterator) -> AsyncIterator:
+    """`function` applied to each item of an async iterable."""
+    async for item in iterable:
+        yield function(item)
+
+
+async def _prepend(first, iterable: AsyncIterator) -> AsyncIterator:
+    """`first`, then the rest of an async iterable."""
+    yield first
+    async for item in iterable:
+        yield item
+
+
+class _P2PParts:
+    """A p2p stream of AveragingData replies as parts, closable like a DirectStream."""
+
+    def __init__(self, messages):
+        self._messages = messages
+
+    def __aiter__(self):
+        return _amap(wire.from_message, self._messages)
+
+    async def aclose(self) -> None:
+        await self._messages.aclose()
 
 
 def _state_request_type() -> type:
@@ -599,12 +747,14 @@ def gathered_metadata(serializer, gathered: bytes, peer_id: PeerID, access: Open
 async def aiter_with_first_timeout(
     iterable: AsyncIterator, first_timeout: float | None, timeout: float | None
 ) -> AsyncIterator:
-    """hivemind's aiter_with_timeout, except that the first item may take `first_timeout`."""
+    """hivemind's aiter_with_timeout, except that the first item may take `first_timeout`; asyncio.timeout instead of
+    wait_for, which runs each wait in a task of its own."""
     iterator = iterable.__aiter__()
     item_timeout = first_timeout
     while True:
         try:
-            item = await asyncio.wait_for(iterator.__anext__(), item_timeout)
+            async with asyncio.timeout(item_timeout):
+                item = await iterator.__anext__()
         except StopAsyncIteration:
             return
         yield item
@@ -854,7 +1004,7 @@ class ExactAverager(DecentralizedAverager):
         # order keys gathered at matchmaking, refuses auxiliary mode, copies the results only once every part
         # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), bans a
         # reducer whose averaged part failed our checks, waits until the parts this peer owes others were served,
-        # and records the transport statistics
+        # and records the transport statistics; each tensor's parts are copied into it at once (write_parts)
         group_id = group_info.group_id if group_id is None else group_id
         members = {
             peer_id: gathered_metadata(self.serializer, gathered, peer_id, self._access)
@@ -904,7 +1054,7 @@ class ExactAverager(DecentralizedAverager):
         if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
             raise AllreduceException("auxiliary averagers are not supported")
         try:
-            averaged = [tensor async for tensor in runner]
+            averaged = [parts async for parts in runner]
             if runner.tensor_part_container.failed_size:
                 raise AllreduceException(
                     f"{runner.tensor_part_container.failed_size} values were not reduced (a reducer failed)"
@@ -912,8 +1062,8 @@ class ExactAverager(DecentralizedAverager):
         finally:
             self._ban(runner.lying_reducers, "it sent an averaged part that no honest reducer can produce")
         await runner.wait_until_served(runner.reducer_timeout)
-        for tensor, result in zip(tensors, averaged, strict=True):
-            tensor.copy_(result)
+        for tensor, parts in zip(tensors, averaged, strict=True):
+            write_parts(tensor, parts)
         self._transport_stats[:] = [
             runner.bytes_sent,
             runner.bytes_received,

@@ -1,6 +1,7 @@
 """A direct TCP data path for the all-reduce: a listener, a mutually authenticated handshake and length-prefixed
-frames of AveragingData, so that the runner's own messages bypass the p2p daemon (peer/allreduce.py uses it per
-reducer and falls back to the p2p stream when it cannot connect). Authenticated per connection, not encrypted."""
+frames of the runner's parts (peer/wire.py: a small AveragingData header, then the tensor's raw bytes), so that they
+bypass the p2p daemon (peer/allreduce.py uses it per reducer and falls back to the p2p stream when it cannot
+connect). Authenticated per connection, not encrypted."""
 
 from __future__ import annotations
 
@@ -19,19 +20,25 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from hivemind.proto import averaging_pb2
 
+from peer.wire import WirePart
+
 logger = logging.getLogger(__name__)
 
-MAGIC = b"DLCdirect1"  # the server's first bytes: a client that reads anything else falls back to p2p
+MAGIC = (
+    b"DLCdirect2"  # the server's first bytes: a client that reads anything else (e.g. version 1, whose frames
+)
+# carried whole protobuf messages) falls back to p2p
 NONCE_BYTES = 16
 KEY_BYTES = 32  # an X25519 public key
 MAC_BYTES = 32  # HMAC-SHA256
 MAX_ID_BYTES = 64  # a group id or a libp2p peer id (both far shorter)
 MAX_HOSTS = 4  # hosts advertised (and tried) per peer
-FRAME_HEADER = struct.Struct("!BI")  # kind, payload length
-DATA, END = 1, 2  # frame kinds: one AveragingData message; the end of this direction's stream
+FRAME_HEADER = struct.Struct("!BII")  # kind, header length, payload length
+PART, END = 3, 2  # frame kinds: one WirePart (header, then payload); the end of this direction's stream
+MAX_HEADER_BYTES = 1 << 16  # a part's AveragingData header without its tensor bytes is well under 1 KiB
 ACCEPTED = b"\x01"
 SPILL_BYTES = 1 << 16  # read while no read is awaited (see Connection)
-Handler = Callable[[AsyncIterator[averaging_pb2.AveragingData]], AsyncIterator[averaging_pb2.AveragingData]]
+Handler = Callable[[AsyncIterator[WirePart]], AsyncIterator[WirePart]]
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -271,36 +278,43 @@ async def read_hello(reader: Connection) -> tuple[bytes, bytes, bytes, bytes, by
     return group_id, sender, key, nonce, mac
 
 
-def write_frame(writer: Connection, message: averaging_pb2.AveragingData | None) -> None:
-    """Queue one frame: a message, or (None) the end of our stream."""
-    if message is None:
-        writer.write(FRAME_HEADER.pack(END, 0))
+def write_frame(writer: Connection, part: WirePart | None) -> None:
+    """Queue one frame: a part, or (None) the end of our stream. The payload is handed to the transport as it is (no
+    copy): its memory must stay unchanged until sent."""
+    if part is None:
+        writer.write(FRAME_HEADER.pack(END, 0, 0))
         return
-    payload = message.SerializeToString()
-    writer.writelines((FRAME_HEADER.pack(DATA, len(payload)), payload))
+    header = part.header.SerializeToString()
+    writer.writelines((FRAME_HEADER.pack(PART, len(header), len(part.payload)), header, part.payload))
 
 
-async def read_frame(reader: Connection, max_frame_bytes: int) -> averaging_pb2.AveragingData | None:
-    """The next message, or None at the END frame; DirectError for an unknown kind, an oversize or corrupt frame."""
-    kind, length = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
-    if kind == END and length == 0:
+async def read_frame(reader: Connection, max_frame_bytes: int) -> WirePart | None:
+    """The next part, or None at the END frame; DirectError for an unknown kind, an oversize or corrupt frame. The
+    header and payload are read into one buffer of exactly their size; the payload is a view of it."""
+    kind, header_bytes, payload_bytes = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+    if kind == END and header_bytes == payload_bytes == 0:
         return None
-    if kind != DATA:
+    if kind != PART:
         raise DirectError(f"frame of unknown kind {kind}")
-    if length > max_frame_bytes:
-        raise DirectError(f"frame of {length} bytes, more than {max_frame_bytes}")
-    message = averaging_pb2.AveragingData()
+    if header_bytes > MAX_HEADER_BYTES or payload_bytes > max_frame_bytes:
+        raise DirectError(
+            f"frame of {header_bytes} + {payload_bytes} bytes, more than {MAX_HEADER_BYTES} + {max_frame_bytes}"
+        )
+    body = memoryview(await reader.readexactly(header_bytes + payload_bytes))
+    header = averaging_pb2.AveragingData()
     try:
-        message.ParseFromString(await reader.readexactly(length))
+        header.ParseFromString(body[:header_bytes])
     except Exception as e:  # protobuf's DecodeError, or worse: a stranger's bytes
         raise DirectError(f"malformed frame: {type(e).__name__}") from None
-    return message
+    if header.tensor_part.buffer:
+        raise DirectError("malformed frame: tensor bytes inside the header")
+    return WirePart(header, body[header_bytes:])
 
 
 async def _incoming(
     reader: Connection, max_frame_bytes: int, ended: asyncio.Event
-) -> AsyncIterator[averaging_pb2.AveragingData]:
-    """The messages of the other side until its END frame (then `ended` is set); a broken stream just ends."""
+) -> AsyncIterator[WirePart]:
+    """The parts of the other side until its END frame (then `ended` is set); a broken stream just ends."""
     try:
         while (message := await read_frame(reader, max_frame_bytes)) is not None:
             yield message
@@ -312,9 +326,7 @@ async def _incoming(
 class DirectStream:
     """The sender's side of one direct connection: our messages go out from a task, replies are iterated."""
 
-    def __init__(
-        self, reader, writer, outgoing: AsyncIterator[averaging_pb2.AveragingData], max_frame_bytes: int
-    ):
+    def __init__(self, reader, writer, outgoing: AsyncIterator[WirePart], max_frame_bytes: int):
         self._reader, self._writer = reader, writer
         self._replies = _incoming(reader, max_frame_bytes, asyncio.Event())
         self._pump = asyncio.create_task(self._send_all(outgoing))
@@ -346,7 +358,7 @@ class DirectStream:
 
 async def connect(
     endpoint: Endpoint,
-    outgoing: AsyncIterator[averaging_pb2.AveragingData],
+    outgoing: AsyncIterator[WirePart],
     *,
     identity: Identity,
     group_id: bytes,

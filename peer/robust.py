@@ -12,6 +12,7 @@ which never clamps.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -95,6 +96,8 @@ def clip_to_median_norm(
     overflow them."""
     if len(parts) < 2:
         return list(parts), []
+    if _clearly_within(parts, factor):
+        return list(parts), []
     norms = [float(torch.linalg.vector_norm(part, dtype=torch.float64)) for part in parts]
     limit = factor * sorted(norms)[(len(norms) - 1) // 2]
     clipped = [i for i, norm in enumerate(norms) if norm > limit]
@@ -102,6 +105,24 @@ def clip_to_median_norm(
         (part * (limit / norms[i])).to(part.dtype) if i in clipped else part for i, part in enumerate(parts)
     ]
     return scaled, clipped
+
+
+NORM_FAST_MARGIN = 0.95
+"""clip_to_median_norm's float32 shortcut decides only when every norm is below this share of the limit: float32
+norms of a part are within ~1e-5 of the float64 ones (far less than 5 %), so the shortcut never decides otherwise."""
+NORM_FAST_MIN = 1e-15
+"""... and only when every float32 norm is at least this (smaller ones may have lost squares that underflowed)."""
+
+
+def _clearly_within(parts: Sequence[torch.Tensor], factor: float) -> bool:
+    """Whether every part's norm is clearly within `factor` x the lower median, judged from float32 norms (~5x
+    faster than float64 ones): then clip_to_median_norm scales nothing, exactly as the float64 norms would decide.
+    False when in doubt: near the limit, or a norm that overflowed (non-finite) or may have underflowed."""
+    norms = [float(torch.linalg.vector_norm(part)) for part in parts]
+    if not all(math.isfinite(norm) and norm >= NORM_FAST_MIN for norm in norms):
+        return False
+    limit = factor * sorted(norms)[(len(norms) - 1) // 2]
+    return all(norm <= NORM_FAST_MARGIN * limit for norm in norms)
 
 
 @torch.no_grad()
@@ -134,11 +155,25 @@ AGGREGATORS = {"mean": average_contributions, "trimmed-mean": trimmed_mean}
 """--aggregation: how a reducer (and the simulation) combines a group's contributions to one part."""
 
 
+def all_finite(part: torch.Tensor) -> bool:
+    """Whether every value is finite: one sum (a NaN or an infinity makes any sum non-finite, so a finite sum proves
+    it, ~30x faster than isfinite), and the exact check only when the sum is not finite (it may overflow)."""
+    if part.numel() == 0 or math.isfinite(float(part.sum())):
+        return True
+    return bool(torch.isfinite(part).all())
+
+
 def within_bound(part: torch.Tensor, bound: float) -> bool:
     """An averaged part a receiver may accept: finite and within the bound its reducer had to respect."""
-    if not bool(torch.isfinite(part).all()):
+    if part.numel() == 0:
+        return True
+    if bound <= 0:
+        return all_finite(part)
+    low, high = torch.aminmax(part)  # one pass; a NaN makes both NaN, an infinity is one of them
+    low, high = float(low), float(high)
+    if not (math.isfinite(low) and math.isfinite(high)):
         return False
-    return bound <= 0 or part.numel() == 0 or float(part.abs().max()) <= bound * RECEIVED_VALUE_SLACK
+    return max(-low, high) <= bound * RECEIVED_VALUE_SLACK
 
 
 def parse_bans(value: object) -> frozenset[bytes]:

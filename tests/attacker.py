@@ -157,12 +157,16 @@ def attacking_network(attack: str):
 
 
 def lying_encode(compression, averaged):
-    """What a lying reducer returns instead of the average it computed: huge values, encoded as usual."""
-    from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+    """What a lying reducer returns instead of the average it computed: huge values, encoded as usual (the reply
+    and its decoding, as peer.allreduce.encode_once returns them)."""
+    from hivemind.proto import averaging_pb2
+
+    from peer import wire
 
     lie = torch.full_like(averaged, HUGE)
-    serialized = compression.compress(lie, CompressionInfo.from_tensor(lie), allow_inplace=True)
-    return serialized, deserialize_torch_tensor(serialized)
+    header, payload = wire.encode_tensor(compression, lie)
+    reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=header)
+    return wire.WirePart(reply, payload), wire.decode_tensor(header, payload)
 
 
 def lying_donor(attack: str):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import NoCompression
+from hivemind.proto import averaging_pb2
 
 from peer.allreduce import OrderedPartReducer, aiter_with_first_timeout, encode_once
 from peer.outer import average_contributions, tensors_sha256
@@ -237,41 +238,45 @@ def test_importing_next_to_another_hivemind_release_fails_with_one_line(monkeypa
     assert "\n" not in message and "1.1.11" in message and "pip install hivemind==1.1.12" in message
 
 
-def test_the_next_part_accumulates_while_the_previous_average_is_still_encoded():
-    import threading
-
-    release = threading.Event()
-    encode = functools.partial(encode_once, NoCompression())
-
-    def slow_encode(averaged):
-        if not release.wait(timeout=5):  # part 0 only: held until the test saw part 1 accumulate
-            raise TimeoutError("never released")
-        return encode(averaged)
-
+def test_a_part_is_averaged_as_soon_as_its_last_sender_hands_it_in():
     parts = make_parts(num_senders=2)
 
     async def run():
         reducer = make_reducer(num_senders=2)
-        reducer.encode = slow_encode
-        first = [
-            asyncio.create_task(reducer.accumulate_part(s, 0, parts[s][0], weight=WEIGHTS[s])) for s in (0, 1)
-        ]
-        await asyncio.sleep(0.05)
-        assert reducer.current_part_index == 1 and not any(t.done() for t in first)
-        reducer.encode = encode
-        second = [
-            asyncio.create_task(reducer.accumulate_part(s, 1, parts[s][1], weight=WEIGHTS[s])) for s in (0, 1)
-        ]
-        deadline = asyncio.get_running_loop().time() + 5
-        while reducer.current_part_index < 2 and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
-        assert reducer.current_part_index == 2, "part 1 was not accumulated while part 0 was being encoded"
-        release.set()
-        return await asyncio.gather(*first), await asyncio.gather(*second)
+        first = asyncio.create_task(reducer.accumulate_part(0, 0, parts[0][0], weight=WEIGHTS[0]))
+        await asyncio.sleep(0)
+        assert reducer.current_part_index == 0 and not first.done()
+        # the last sender's call averages and encodes on the spot: its own result is ready without a thread hop,
+        # and the reducer already waits for the next part
+        reply, decoded = await reducer.accumulate_part(1, 0, parts[1][0], weight=WEIGHTS[1])
+        assert reducer.current_part_index == 1
+        return reply, decoded, await first
 
-    first, second = asyncio.run(run())
-    assert tensors_sha256([first[0][1]]) == tensors_sha256([expected_average(parts, (0, 1), 0)])
-    assert tensors_sha256([second[1][1]]) == tensors_sha256([expected_average(parts, (0, 1), 1)])
+    reply, decoded, first = asyncio.run(run())
+    assert first[0] is reply and first[1] is decoded
+    assert tensors_sha256([decoded]) == tensors_sha256([expected_average(parts, (0, 1), 0)])
+    # without compression the reply's bytes are the average's own bytes
+    assert bytes(reply.payload) == decoded.numpy().tobytes()
+    assert reply.header.code == averaging_pb2.AVERAGED_PART and reply.header.tensor_part.dtype == "float32"
+
+
+def test_an_average_that_cannot_be_encoded_fails_that_part_for_its_senders_only():
+    parts = make_parts(num_senders=2)
+
+    def refuse(averaged):
+        raise ValueError("no codec for this")
+
+    async def run():
+        reducer = make_reducer(num_senders=2)
+        reducer.encode = refuse
+        failed = await submit(reducer, [(s, 0, parts[s][0], WEIGHTS[s]) for s in (0, 1)])
+        reducer.encode = functools.partial(encode_once, NoCompression())
+        ok = await submit(reducer, [(s, 1, parts[s][1], WEIGHTS[s]) for s in (0, 1)])
+        return failed, ok
+
+    failed, ok = asyncio.run(run())
+    assert all(isinstance(result, ValueError) for result in failed)
+    assert tensors_sha256([ok[0][1]]) == tensors_sha256([expected_average(parts, (0, 1), 1)])
 
 
 def test_the_first_item_may_take_longer_than_the_next_ones():

@@ -9,19 +9,21 @@ import pytest
 from hivemind.proto import averaging_pb2
 
 from peer import direct_transport as dt
+from peer.wire import WirePart
 
 GROUP, SENDER, REDUCER = b"g" * 20, b"sender-peer-id", b"reducer-peer-id"
 SETTINGS = dt.DirectSettings(hosts=("127.0.0.1",), handshake_timeout_s=2.0, max_frame_bytes=1 << 20)
 
 
-def message(index: int) -> averaging_pb2.AveragingData:
-    return averaging_pb2.AveragingData(
+def message(index: int) -> WirePart:
+    header = averaging_pb2.AveragingData(
         code=averaging_pb2.PART_FOR_AVERAGING, group_id=GROUP, weight=index + 1.0
     )
+    return WirePart(header, bytes([index]) * (index * 1000))
 
 
 class Reducer:
-    """A DirectServer whose groups are given by hand; its handler echoes every message with the weight doubled."""
+    """A DirectServer whose groups are given by hand; its handler echoes every part with the weight doubled."""
 
     def __init__(
         self, *, known_keys: dict[tuple[bytes, bytes], bytes], settings: dt.DirectSettings = SETTINGS
@@ -37,10 +39,11 @@ class Reducer:
 
         async def handler(stream):
             async for incoming in stream:
-                self.received.append(incoming.weight)
-                yield averaging_pb2.AveragingData(
-                    code=averaging_pb2.AVERAGED_PART, weight=2 * incoming.weight
+                self.received.append((incoming.header.weight, bytes(incoming.payload)))
+                reply = averaging_pb2.AveragingData(
+                    code=averaging_pb2.AVERAGED_PART, weight=2 * incoming.header.weight
                 )
+                yield WirePart(reply, incoming.payload)
 
         return handler
 
@@ -75,13 +78,14 @@ def test_an_authenticated_sender_is_served_and_its_stream_ends_cleanly():
         sender = dt.Identity()
         reducer = Reducer(known_keys={(GROUP, SENDER): sender.public})
         stream = await send_as(reducer, sender, messages(3))
-        replies = [reply.weight async for reply in stream]
+        replies = [(reply.header.weight, bytes(reply.payload)) async for reply in stream]
         await stream.aclose()
         return reducer, replies
 
     reducer, replies = asyncio.run(main())
-    assert reducer.received == [1.0, 2.0, 3.0]
-    assert replies == [2.0, 4.0, 6.0]
+    payloads = [b"", b"\x01" * 1000, b"\x02" * 2000]
+    assert reducer.received == list(zip([1.0, 2.0, 3.0], payloads, strict=True))
+    assert replies == list(zip([2.0, 4.0, 6.0], payloads, strict=True))
     assert reducer.resolved == [(GROUP, SENDER)]
 
 
@@ -171,16 +175,27 @@ def test_frames_round_trip_and_oversize_or_unknown_frames_are_refused():
         _, reader = await loop.create_connection(dt.Connection, sock=b)
         dt.write_frame(writer, message(4))
         dt.write_frame(writer, None)
-        assert (await dt.read_frame(reader, 1 << 10)).weight == 5.0
-        assert await dt.read_frame(reader, 1 << 10) is None
-        writer.write(dt.FRAME_HEADER.pack(dt.DATA, (1 << 10) + 1))
+        part = await dt.read_frame(reader, 1 << 13)
+        assert part.header.weight == 5.0 and bytes(part.payload) == b"\x04" * 4000
+        assert await dt.read_frame(reader, 1 << 13) is None
+        writer.write(dt.FRAME_HEADER.pack(dt.PART, 0, (1 << 10) + 1))
         with pytest.raises(dt.DirectError, match="more than"):
             await dt.read_frame(reader, 1 << 10)
-        writer.write(dt.FRAME_HEADER.pack(7, 0))
+        writer.write(dt.FRAME_HEADER.pack(dt.PART, dt.MAX_HEADER_BYTES + 1, 0))
+        with pytest.raises(dt.DirectError, match="more than"):
+            await dt.read_frame(reader, 1 << 10)
+        writer.write(dt.FRAME_HEADER.pack(7, 0, 0))
         with pytest.raises(dt.DirectError, match="unknown kind"):
             await dt.read_frame(reader, 1 << 10)
-        writer.write(dt.FRAME_HEADER.pack(dt.DATA, 3) + b"\xff\xff\xff")
+        writer.write(dt.FRAME_HEADER.pack(dt.PART, 3, 0) + b"\xff\xff\xff")
         with pytest.raises(dt.DirectError, match="malformed"):
+            await dt.read_frame(reader, 1 << 10)
+        # a header that smuggles tensor bytes (the payload is the only place for them) is refused
+        smuggled = averaging_pb2.AveragingData(weight=1.0)
+        smuggled.tensor_part.buffer = b"x" * 10
+        header = smuggled.SerializeToString()
+        writer.write(dt.FRAME_HEADER.pack(dt.PART, len(header), 0) + header)
+        with pytest.raises(dt.DirectError, match="inside the header"):
             await dt.read_frame(reader, 1 << 10)
         writer.close()
         reader.close()

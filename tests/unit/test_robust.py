@@ -20,6 +20,7 @@ from peer.robust import (
     MAX_BANS_GATHERED,
     NORM_CLIP_FACTOR,
     RECEIVED_VALUE_SLACK,
+    all_finite,
     capped_weights,
     clamp_contribution,
     clip_to_median_norm,
@@ -138,6 +139,53 @@ def test_receivers_refuse_non_finite_and_out_of_bound_averages():
     assert not within_bound(torch.full((4,), 0.02), 0.01)
     assert not within_bound(torch.tensor([0.0, float("nan")]), 1.0)
     assert not within_bound(torch.tensor([float("inf")]), 0.0)  # no bound still means finite
+    assert not within_bound(torch.tensor([-float("inf"), 0.0]), 1.0)
+    assert not within_bound(torch.full((4,), -0.02), 0.01)  # the bound holds for negative values too
+    assert within_bound(torch.full((4,), -0.01), 0.01)
+
+
+def test_the_one_pass_finite_check_agrees_with_isfinite_even_when_the_sum_overflows():
+    generator = torch.Generator().manual_seed(3)
+    finite = torch.randn(10_000, generator=generator)
+    assert all_finite(finite) and all_finite(torch.empty(0))
+    huge = torch.full((1000,), 3e38)  # finite values whose sum overflows: the exact check decides
+    assert not torch.isfinite(huge.sum()) and all_finite(huge)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for position in (0, 4321, 9999):
+            poisoned = finite.clone()
+            poisoned[position] = bad
+            assert not all_finite(poisoned)
+            poisoned_huge = huge.clone()
+            poisoned_huge[position % 1000] = bad
+            assert not all_finite(poisoned_huge)
+
+
+def _clip_with_float64_norms(parts, factor=NORM_CLIP_FACTOR):
+    """clip_to_median_norm as it was before its float32 shortcut: the reference the shortcut must agree with."""
+    norms = [float(torch.linalg.vector_norm(part, dtype=torch.float64)) for part in parts]
+    limit = factor * sorted(norms)[(len(norms) - 1) // 2]
+    clipped = [i for i, norm in enumerate(norms) if norm > limit]
+    return [(p * (limit / norms[i])).to(p.dtype) if i in clipped else p for i, p in enumerate(parts)], clipped
+
+
+@pytest.mark.parametrize("ratio", [0.5, 2.84, 2.86, 3.0, 3.0001, 50.0])  # the shortcut decides below 2.85
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e30])  # squares that underflow, fit, overflow in float32
+def test_the_float32_norm_shortcut_decides_exactly_as_float64_norms(ratio, scale):
+    generator = torch.Generator().manual_seed(11)
+    honest = [torch.randn(10_000, generator=generator) * scale for _ in range(2)]
+    base = float(torch.linalg.vector_norm(honest[0], dtype=torch.float64))
+    other = float(torch.linalg.vector_norm(honest[1], dtype=torch.float64))
+    outlier = torch.randn(10_000, generator=generator)
+    # an outlier at `ratio` x the lower median norm of the three (honest[0] or honest[1], whichever is larger)
+    outlier = outlier * (
+        ratio * max(base, other) / float(torch.linalg.vector_norm(outlier, dtype=torch.float64))
+    )
+    parts = [honest[0], outlier, honest[1]]
+    got, got_clipped = clip_to_median_norm(parts)
+    want, want_clipped = _clip_with_float64_norms(parts)
+    assert got_clipped == want_clipped
+    assert tensors_sha256(got) == tensors_sha256(want)
+    assert all(g is p for i, (g, p) in enumerate(zip(got, parts, strict=True)) if i not in got_clipped)
 
 
 def test_real_pseudo_gradients_are_well_inside_the_bound():
