@@ -4,6 +4,7 @@ the round's live peers downloads a majority peer's state instead of training on 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -34,6 +35,8 @@ class Agreement:
         self.swarm, self.inner_steps, self.log = swarm, inner_steps, log
         self.resyncs = 0
         self.group_voters: dict[int, frozenset[bytes]] = {}  # round -> record keys of its group's members
+        # (round, monotonic deadline) of a round we averaged whose group has not yet shown us all its hashes
+        self.unsettled: tuple[int, float] | None = None
 
     def adopt_swarm_state_on_join(self) -> None:
         """I4: a newcomer (or a peer resuming behind the swarm) starts from the swarm's current state."""
@@ -64,42 +67,63 @@ class Agreement:
         self.network.publish_hash(self.state.round, self.state.params_hash(), self.state.state_hash())
 
     def check_round(self, result: AveragingResult | None) -> bool:
-        """Publish our hashes of the round just completed; if the majority of its voters holds another state, adopt
-        theirs. Returns True if we resynced."""
-        round_index, state_hash = self.state.round, self.state.state_hash()
+        """Publish our hashes of the round just completed. After a failed all-reduce, wait for the others' hashes
+        and adopt the majority's state if they applied the round; True if we resynced.
+
+        After a successful one nothing is waited for: the group publishes its hashes within milliseconds of ours,
+        and `forked_view` compares them while the next inner phase runs (every check, and before we contribute
+        again). Waiting here instead cost every peer a DHT round trip per group member every round, for a fork
+        that only a bug or a corrupted replica causes."""
         self.record_group(result)
         self.publish()
+        if result is not None:
+            self.unsettled = (self.state.round, time.monotonic() + self.swarm.matchmaking_s)
+            return False
+        round_index, state_hash = self.state.round, self.state.state_hash()
         voters = self.voters_of(round_index)
-        if result is not None:  # the group published (or is publishing) its hashes right now
-            expected, timeout_s = result.group_size, self.swarm.matchmaking_s
-        else:  # we failed; the others may still be finishing their all-reduce
-            expected = len(self.network.live_peers()) - 1
-            timeout_s = min(self.swarm.allreduce_timeout_s, 4 * self.swarm.matchmaking_s + 5)
+        # we failed; the others may still be finishing their all-reduce
+        expected = len(self.network.live_peers()) - 1
         if voters is not None:
-            expected = min(expected, len(voters) - (result is None))
-        # after a failed all-reduce we kept the previous global state: if the others applied the round, theirs is
-        # right and ours is not, however the votes would tie (so we do not vote on it ourselves)
+            expected = min(expected, len(voters) - 1)
+        # we kept the previous global state: if the others applied the round, theirs is right and ours is not,
+        # however the votes would tie (so we do not vote on it ourselves)
         view = coordination.view_of_round(
             self.network,
             round_index,
             expected=expected,
-            timeout_s=timeout_s,
+            timeout_s=min(self.swarm.allreduce_timeout_s, 4 * self.swarm.matchmaking_s + 5),
             voters=voters,
-            without_me=result is None,
+            without_me=True,
         )
         if not rounds.should_resync(view, state_hash):
             return False
         return self.resync(
-            view, reason=f"our state {state_hash[:10]} differs from the majority's", without_me=result is None
+            view, reason=f"our state {state_hash[:10]} differs from the majority's", without_me=True
         )
 
-    def forked_view(self) -> rounds.SwarmView | None:
-        """The swarm's view of our current round if its majority holds another global state than ours."""
+    def forked_view(self, *, settle: bool = False) -> rounds.SwarmView | None:
+        """The swarm's view of our current round if its majority holds another global state than ours.
+
+        Looks without waiting, except with `settle`: before we contribute again, the group of the round we averaged
+        gets until `matchmaking_s` after our outer step to publish its hashes (normally long past by then)."""
         round_index = self.state.round
+        voters = self.voters_of(round_index)
+        unsettled = self.unsettled is not None and self.unsettled[0] == round_index
+        # our own group's hashes: a view is complete only once every member's is in, so that a tie between us and
+        # one other member (the third one's record late) does not hand the round to the larger hash
+        expected = len(voters) if round_index in self.group_voters else 1
+        timeout_s = max(0.0, self.unsettled[1] - time.monotonic()) if settle and unsettled else 0.0
         view = coordination.view_of_round(
-            self.network, round_index, expected=1, timeout_s=0.0, voters=self.voters_of(round_index)
+            self.network, round_index, expected=expected, timeout_s=timeout_s, voters=voters
         )
+        if unsettled and (view.complete or time.monotonic() >= self.unsettled[1]):
+            self.unsettled = None
         return view if rounds.should_resync(view, self.state.state_hash()) else None
+
+    @property
+    def settled(self) -> bool:
+        """Whether every hash of the round we averaged last has been compared (or stopped being waited for)."""
+        return self.unsettled is None or self.unsettled[0] != self.state.round
 
     def resync(self, view: rounds.SwarmView, *, reason: str, without_me: bool = False) -> bool:
         self.log.warning(

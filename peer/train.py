@@ -91,7 +91,9 @@ class Peer:
         self.resumed: dict = {}  # the inner optimizer and data position of a resumed checkpoint
         self.recent_inner_s: collections.deque[float] = collections.deque(maxlen=5)
         self.faults = FaultPlan.parse(config.test_fault)
-        self.total_tokens = self.rounds_done = self.rounds_started = self.failed_rounds = 0
+        self.total_tokens = self.rounds_done = self.rounds_started = self.failed_rounds = (
+            self.resyncs_logged
+        ) = 0
         self.pending: PendingAverage | None = None
         self.log: logging.LoggerAdapter = logging.LoggerAdapter(logger, {"peer": "-"})
         if config.resume:
@@ -142,7 +144,7 @@ class Peer:
         if self.config.inner.round_tokens or len(phase.losses) == self.config.inner.steps:
             self.recent_inner_s.append(inner_s)  # only full inner phases say how long a round takes
         # 2. never contribute an update computed on a forked model
-        forked = self.agreement.forked_view()
+        forked = self.agreement.forked_view(settle=True)
         if forked is not None:
             self.cancel(phase.scheduled)
             if not self.agreement.resync(
@@ -183,11 +185,12 @@ class Peer:
         self.apply_outer_step(round_index, result)
         stats.allreduce_s = time.perf_counter() - stats.outer_started
         stats.mark("outer_applied")
-        # 6. agreement: publish our hash; adopt the majority's state if ours differs (I3)
-        resynced = self.agreement.check_round(result)
+        # 6. agreement: publish our hash (compared with the group's during the next inner phase); after a failed
+        # all-reduce, adopt the majority's state now if the others applied the round (I3)
+        self.agreement.check_round(result)
         stats.mark("agreed")
         # 7. metrics
-        self.log_round(stats, result, resynced=resynced)
+        self.log_round(stats, result)
         if self.faults:
             self.faults.after_round(self.state.round)
         return True
@@ -315,6 +318,8 @@ class Peer:
             straggler_wait_s=self.straggler_wait_s(),
             tokens_per_step=self.config.data.batch_size * self.config.data.seq_len,
         )
+        if not self.agreement.settled and self.agreement.forked_view() is not None:
+            return True  # the round we just averaged left us forked: stop training on it (train_one_round resyncs)
         my_eta = self.network.my_progress().eta
         if phase.scheduled is None and rounds.should_schedule(
             progress, now=now, my_eta=my_eta, timing=timing, check_period_s=CHECK_PERIOD_S
@@ -429,15 +434,10 @@ class Peer:
         self.apply_outer_step(stats.round_index, pending.result, snapshot=pending.snapshot)
         stats.allreduce_s = time.perf_counter() - stats.outer_started
         stats.mark("outer_applied")
-        if pending.result is not None:
-            # the swarm's hashes of this round are checked before our next contribution (forked_from_swarm)
-            self.agreement.record_group(pending.result)
-            self.agreement.publish()
-            resynced = False
-        else:  # we missed the round; if the others did not, adopt their state now rather than a round later
-            resynced = self.agreement.check_round(None)
+        # publish our hash; after a missed round adopt the others' state now rather than a round later
+        resynced = self.agreement.check_round(pending.result)
         stats.mark("agreed")
-        self.log_round(stats, pending.result, resynced=resynced)
+        self.log_round(stats, pending.result)
         return resynced
 
     def wait_for_pending(self) -> None:
@@ -447,9 +447,11 @@ class Peer:
             self.pending.thread.join(timeout=10.0)
 
     # ---- 7. metrics, evaluation, checkpoints --------------------------------------------------------------------
-    def log_round(self, stats: RoundStats, result: AveragingResult | None, *, resynced: bool) -> None:
+    def log_round(self, stats: RoundStats, result: AveragingResult | None) -> None:
         config = self.config
         self.failed_rounds += result is None
+        # a resync happens after a failed all-reduce, or when the next round finds the last one left us forked
+        resynced, self.resyncs_logged = self.agreement.resyncs > self.resyncs_logged, self.agreement.resyncs
         self.rounds_done += 1
         record = round_record(
             stats,

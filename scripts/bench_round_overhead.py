@@ -1,5 +1,5 @@
 """The swarm's fixed cost per round: from "every peer's pseudo-gradient is ready" to "every peer applied the outer
-step and checked agreement", per step, beside the transfer itself (issue #13 item 2).
+step and published its hashes", per step, beside the transfer itself (issue #13 item 2).
 
     python scripts/bench_round_overhead.py --peers 2,4 --rounds 8      # tiny model on 127.0.0.1
     python scripts/bench_round_overhead.py --analyze RUN_DIR           # only read a finished run's metrics
@@ -13,7 +13,8 @@ this machine share one clock). Per round, the swarm-wide moment of each step is 
     end       the last peer's transfer ended          (max transfer_ended)     start -> end: the transfer
     averaged  every peer has the average in hand      (max averaged)           end -> averaged: hand-back
     applied   every peer applied the outer step       (max outer_applied)
-    agreed    every peer published and checked hashes (max agreed)
+    agreed    every peer published its hashes         (max agreed)
+              (they are compared during the next inner phase, off this path; after a failed all-reduce, here)
 
 fixed cost = (agreed - ready) - (end - start). The first round is left out (newcomers' warm-up).
 """

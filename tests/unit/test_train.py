@@ -18,7 +18,7 @@ from peer.records import HashRecord, ProgressRecord
 from peer.signals import StopFlag
 from peer.simulate import simulate
 from peer.train import Peer
-from tests.unit.fake_network import FakeSwarm, alone
+from tests.unit.fake_network import FakeNetwork, FakeSwarm, alone
 
 
 def make_config(tmp_path, **overrides) -> RunConfig:
@@ -79,9 +79,14 @@ class ScriptedBatches:
         self.stream.load_state_dict(state)
 
 
-def run_peer(config: RunConfig, swarm: FakeSwarm, *, on_step=None) -> ScriptedPeer:
+def run_peer(
+    config: RunConfig, swarm: FakeSwarm, *, on_step=None, stop: StopFlag | None = None
+) -> ScriptedPeer:
     peer = ScriptedPeer(
-        config, StopFlag(handle_signals=False), network_factory=swarm.factory, on_step=on_step
+        config,
+        StopFlag(handle_signals=False) if stop is None else stop,
+        network_factory=swarm.factory,
+        on_step=on_step,
     )
     assert peer.run() == 0
     assert swarm.shut_down
@@ -207,24 +212,71 @@ def test_a_forked_peer_adopts_the_majority_state(tmp_path):
     config = make_config(tmp_path, max_rounds=2)
     swarm, metadata, on_step = forked_swarm(config)
     peer = run_peer(config, swarm, on_step=on_step)
-    first = peer.records[0]
-    assert first["round"] == 1 and first["resynced"] and first["resyncs"] == 1 and swarm.downloads == 1
-    assert first["global_params_sha256"] == metadata["params_sha256"]  # the record says what we hold now
+    first, second = peer.records
+    # round 1's record says what we held then; nothing waited for the group's hashes after the outer step
+    assert first["round"] == 1 and not first["resynced"] and first["resyncs"] == 0
+    assert first["global_params_sha256"] != metadata["params_sha256"]
+    # round 2's inner phase compared them, stopped, and adopted the majority's state before contributing again
+    assert second["round"] == 2 and second["resynced"] and second["resyncs"] == 1 and swarm.downloads == 1
     assert swarm.published_hashes[1] == metadata["params_sha256"]
     momentum = peer.state.outer.momentum  # momentum came with it (round 2 moved it on from there)
     assert not torch.equal(momentum[0], torch.zeros_like(momentum[0]))
 
 
-def test_a_donated_state_that_does_not_match_its_hash_is_refused(tmp_path):
-    config = make_config(tmp_path, max_rounds=1)
+@pytest.mark.parametrize("third_voter", ["late", "with the other"])
+def test_a_fork_is_decided_only_by_the_whole_group_or_a_strict_majority(tmp_path, third_voter):
+    """We averaged with c0 and c1; c0 then votes for another state. While c1's hash is missing, c0 against us is a
+    tie, and the hash order must not hand the round to whoever published first: we keep ours. Once c1 votes with c0,
+    we adopt theirs."""
+    config = make_config(tmp_path, max_rounds=2)
+    metadata, tensors = donated_state(config, round_index=1, shift=0.01)
+
+    def group_of_three(round_index, pseudo_grads, tokens):
+        result = AveragingResult(
+            averaged=[g.clone() for g in pseudo_grads],
+            group_size=3,
+            tokens=tokens,
+            voters=frozenset({b"c0", b"c1"}),
+        )
+        return AveragingAttempt(result)
+
+    swarm = FakeSwarm(companions=2, allreduce=group_of_three, donor_state=(metadata, tensors))
+    c1_vote = (
+        vote(b"c1", 1, metadata)
+        if third_voter == "with the other"
+        else HashRecord(peer_id=b"c1", hashes={}, state_hashes={})
+    )
+
+    def votes_after_joining(peer, round_index, count):
+        swarm.other_hashes.update({b"c0": vote(b"c0", 1, metadata), b"c1": c1_vote})
+
+    peer = run_peer(config, swarm, on_step=votes_after_joining)
+    resynced = [r["resynced"] for r in peer.records]
+    if third_voter == "late":
+        assert resynced == [False, False] and swarm.downloads == 0
+    else:
+        assert resynced == [False, True] and swarm.downloads == 1
+
+
+def test_a_donated_state_that_does_not_match_its_hash_is_refused(tmp_path, monkeypatch):
+    config = make_config(tmp_path, max_rounds=2)
 
     def lie(tensors):  # the donor sends other parameters than the hash it claims
         tensors[0] = tensors[0] + 1.0
 
     swarm, metadata, on_step = forked_swarm(config, tamper=lie)
-    peer = run_peer(config, swarm, on_step=on_step)
-    assert swarm.downloads >= 1 and not peer.records[0]["resynced"]
-    assert peer.records[0]["global_params_sha256"] != metadata["params_sha256"]
+    stop, download = StopFlag(handle_signals=False), FakeNetwork.download_state
+
+    def stop_after_two_refusals(network, donors, *, check):
+        donated = download(network, donors, check=check)
+        if swarm.downloads >= 2:  # round 2 keeps refusing the lie and retrying; nothing else to see
+            stop.event.set()
+        return donated
+
+    monkeypatch.setattr(FakeNetwork, "download_state", stop_after_two_refusals)
+    peer = run_peer(config, swarm, on_step=on_step, stop=stop)
+    assert swarm.downloads >= 2 and len(peer.records) == 1 and not peer.records[0]["resynced"]
+    assert peer.state.round == 1 and peer.state.params_hash() != metadata["params_sha256"]
 
 
 def test_after_a_failed_allreduce_a_peer_takes_the_state_of_the_one_that_applied_the_round(tmp_path):
