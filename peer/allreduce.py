@@ -81,6 +81,13 @@ from peer.wire import WirePart
 
 logger = get_logger(__name__)
 
+# Tensors go to the averager process by file descriptor, in every process that averages (the peer also sets it
+# before hivemind starts: peer/__main__.py). hivemind's default, "file_system", names each shared tensor in
+# /dev/shm and relies on torch_shm_manager to remove it: a process group killed with SIGKILL takes the manager
+# with it and its files stay until reboot (benchmarks and tests piled up 20 GB of them here, until the OOM killer
+# stopped a run).
+torch.multiprocessing.set_sharing_strategy("file_descriptor")
+
 STATE_TENSORS_KEY = "_num_tensors"  # added to served metadata: how many tensors follow (removed on receipt)
 HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
 MAX_BANS_KEPT = 1024  # banned peers remembered at once (expired bans are dropped first)

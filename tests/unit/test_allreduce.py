@@ -4,8 +4,14 @@ kind of bad input failing only its sender."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -291,3 +297,48 @@ def test_the_first_item_may_take_longer_than_the_next_ones():
     assert asyncio.run(collect([0.2, 0.0, 0.0])) == [0.2, 0.0, 0.0]
     with pytest.raises(asyncio.TimeoutError):
         asyncio.run(collect([0.0, 0.5]))
+
+
+SHARE_AND_WAIT = """
+import os, sys, time
+import peer.allreduce  # noqa: F401  (sets how tensors are shared)
+import torch
+shared = torch.zeros(1 << 16).share_memory_()
+print(os.getpid(), flush=True)
+time.sleep(60)
+"""
+
+
+def shm_managers() -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"torch_shm_manager" in f.read():
+                        found.add(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs Linux /dev/shm")
+def test_a_peer_killed_with_everything_it_started_leaves_no_shared_memory_files_behind():
+    """hivemind's default sharing names every shared tensor in /dev/shm and leaves its removal to torch_shm_manager, a
+    daemon of its own: when a supervisor kills everything at once (systemd's SIGKILL of the service's cgroup, a test
+    harness's cleanup), the files stay until reboot. Importing the averager shares by file descriptor instead, which
+    the kernel frees with the last process."""
+    managers_before = shm_managers()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHARE_AND_WAIT], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        pid = int(proc.stdout.readline())  # bounded: the script prints, or dies and closes its stdout
+    finally:
+        for manager in shm_managers() - managers_before:  # none is started when sharing by file descriptor
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(manager, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    time.sleep(0.5)  # anything that would clean up has had its chance
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"torch_{pid}_")]
