@@ -242,7 +242,8 @@ def _serve_root_dht(maddrs_sender, stop) -> None:
 @contextlib.contextmanager
 def forked_peers(target, num_peers: int, *, start_timeout_s: float = 60.0):
     """Fork a root DHT and `num_peers` processes running target(index, initial_peers, barrier, results); yields
-    (results queue, peer processes); afterwards kills every process they left behind (p2pd included).
+    (results queue, peer processes); afterwards kills every process they left behind (p2pd included). A target
+    that raises reports it in `results` (see peer_reports).
 
     Nothing of hivemind runs in the test process itself: a DHT created and shut down there leaves process-wide
     pipes that the next module's forked peers inherit half-closed ("Broken pipe" in their all-reduce)."""
@@ -260,7 +261,8 @@ def forked_peers(target, num_peers: int, *, start_timeout_s: float = 60.0):
             raise RuntimeError(f"the root DHT did not start within {start_timeout_s:.0f} s")
         initial_peers = maddrs_receiver.recv()
         procs = [
-            ctx.Process(target=target, args=(i, initial_peers, barrier, results)) for i in range(num_peers)
+            ctx.Process(target=_report_errors, args=(target, i, initial_peers, barrier, results))
+            for i in range(num_peers)
         ]
         for proc in procs:
             proc.start()
@@ -270,6 +272,16 @@ def forked_peers(target, num_peers: int, *, start_timeout_s: float = 60.0):
         kill_new_descendants(before, grace_s=0.0)
         for proc in [*procs, root]:
             proc.join(timeout=5)
+
+
+def _report_errors(target, peer_index: int, initial_peers, barrier, results) -> None:
+    """Run one forked peer; an exception becomes the (peer index, "error", message) report that peer_reports
+    raises as ForkedPeerFailed, instead of a silent exit the test would only notice at its timeout."""
+    try:
+        target(peer_index, initial_peers, barrier, results)
+    except BaseException as e:
+        results.put((peer_index, "error", repr(e)))
+        raise
 
 
 class ForkedPeerFailed(Exception):

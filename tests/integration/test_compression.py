@@ -36,56 +36,52 @@ def _weights() -> list[float]:
 def _peer(peer_index: int, initial_peers: list[str], barrier, results) -> None:
     """One peer: average the same inputs once per compression, report hashes and measured bytes."""
     torch.set_num_threads(1)
-    try:
-        dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        inputs = _inputs(peer_index)
-        order_key = contribution_key(inputs)
-        for compression in COMPRESSIONS:
-            averager = ExactAverager(
-                [torch.zeros_like(t) for t in inputs],
-                dht,
-                prefix=f"compression_{compression}",
-                start=True,
-                target_group_size=None,
-                min_group_size=NUM_PEERS,  # all or nothing: a smaller group would make the test meaningless
-                min_matchmaking_time=2.0,
-                request_timeout=1.0,
-                next_chunk_timeout=20.0,
-                compression=COMPRESSION[compression],
-                state_provider=lambda: ({}, []),
-                shutdown_timeout=3,
+    dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    inputs = _inputs(peer_index)
+    order_key = contribution_key(inputs)
+    for compression in COMPRESSIONS:
+        averager = ExactAverager(
+            [torch.zeros_like(t) for t in inputs],
+            dht,
+            prefix=f"compression_{compression}",
+            start=True,
+            target_group_size=None,
+            min_group_size=NUM_PEERS,  # all or nothing: a smaller group would make the test meaningless
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            next_chunk_timeout=20.0,
+            compression=COMPRESSION[compression],
+            state_provider=lambda: ({}, []),
+            shutdown_timeout=3,
+        )
+        try:
+            with averager.get_tensors() as tensors:
+                for dst, src in zip(tensors, inputs, strict=True):
+                    dst.copy_(src)
+            barrier.wait(timeout=PEERS_TIMEOUT_S)
+            group = averager.step(
+                gather={"order_key": order_key.hex()},
+                weight=_weights()[peer_index],
+                timeout=STEP_TIMEOUT_S,
+                allow_retries=False,
             )
-            try:
-                with averager.get_tensors() as tensors:
-                    for dst, src in zip(tensors, inputs, strict=True):
-                        dst.copy_(src)
-                barrier.wait(timeout=PEERS_TIMEOUT_S)
-                group = averager.step(
-                    gather={"order_key": order_key.hex()},
-                    weight=_weights()[peer_index],
-                    timeout=STEP_TIMEOUT_S,
-                    allow_retries=False,
+            with averager.get_tensors() as tensors:
+                averaged = [t.clone() for t in tensors]
+            # a reducer may still be streaming averaged parts to the others when its own step() returns
+            barrier.wait(timeout=PEERS_TIMEOUT_S)
+            results.put(
+                (
+                    peer_index,
+                    compression,
+                    len(group),
+                    tensors_sha256(averaged),
+                    [t.numpy() for t in averaged],  # numpy: no torch shared-memory manager in the parent
+                    averager.last_transport_stats(),
                 )
-                with averager.get_tensors() as tensors:
-                    averaged = [t.clone() for t in tensors]
-                # a reducer may still be streaming averaged parts to the others when its own step() returns
-                barrier.wait(timeout=PEERS_TIMEOUT_S)
-                results.put(
-                    (
-                        peer_index,
-                        compression,
-                        len(group),
-                        tensors_sha256(averaged),
-                        [t.numpy() for t in averaged],  # numpy: no torch shared-memory manager in the parent
-                        averager.last_transport_stats(),
-                    )
-                )
-            finally:
-                averager.shutdown()
-        dht.shutdown()
-    except BaseException as e:
-        results.put((peer_index, "error", repr(e)))
-        raise
+            )
+        finally:
+            averager.shutdown()
+    dht.shutdown()
 
 
 def _run_peers_once() -> dict[str, list[tuple]]:

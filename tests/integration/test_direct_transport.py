@@ -40,49 +40,45 @@ def _closed_port() -> int:
 
 def _peer(peer_index: int, initial_peers: list[str], barrier, results) -> None:
     torch.set_num_threads(1)
-    try:
-        dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        values = _inputs(peer_index)
-        for name, modes in SCENARIOS:
-            mode = modes[peer_index]
-            averager = ExactAverager(
-                [torch.zeros(NUM_VALUES)],
-                dht,
-                prefix=f"direct_{name.replace(' ', '_')}",
-                start=True,
-                target_group_size=None,
-                min_group_size=NUM_PEERS,
-                min_matchmaking_time=2.0,
-                request_timeout=1.0,
-                next_chunk_timeout=20.0,
-                compression=COMPRESSION["none"],
-                state_provider=lambda: ({}, []),
-                shutdown_timeout=3,
-                direct=DirectSettings(enabled=mode != "off", connect_timeout_s=2.0),
+    dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    values = _inputs(peer_index)
+    for name, modes in SCENARIOS:
+        mode = modes[peer_index]
+        averager = ExactAverager(
+            [torch.zeros(NUM_VALUES)],
+            dht,
+            prefix=f"direct_{name.replace(' ', '_')}",
+            start=True,
+            target_group_size=None,
+            min_group_size=NUM_PEERS,
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            next_chunk_timeout=20.0,
+            compression=COMPRESSION["none"],
+            state_provider=lambda: ({}, []),
+            shutdown_timeout=3,
+            direct=DirectSettings(enabled=mode != "off", connect_timeout_s=2.0),
+        )
+        try:
+            direct = averager.direct_metadata()
+            if mode == "unreachable":  # as behind a firewall: the advertised port refuses connections
+                direct = {**direct, "port": _closed_port()}
+            with averager.get_tensors() as tensors:
+                tensors[0].copy_(values)
+            barrier.wait(timeout=PEERS_TIMEOUT_S)
+            group = averager.step(
+                gather={"order_key": contribution_key([values]).hex(), "direct": direct},
+                weight=_weight(peer_index),
+                timeout=STEP_TIMEOUT_S,
+                allow_retries=False,
             )
-            try:
-                direct = averager.direct_metadata()
-                if mode == "unreachable":  # as behind a firewall: the advertised port refuses connections
-                    direct = {**direct, "port": _closed_port()}
-                with averager.get_tensors() as tensors:
-                    tensors[0].copy_(values)
-                barrier.wait(timeout=PEERS_TIMEOUT_S)
-                group = averager.step(
-                    gather={"order_key": contribution_key([values]).hex(), "direct": direct},
-                    weight=_weight(peer_index),
-                    timeout=STEP_TIMEOUT_S,
-                    allow_retries=False,
-                )
-                with averager.get_tensors() as tensors:
-                    digest = tensors_sha256(tensors)
-                barrier.wait(timeout=PEERS_TIMEOUT_S)  # a reducer may still be serving the others
-                results.put((peer_index, name, len(group), digest, averager.last_transport_stats()))
-            finally:
-                averager.shutdown()
-        dht.shutdown()
-    except BaseException as e:
-        results.put((peer_index, "error", repr(e)))
-        raise
+            with averager.get_tensors() as tensors:
+                digest = tensors_sha256(tensors)
+            barrier.wait(timeout=PEERS_TIMEOUT_S)  # a reducer may still be serving the others
+            results.put((peer_index, name, len(group), digest, averager.last_transport_stats()))
+        finally:
+            averager.shutdown()
+    dht.shutdown()
 
 
 @pytest.fixture(scope="module")

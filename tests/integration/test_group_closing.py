@@ -27,62 +27,56 @@ GROUP_TIME = mp.Value("d", 0.0)  # shared by the forked peers: peer 0 sets it
 
 def _peer(peer_index: int, initial_peers: list[str], barrier, results) -> None:
     torch.set_num_threads(1)
+    dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    values = torch.full((1000,), float(peer_index))
+    averager = ExactAverager(
+        [values.clone()],
+        dht,
+        prefix="group_closing",
+        start=True,
+        target_group_size=None,
+        min_group_size=2,
+        min_matchmaking_time=2.0,
+        request_timeout=1.0,
+        next_chunk_timeout=20.0,
+        compression=COMPRESSION["none"],
+        state_provider=lambda: ({}, []),
+        shutdown_timeout=3,
+    )
     try:
-        dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        values = torch.full((1000,), float(peer_index))
-        averager = ExactAverager(
-            [values.clone()],
-            dht,
-            prefix="group_closing",
-            start=True,
-            target_group_size=None,
-            min_group_size=2,
-            min_matchmaking_time=2.0,
-            request_timeout=1.0,
-            next_chunk_timeout=20.0,
-            compression=COMPRESSION["none"],
-            state_provider=lambda: ({}, []),
-            shutdown_timeout=3,
-        )
-        try:
-            barrier.wait(timeout=PEERS_TIMEOUT_S)
-            if peer_index == 0:
-                GROUP_TIME.value = get_dht_time() + GROUP_LEAD_S
-            barrier.wait(timeout=PEERS_TIMEOUT_S)
-            group_time = GROUP_TIME.value
+        barrier.wait(timeout=PEERS_TIMEOUT_S)
+        if peer_index == 0:
+            GROUP_TIME.value = get_dht_time() + GROUP_LEAD_S
+        barrier.wait(timeout=PEERS_TIMEOUT_S)
+        group_time = GROUP_TIME.value
 
-            def schedule(expected: int):
-                return averager.step(
-                    gather={
-                        "round": 1,
-                        "group_size": expected,
-                        "order_key": contribution_key([values]).hex(),
-                    },
-                    weight=1.0,
-                    scheduled_time=group_time,
-                    timeout=GROUP_LEAD_S + 30.0,
-                    allow_retries=False,
-                    require_trigger=True,
-                    wait=False,
-                )
+        def schedule(expected: int):
+            return averager.step(
+                gather={
+                    "round": 1,
+                    "group_size": expected,
+                    "order_key": contribution_key([values]).hex(),
+                },
+                weight=1.0,
+                scheduled_time=group_time,
+                timeout=GROUP_LEAD_S + 30.0,
+                allow_retries=False,
+                require_trigger=True,
+                wait=False,
+            )
 
-            control = None if peer_index == LATE_PEER else schedule(NUM_PEERS - 1)
-            barrier.wait(timeout=PEERS_TIMEOUT_S)  # the others are matchmaking (and would be a full group)
-            if control is None:
-                control = schedule(NUM_PEERS)
-            while (
-                get_dht_time() < group_time - TRIGGER_BEFORE_S
-            ):  # bounded: the group time is GROUP_LEAD_S ahead
-                time.sleep(0.1)
-            control.allow_allreduce()
-            group = control.result(timeout=PEERS_TIMEOUT_S)
-            results.put((peer_index, len(group), get_dht_time() < group_time))
-        finally:
-            averager.shutdown()
-            dht.shutdown()
-    except BaseException as e:
-        results.put((peer_index, "error", repr(e)))
-        raise
+        control = None if peer_index == LATE_PEER else schedule(NUM_PEERS - 1)
+        barrier.wait(timeout=PEERS_TIMEOUT_S)  # the others are matchmaking (and would be a full group)
+        if control is None:
+            control = schedule(NUM_PEERS)
+        while get_dht_time() < group_time - TRIGGER_BEFORE_S:  # bounded: the group time is GROUP_LEAD_S ahead
+            time.sleep(0.1)
+        control.allow_allreduce()
+        group = control.result(timeout=PEERS_TIMEOUT_S)
+        results.put((peer_index, len(group), get_dht_time() < group_time))
+    finally:
+        averager.shutdown()
+        dht.shutdown()
 
 
 @pytest.fixture(scope="module")
