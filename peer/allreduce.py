@@ -1110,8 +1110,23 @@ class ExactAverager(DecentralizedAverager):
             return
         if self._early_close is not None and metadata is not None:
             self._early_close.count_in(metadata)  # a late member expects itself too
+        arrived = time.monotonic()
         async for response in super().rpc_join_group(request, context):
+            if response.code == averaging_pb2.ACCEPTED:
+                self._warn_if_accepted_late(context.remote_id, time.monotonic() - arrived)
             yield response
+
+    def _warn_if_accepted_late(self, follower: PeerID, delay_s: float) -> None:
+        # A follower waits request_timeout for this answer, counted from before its request reached us: one
+        # accepted near that limit may already have given up, yet it is in the group we assemble, and its shard
+        # then fails the round for everyone. Logged so that a soak's rare "could not find a group" on one peer
+        # (while the others' group included it) can be matched with it.
+        request_timeout = self._matchmaking.request_timeout
+        if delay_s > request_timeout / 2:
+            logger.warning(
+                f"accepted {follower} into our group {delay_s:.1f} s after its request (it waits at most "
+                f"{request_timeout:.1f} s): it may have given up"
+            )
 
     async def rpc_download_state(
         self, request: StateRequest, context: P2PContext
