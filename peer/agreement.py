@@ -108,7 +108,7 @@ class Agreement:
         gets until `matchmaking_s` after our outer step to publish its hashes (normally long past by then)."""
         round_index = self.state.round
         voters = self.voters_of(round_index)
-        unsettled = self.unsettled is not None and self.unsettled[0] == round_index
+        unsettled = not self.settled
         # our own group's hashes: a view is complete only once every member's is in, so that a tie between us and
         # one other member (the third one's record late) does not hand the round to the larger hash
         expected = len(voters) if round_index in self.group_voters else 1

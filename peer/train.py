@@ -91,9 +91,8 @@ class Peer:
         self.resumed: dict = {}  # the inner optimizer and data position of a resumed checkpoint
         self.recent_inner_s: collections.deque[float] = collections.deque(maxlen=5)
         self.faults = FaultPlan.parse(config.test_fault)
-        self.total_tokens = self.rounds_done = self.rounds_started = self.failed_rounds = (
-            self.resyncs_logged
-        ) = 0
+        self.total_tokens = self.rounds_done = self.rounds_started = self.failed_rounds = 0
+        self.resyncs_logged = 0  # the agreement's resync count when the last round record was written
         self.pending: PendingAverage | None = None
         self.log: logging.LoggerAdapter = logging.LoggerAdapter(logger, {"peer": "-"})
         if config.resume:
