@@ -515,6 +515,11 @@ class DirectServer:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+            # the runner's handler may be suspended at a reply we could not write (the sender died): close it now, so
+            # that its cleanup (banning the sender, whose missing parts the other senders' parts wait for) runs
+            # here and not whenever the garbage collector gets to it; until then the reducer hung to its timeout
+            with contextlib.suppress(BaseException):
+                await replies.aclose()
 
 
 async def _wait_for_hang_up(reader: Connection, ended: asyncio.Event) -> None:

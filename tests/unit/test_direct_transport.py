@@ -238,3 +238,45 @@ def test_advertised_endpoints_from_strangers_are_parsed_or_refused():
         ]
     ) == ("10.0.0.2",)
     assert dt.hosts_from_maddrs(["/ip4/127.0.0.1/tcp/1", "/ip6/::1/tcp/1"]) == ("127.0.0.1", "::1")
+
+
+class DeadSenderConnection:
+    """The reducer's side of a connection whose sender died: writes raise as uvloop's closed transport does, and
+    no frame ever arrives."""
+
+    def write(self, data) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+    writelines = write
+
+    async def drain(self) -> None:
+        pass
+
+    async def readexactly(self, n: int) -> bytes:
+        await asyncio.Event().wait()  # never; the relay cancels us
+
+    async def read(self, n: int) -> bytes:
+        await asyncio.Event().wait()
+
+
+def test_a_handler_whose_reply_cannot_be_written_is_closed_at_once():
+    """The runner bans a sender in its handler's cleanup; a handler left suspended at an unwritable reply must not
+    wait for the garbage collector to run it (the reducer's other senders waited for that sender's parts until the
+    all-reduce's timeout)."""
+    cleaned_up = []
+
+    async def handler(stream):
+        try:
+            yield WirePart(averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART), b"")
+            yield WirePart(averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART), b"")
+        finally:
+            cleaned_up.append(True)
+
+    async def main():
+        server = dt.DirectServer(SETTINGS, identity=dt.Identity(), peer_id=REDUCER, resolve=None)
+        connection = DeadSenderConnection()
+        with pytest.raises(RuntimeError):
+            await asyncio.wait_for(server._relay(handler, connection, connection), 5.0)
+        return list(cleaned_up)  # before anything else runs: no await between the relay's end and this line
+
+    assert asyncio.run(main()) == [True]
