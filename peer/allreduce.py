@@ -100,10 +100,25 @@ TRANSPORT_STATS = (
     "reducers_direct",  # other reducers we sent our parts to over the direct path
     "reducers_p2p",  # ... and through the p2p daemon
     "senders_direct",  # other senders that reached us over the direct path
+    "part_bytes",  # the group's part size (allreduce_part_bytes)
 )
 BANS_QUERY_TIMEOUT_S = 5.0  # how long the training process waits for the averager process's ban list
+# The part layout named in the run fingerprint (peer/config.py ALLREDUCE_PART_LAYOUT): changing any of these three
+# changes how parts are cut, so it needs a new layout name there.
+MIN_PART_BYTES, MAX_PART_BYTES, PARTS_PER_REDUCER = 2**19, 2**21, 8
 # (the reply every sender of a part gets, its decoded value)
 ReducedPart = tuple[WirePart, torch.Tensor]
+
+
+def allreduce_part_bytes(num_values: int, group_size: int) -> int:
+    """The part size (hivemind's part_size_bytes, after compression) of a group's all-reduce: the largest power of two
+    that still gives each reducer PARTS_PER_REDUCER parts of fp32 values, between 512 KiB and 2 MiB. Large parts
+    cost fewer Python wake-ups per byte (the CPU is this path's limit on fast links); enough parts per reducer keep
+    sending our parts and receiving the averages overlapped (the link's limit on slow ones). Every member computes
+    it from what they all know alike (the tensors' size and the group's size), so they cut the same parts."""
+    target = num_values * 4 // (max(group_size, 1) * PARTS_PER_REDUCER)
+    power = 1 << max(target, 1).bit_length() - 1  # the largest power of two <= target
+    return min(max(power, MIN_PART_BYTES), MAX_PART_BYTES)
 
 
 def encode_once(compression: CompressionBase, averaged: torch.Tensor) -> ReducedPart:
@@ -797,9 +812,13 @@ class ExactAverager(DecentralizedAverager):
         max_weight: float = math.inf,
         combine: Callable[..., torch.Tensor] = average_contributions,
         direct: DirectSettings | None = None,
+        part_size_bytes: int | None = None,
         **kwargs,
     ):
         self._state_provider = state_provider
+        # None: each group's own (allreduce_part_bytes), as the run fingerprint says; a number: that size always
+        # (benchmarks comparing part sizes; every peer of the group must be given the same)
+        self._fixed_part_bytes = part_size_bytes
         # a private swarm's key (peer/swarm_key.py): who may join our groups and download our state
         self._access = OpenAccess() if access is None else access
         # the most any sender's weight counts for (peer/robust.py max_round_tokens)
@@ -813,7 +832,7 @@ class ExactAverager(DecentralizedAverager):
         self._bans: dict[bytes, float] = {}
         self._early_close: EarlyClose | None = None  # the current step's (averager process)
         # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer, other reducers reached
-        # directly, through p2p, other senders that reached us directly] of the last all-reduce
+        # directly, through p2p, other senders that reached us directly, part size] of the last all-reduce
         self._transport_stats = mp.Array(ctypes.c_double, len(TRANSPORT_STATS))
         self._init_direct(
             direct, dht=args[1] if len(args) > 1 else kwargs["dht"], client_mode=kwargs.get("client_mode")
@@ -1011,7 +1030,8 @@ class ExactAverager(DecentralizedAverager):
         # order keys gathered at matchmaking, refuses auxiliary mode, copies the results only once every part
         # arrived (a failed reducer fails the whole round instead of leaving local values in its shard), bans a
         # reducer whose averaged part failed our checks, waits until the parts this peer owes others were served,
-        # and records the transport statistics; each tensor's parts are copied into it at once (write_parts)
+        # and records the transport statistics; each tensor's parts are copied into it at once (write_parts); the
+        # part size is the group's (allreduce_part_bytes)
         group_id = group_info.group_id if group_id is None else group_id
         members = {
             peer_id: gathered_metadata(self.serializer, gathered, peer_id, self._access)
@@ -1031,6 +1051,9 @@ class ExactAverager(DecentralizedAverager):
         value_bound, group_time = ours.get("value_bound", 0.0), ours.get("group_time", 0.0)
         started, started_at = time.perf_counter(), time.time()
         advertised = {peer_id: (metadata or {}).get("direct") for peer_id, metadata in members.items()}
+        kwargs["part_size_bytes"] = self._fixed_part_bytes or allreduce_part_bytes(
+            sum(tensor.numel() for tensor in tensors), len(group_info.peer_ids)
+        )
         runner = ExactAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -1079,6 +1102,7 @@ class ExactAverager(DecentralizedAverager):
             runner.reducers_by_path["direct"],
             runner.reducers_by_path["p2p"],
             runner.senders_direct,
+            kwargs["part_size_bytes"],
         ]
 
     def _outsider(self, members: dict[PeerID, dict | None]) -> str | None:

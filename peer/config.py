@@ -24,6 +24,10 @@ COMPRESSION_CODECS = {"int8": "int8-absmax-1024"}
 """The wire format of a compression whose format changed since peers first shipped it (peer/codec.py INT8_CODEC_ID;
 int8 used to be hivemind's bitsandbytes blockwise quantization). It is in the run fingerprint, so peers on the old
 format and peers on this one never average together (I5), and the mismatch message names it."""
+ALLREDUCE_PART_LAYOUT = "parts-8-per-reducer-512KiB-2MiB"
+"""How the all-reduce cuts its tensors into parts (peer/allreduce.py allreduce_part_bytes): every member of a group
+must cut alike, or the parts a reducer receives have shapes it does not expect. It is in the run fingerprint, so peers
+of a version that cuts otherwise (hivemind's fixed 512 KiB before) never average with this one."""
 DIRECT_TRANSPORTS = ("on", "off")
 INNER_OPTIMIZERS = ("adamw", "adamw8bit")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -582,12 +586,19 @@ def fingerprint_settings(
 ) -> dict:
     """The settings that must match for peers to average together (I5): every shared setting, the model, the
     tokenizer and the initial weights by content, and the compression's wire format where it changed
-    (COMPRESSION_CODECS). `init_params_sha256`: the hash of the pretrained initial parameters (--init-from), which
-    replace the seed's."""
+    (COMPRESSION_CODECS), and how the all-reduce cuts parts (ALLREDUCE_PART_LAYOUT). `init_params_sha256`: the hash
+    of the pretrained initial parameters (--init-from), which replace the seed's."""
     init = {} if init_params_sha256 is None else {"init_params_sha256": init_params_sha256}
     codec = COMPRESSION_CODECS.get(config.outer.compression)
     codecs = {} if codec is None else {"compression_codec": codec}
-    return {**init, **codecs, "model": model_arch, "tokenizer": tokenizer_id, **shared_values(config)}
+    return {
+        **init,
+        **codecs,
+        "allreduce_parts": ALLREDUCE_PART_LAYOUT,
+        "model": model_arch,
+        "tokenizer": tokenizer_id,
+        **shared_values(config),
+    }
 
 
 def fingerprint(settings: dict) -> str:

@@ -1,6 +1,7 @@
 """The all-reduce over the direct data path with real peers on 127.0.0.1: parts go over direct TCP connections
 where both ends have the path, fall back to the p2p daemon per reducer where not (a peer with the path off, a
-listener nobody can reach), and every peer ends bit-identical to the in-memory average either way."""
+listener nobody can reach), and every peer ends bit-identical to the in-memory average either way. Large tensors go
+in the group's larger parts (allreduce_part_bytes), through the p2p daemon's streams too."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import hivemind
 import pytest
 import torch
 
-from peer.allreduce import ExactAverager
+from peer.allreduce import MAX_PART_BYTES, MIN_PART_BYTES, PARTS_PER_REDUCER, ExactAverager
 from peer.compression import COMPRESSION
 from peer.direct_transport import DirectSettings
 from peer.outer import average_contributions, contribution_key, tensors_sha256
@@ -18,14 +19,23 @@ from tests.integration.harness import forked_peers, peer_reports
 
 NUM_PEERS = 3
 NUM_VALUES = 400_000  # several parts per shard
+LARGE_NUM_VALUES = NUM_PEERS * PARTS_PER_REDUCER * MAX_PART_BYTES // 4  # the largest parts
 STEP_TIMEOUT_S = 60.0
 PEERS_TIMEOUT_S = 120.0
 # (name, per peer: "on", "off" (no direct path at all) or "unreachable" (advertises a port nobody listens on))
-SCENARIOS = (("all direct", ("on", "on", "on")), ("mixed", ("on", "off", "unreachable")))
+SCENARIOS = (
+    ("all direct", ("on", "on", "on")),
+    ("mixed", ("on", "off", "unreachable")),
+    ("p2p, large parts", ("off", "off", "off")),
+)
 
 
-def _inputs(peer_index: int) -> torch.Tensor:
-    return torch.randn(NUM_VALUES, generator=torch.Generator().manual_seed(peer_index))
+def _num_values(scenario: str) -> int:
+    return LARGE_NUM_VALUES if "large" in scenario else NUM_VALUES
+
+
+def _inputs(peer_index: int, num_values: int = NUM_VALUES) -> torch.Tensor:
+    return torch.randn(num_values, generator=torch.Generator().manual_seed(peer_index))
 
 
 def _weight(peer_index: int) -> float:
@@ -41,11 +51,10 @@ def _closed_port() -> int:
 def _peer(peer_index: int, initial_peers: list[str], barrier, results) -> None:
     torch.set_num_threads(1)
     dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-    values = _inputs(peer_index)
     for name, modes in SCENARIOS:
-        mode = modes[peer_index]
+        mode, values = modes[peer_index], _inputs(peer_index, _num_values(name))
         averager = ExactAverager(
-            [torch.zeros(NUM_VALUES)],
+            [torch.zeros_like(values)],
             dht,
             prefix=f"direct_{name.replace(' ', '_')}",
             start=True,
@@ -94,8 +103,8 @@ def reports() -> dict[str, dict[int, tuple]]:
         return collected
 
 
-def _exact_sha256() -> str:
-    inputs = [_inputs(i) for i in range(NUM_PEERS)]
+def _exact_sha256(num_values: int) -> str:
+    inputs = [_inputs(i, num_values) for i in range(NUM_PEERS)]
     weights = [_weight(i) for i in range(NUM_PEERS)]
     return tensors_sha256([average_contributions(inputs, weights, [contribution_key([x]) for x in inputs])])
 
@@ -106,7 +115,7 @@ def test_every_peer_ends_bit_identical_to_the_in_memory_average(reports, scenari
     by_peer = reports[scenario]
     assert sorted(by_peer) == list(range(NUM_PEERS))
     assert all(group_size == NUM_PEERS for group_size, _, _ in by_peer.values())
-    assert {digest for _, digest, _ in by_peer.values()} == {_exact_sha256()}
+    assert {digest for _, digest, _ in by_peer.values()} == {_exact_sha256(_num_values(scenario))}
 
 
 @pytest.mark.timeout(200)
@@ -130,5 +139,17 @@ def test_a_peer_without_a_reachable_direct_path_is_reached_through_p2p(reports) 
 @pytest.mark.parametrize("scenario", [name for name, _ in SCENARIOS])
 def test_bytes_stay_at_the_bound_on_either_path(reports, scenario: str) -> None:
     mean_sent = sum(report[2]["bytes_sent"] for report in reports[scenario].values()) / NUM_PEERS
-    bound = 2 * (NUM_PEERS - 1) / NUM_PEERS * NUM_VALUES * 4
+    bound = 2 * (NUM_PEERS - 1) / NUM_PEERS * _num_values(scenario) * 4
     assert 1.0 <= mean_sent / bound < 1.02, (mean_sent, bound)  # the same messages, counted the same way
+
+
+@pytest.mark.timeout(200)
+def test_every_member_cuts_the_parts_its_group_size_calls_for(reports) -> None:
+    part_bytes = {
+        name: {report[2]["part_bytes"] for report in reports[name].values()} for name, _ in SCENARIOS
+    }
+    assert part_bytes == {
+        "all direct": {MIN_PART_BYTES},  # small tensors: hivemind's 512 KiB, as before
+        "mixed": {MIN_PART_BYTES},
+        "p2p, large parts": {MAX_PART_BYTES},
+    }

@@ -19,7 +19,15 @@ from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import NoCompression
 from hivemind.proto import averaging_pb2
 
-from peer.allreduce import OrderedPartReducer, aiter_with_first_timeout, encode_once
+from peer.allreduce import (
+    MAX_PART_BYTES,
+    MIN_PART_BYTES,
+    PARTS_PER_REDUCER,
+    OrderedPartReducer,
+    aiter_with_first_timeout,
+    allreduce_part_bytes,
+    encode_once,
+)
 from peer.outer import average_contributions, tensors_sha256
 
 PART_SIZE = 1000
@@ -67,6 +75,24 @@ async def submit(reducer, arrivals):
         tasks.append(asyncio.create_task(reducer.accumulate_part(sender, part_index, tensor, weight=weight)))
         await asyncio.sleep(0)  # let it reach the reducer before the next one arrives
     return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    ("num_values", "group_size", "part_bytes"),
+    [
+        (1_600_000, 3, MIN_PART_BYTES),  # the tiny model: hivemind's 512 KiB, so slow links still overlap
+        (10_000_000, 4, 2**20),  # 40 MB / 32 parts = 1.25 MB: the power of two below
+        (50_000_000, 2, MAX_PART_BYTES),
+        (150_000_000, 16, MAX_PART_BYTES),
+        (0, 1, MIN_PART_BYTES),
+    ],
+)
+def test_the_part_size_gives_each_reducer_enough_parts_within_bounds(num_values, group_size, part_bytes):
+    size = allreduce_part_bytes(num_values, group_size)
+    assert size == part_bytes
+    assert size & (size - 1) == 0  # a power of two: int8 parts hold whole 1024-value blocks
+    if MIN_PART_BYTES < size < MAX_PART_BYTES:
+        assert num_values * 4 / group_size / size >= PARTS_PER_REDUCER
 
 
 def test_the_average_is_bit_identical_whatever_order_the_parts_arrive_in():

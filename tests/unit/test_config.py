@@ -7,6 +7,7 @@ import pytest
 
 from peer.cli import FLAGS, build_config, config_from_args, flag_tables_markdown
 from peer.config import (
+    ALLREDUCE_PART_LAYOUT,
     DataConfig,
     InnerConfig,
     ModelConfig,
@@ -267,6 +268,18 @@ def test_fingerprint_names_the_int8_wire_format():
         "compression_codec (ours 'int8-absmax-1024', theirs None)"
     ]
     assert "compression_codec" not in settings["none"] and "compression_codec" not in settings["fp16"]
+
+
+def test_fingerprint_names_the_allreduce_part_layout():
+    """Peers that cut the all-reduce into parts differently (hivemind's fixed 512 KiB before the group-sized parts)
+    would send reducers parts of shapes they do not expect: the layout is in the fingerprint, so they never meet."""
+    settings = fingerprint_settings(config_from_args([])[0], model_arch={"a": 1}, tokenizer_id="t")
+    assert settings["allreduce_parts"] == ALLREDUCE_PART_LAYOUT
+    older = {key: value for key, value in settings.items() if key != "allreduce_parts"}
+    assert fingerprint(settings) != fingerprint(older)
+    assert differing_settings(settings, older) == [
+        f"allreduce_parts (ours {ALLREDUCE_PART_LAYOUT!r}, theirs None)"
+    ]
 
 
 @pytest.mark.parametrize(
