@@ -64,6 +64,7 @@ from peer import direct_transport, wire
 from peer.direct_transport import DirectError, DirectSettings
 from peer.group_closing import EarlyClose, full_group_size
 from peer.outer import average_contributions
+from peer.rejoin import LedGroups, RejoiningStub
 from peer.robust import (
     BAN_S,
     MAX_BANS_GATHERED,
@@ -831,6 +832,8 @@ class ExactAverager(DecentralizedAverager):
         # peer id -> time.monotonic() until which it is banned from our groups; used in the averager process only
         self._bans: dict[bytes, float] = {}
         self._early_close: EarlyClose | None = None  # the current step's (averager process)
+        # the group we last assembled as a leader, for a member whose stream lost our answer (peer/rejoin.py)
+        self._led_groups = LedGroups(keep_s=kwargs.get("allreduce_timeout") or HANG_UP_TIMEOUT_S)
         # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer, other reducers reached
         # directly, through p2p, other senders that reached us directly, part size] of the last all-reduce
         self._transport_stats = mp.Array(ctypes.c_double, len(TRANSPORT_STATS))
@@ -920,12 +923,19 @@ class ExactAverager(DecentralizedAverager):
         )
         self._early_close = early_close
         self._follow_no_banned_leader()
+        self._led_groups.watch(self._matchmaking)
         # runs once super()._step attached the trigger (synchronously, before its first await)
         closer = asyncio.create_task(early_close.close_once_triggered(step))
         try:
             return await super()._step(step=step, future_for_init=future_for_init)
         finally:
             closer.cancel()
+
+    @classmethod
+    def get_stub(cls, p2p, peer: PeerID, *, namespace: str | None = None):
+        # extends ServicerBase.get_stub (the stubs hivemind's matchmaking and all-reduce call us with): a join
+        # request whose stream is cut off after the leader accepted it asks again once (peer/rejoin.py)
+        return RejoiningStub(super().get_stub(p2p, peer, namespace=namespace))
 
     def _banned(self, peer: PeerID) -> bool:
         """(averager process) Whether a reducer of ours lied, less than BAN_S ago."""
@@ -1123,7 +1133,8 @@ class ExactAverager(DecentralizedAverager):
         self, request: averaging_pb2.JoinRequest, context: P2PContext
     ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:  # typing's: hivemind reads the hints
         # wraps DecentralizedAverager.rpc_join_group: in a private swarm, a leader refuses at once a follower whose
-        # metadata is not sealed with the swarm key for its own (libp2p-authenticated) peer id; a banned one too
+        # metadata is not sealed with the swarm key for its own (libp2p-authenticated) peer id; a banned one too;
+        # a member of the group we just assembled that asks again gets the group (peer/rejoin.py)
         metadata = gathered_metadata(self.serializer, request.gather, context.remote_id, self._access)
         if self._access.private and metadata is None:
             logger.debug(f"refused a join request from {context.remote_id}: no swarm key")
@@ -1131,6 +1142,9 @@ class ExactAverager(DecentralizedAverager):
             return
         if self._banned(context.remote_id):  # and a reducer that lied to us never joins a group we lead
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        if (group := self._led_groups.answer(context.remote_id, request.group_key)) is not None:
+            yield group  # a member of the group we assembled, whose stream lost our answer, asks again
             return
         if self._early_close is not None and metadata is not None:
             self._early_close.count_in(metadata)  # a late member expects itself too

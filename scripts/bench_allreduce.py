@@ -176,12 +176,11 @@ def average_once(averager, values: torch.Tensor, *, peer_index: int, order_key: 
     return wall_s, averager.last_transport_stats(), digest, len(group)
 
 
-def default_part_size() -> int:
-    import peer.allreduce
+def default_part_size(num_values: int, num_peers: int) -> int:
+    """The part size the averager picks for this group (peer/allreduce.py allreduce_part_bytes)."""
+    from peer.allreduce import allreduce_part_bytes
 
-    return getattr(
-        peer.allreduce, "PART_SIZE_BYTES", 2**19
-    )  # hivemind's default before the project set its own
+    return allreduce_part_bytes(num_values, num_peers)
 
 
 def worker(
@@ -230,7 +229,7 @@ def worker(
                     peer_index=peer_index,
                     num_peers=num_peers,
                     bytes_to_each=num_values // num_peers * BYTES_PER_ELEMENT[compression],
-                    part_bytes=args.part_size or default_part_size(),
+                    part_bytes=args.part_size or default_part_size(num_values, num_peers),
                     barrier=barrier,
                     repeats=args.repeats,
                 )
@@ -513,7 +512,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--part-size",
         type=parse_size,
         default=None,
-        help="bytes per all-reduce part (after compression), e.g. 4M (default: ExactAverager's)",
+        help="bytes per all-reduce part (after compression), e.g. 4M (default: what the group picks)",
     )
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--verbose", action="store_true", help="progress on stderr")
