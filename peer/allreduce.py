@@ -91,6 +91,9 @@ torch.multiprocessing.set_sharing_strategy("file_descriptor")
 
 STATE_TENSORS_KEY = "_num_tensors"  # added to served metadata: how many tensors follow (removed on receipt)
 HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
+JOIN_HANG_UP_S = (
+    5.0  # how long a leader keeps a join request's stream open after its last reply (rpc_join_group)
+)
 MAX_BANS_KEPT = 1024  # banned peers remembered at once (expired bans are dropped first)
 DIRECT_GROUP_POLL_S = 0.05  # how often a direct connection that arrived before its group checks for it
 TRANSPORT_STATS = (
@@ -1132,9 +1135,23 @@ class ExactAverager(DecentralizedAverager):
     async def rpc_join_group(
         self, request: averaging_pb2.JoinRequest, context: P2PContext
     ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:  # typing's: hivemind reads the hints
-        # wraps DecentralizedAverager.rpc_join_group: in a private swarm, a leader refuses at once a follower whose
-        # metadata is not sealed with the swarm key for its own (libp2p-authenticated) peer id; a banned one too;
-        # a member of the group we just assembled that asks again gets the group (peer/rejoin.py)
+        # wraps DecentralizedAverager.rpc_join_group: the replies of _join_group_replies, then our end of the stream
+        # stays open until the follower hangs up. hivemind's handler returns right after its last message (the
+        # group, BEGIN_ALLREDUCE) and p2p then closes our end first, which lets the daemon reset the stream with
+        # that message still in flight (the race scripts/repro_stream_reset.py shows): the follower then never
+        # learns of the group it is in, and the group's round fails. hivemind cancels this handler once the
+        # follower hangs up, as the reducers' rpc_aggregate_part relies on; a follower that never does is let go
+        # after JOIN_HANG_UP_S.
+        async for response in self._join_group_replies(request, context):
+            yield response
+        await asyncio.sleep(JOIN_HANG_UP_S)
+
+    async def _join_group_replies(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:
+        """hivemind's replies to a join request, except: in a private swarm a leader refuses at once a follower whose
+        metadata is not sealed with the swarm key for its own (libp2p-authenticated) peer id; a banned one too; a
+        member of the group we just assembled that asks again gets the group (peer/rejoin.py)."""
         metadata = gathered_metadata(self.serializer, request.gather, context.remote_id, self._access)
         if self._access.private and metadata is None:
             logger.debug(f"refused a join request from {context.remote_id}: no swarm key")
@@ -1148,23 +1165,8 @@ class ExactAverager(DecentralizedAverager):
             return
         if self._early_close is not None and metadata is not None:
             self._early_close.count_in(metadata)  # a late member expects itself too
-        arrived = time.monotonic()
         async for response in super().rpc_join_group(request, context):
-            if response.code == averaging_pb2.ACCEPTED:
-                self._warn_if_accepted_late(context.remote_id, time.monotonic() - arrived)
             yield response
-
-    def _warn_if_accepted_late(self, follower: PeerID, delay_s: float) -> None:
-        # A follower waits request_timeout for this answer, counted from before its request reached us: one
-        # accepted near that limit may already have given up, yet it is in the group we assemble, and its shard
-        # then fails the round for everyone. Logged so that a soak's rare "could not find a group" on one peer
-        # (while the others' group included it) can be matched with it.
-        request_timeout = self._matchmaking.request_timeout
-        if delay_s > request_timeout / 2:
-            logger.warning(
-                f"accepted {follower} into our group {delay_s:.1f} s after its request (it waits at most "
-                f"{request_timeout:.1f} s): it may have given up"
-            )
 
     async def rpc_download_state(
         self, request: StateRequest, context: P2PContext

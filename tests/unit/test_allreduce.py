@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -19,10 +20,12 @@ from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import NoCompression
 from hivemind.proto import averaging_pb2
 
+import peer.allreduce
 from peer.allreduce import (
     MAX_PART_BYTES,
     MIN_PART_BYTES,
     PARTS_PER_REDUCER,
+    ExactAverager,
     OrderedPartReducer,
     aiter_with_first_timeout,
     allreduce_part_bytes,
@@ -368,3 +371,43 @@ def test_a_peer_killed_with_everything_it_started_leaves_no_shared_memory_files_
         proc.wait(timeout=30)
     time.sleep(0.5)  # anything that would clean up has had its chance
     assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"torch_{pid}_")]
+
+
+def _leader_replies(*codes):
+    """An ExactAverager stand-in whose hivemind join replies are `codes` (rpc_join_group only needs those)."""
+
+    async def replies(request, context):
+        for code in codes:
+            yield averaging_pb2.MessageFromLeader(code=code)
+
+    return types.SimpleNamespace(_join_group_replies=replies)
+
+
+def test_a_leader_keeps_the_join_stream_open_after_its_last_reply_until_the_follower_hangs_up():
+    """p2p closes a handler's end when it returns, which can reset the stream with the last reply (the group) still
+    in flight: the leader waits for the follower to hang up (hivemind then cancels the handler) instead."""
+
+    async def run():
+        replies = ExactAverager.rpc_join_group(_leader_replies(averaging_pb2.BEGIN_ALLREDUCE), None, None)
+        first = await replies.__anext__()
+        after_last = asyncio.ensure_future(replies.__anext__())
+        await asyncio.sleep(0.2)
+        still_open = not after_last.done()
+        after_last.cancel()  # the follower hung up
+        with pytest.raises(asyncio.CancelledError):
+            await after_last
+        return first.code, still_open
+
+    assert asyncio.run(run()) == (averaging_pb2.BEGIN_ALLREDUCE, True)
+
+
+def test_a_follower_that_never_hangs_up_is_let_go(monkeypatch):
+    monkeypatch.setattr(peer.allreduce, "JOIN_HANG_UP_S", 0.05)
+
+    async def run():
+        replies = ExactAverager.rpc_join_group(
+            _leader_replies(averaging_pb2.NOT_LOOKING_FOR_GROUP), None, None
+        )
+        return [reply.code async for reply in replies]
+
+    assert asyncio.run(asyncio.wait_for(run(), timeout=30)) == [averaging_pb2.NOT_LOOKING_FOR_GROUP]
