@@ -91,9 +91,7 @@ torch.multiprocessing.set_sharing_strategy("file_descriptor")
 
 STATE_TENSORS_KEY = "_num_tensors"  # added to served metadata: how many tensors follow (removed on receipt)
 HANG_UP_TIMEOUT_S = 30.0  # how long a reducer waits for a sender to hang up when no reducer timeout is set
-JOIN_HANG_UP_S = (
-    5.0  # how long a leader keeps a join request's stream open after its last reply (rpc_join_group)
-)
+JOIN_HANG_UP_S = 5.0  # how long a leader keeps a join stream open after its last reply (rpc_join_group)
 MAX_BANS_KEPT = 1024  # banned peers remembered at once (expired bans are dropped first)
 DIRECT_GROUP_POLL_S = 0.05  # how often a direct connection that arrived before its group checks for it
 TRANSPORT_STATS = (
