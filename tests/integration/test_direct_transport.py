@@ -11,7 +11,7 @@ import hivemind
 import pytest
 import torch
 
-from peer.allreduce import MAX_PART_BYTES, MIN_PART_BYTES, PARTS_PER_REDUCER, ExactAverager
+from peer.allreduce import MAX_PART_BYTES, PARTS_PER_REDUCER, ExactAverager
 from peer.compression import COMPRESSION
 from peer.direct_transport import DirectSettings
 from peer.outer import average_contributions, contribution_key, tensors_sha256
@@ -149,7 +149,7 @@ def test_every_member_cuts_the_parts_its_group_size_calls_for(reports) -> None:
         name: {report[2]["part_bytes"] for report in reports[name].values()} for name, _ in SCENARIOS
     }
     assert part_bytes == {
-        "all direct": {MIN_PART_BYTES},  # small tensors: hivemind's 512 KiB, as before
-        "mixed": {MIN_PART_BYTES},
+        "all direct": {2**16},  # 400K values, 3 peers: a 66 KB target
+        "mixed": {2**16},
         "p2p, large parts": {MAX_PART_BYTES},
     }
