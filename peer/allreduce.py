@@ -1161,7 +1161,7 @@ class ExactAverager(DecentralizedAverager):
         if self._banned(context.remote_id):  # and a reducer that lied to us never joins a group we lead
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
-        if (group := self._led_groups.answer(context.remote_id, request.group_key)) is not None:
+        if (group := self._led_groups.answer(context.remote_id, request)) is not None:
             yield group  # a member of the group we assembled, whose stream lost our answer, asks again
             return
         if self._early_close is not None and metadata is not None:

@@ -2,18 +2,22 @@
 just assembled with that group.
 
 In hivemind's matchmaking a leader answers a join request with ACCEPTED, then later, on the same stream, with
-BEGIN_ALLREDUCE (the group) or GROUP_DISBANDED. Under load the stream now and then ends between the two without a
-word (seen in a 30-minute soak: the leader assembled a group of three; 2 ms later one follower's stream ended with
-no message; the leader's send had failed and p2p logs that only at debug level). The leader's group then includes a
-member that never learns of it: that member waits out its matchmaking and fails ("could not find a group"), and
-the others wait for its parts until their timeouts and fail too. One lost message cost the whole round.
+BEGIN_ALLREDUCE (the group) or GROUP_DISBANDED. Under load the stream now and then ended between the two without a
+word (seen in a soak: the leader assembled a group of three; 2 ms later one follower's stream ended with no message).
+The leader's group then includes a member that never learns of it: that member waits out its matchmaking and fails
+("could not find a group"), and the others wait for its parts until their timeouts and fail too. One lost message
+cost the whole round. The cause was the leader closing its end right after its last message, which lets the p2p
+daemon reset the stream (ExactAverager.rpc_join_group now waits for the follower to hang up); this module is the
+backstop for a verdict lost any other way.
 
-So a follower whose stream ends after ACCEPTED opens a new one and asks again (`RejoiningStub`), once. The leader
-remembers the last group it assembled and the group key it assembled it under (`LedGroups`): a member of that group
-asking with that key is answered with the group itself. Anyone else goes through hivemind's usual handling.
+A follower whose stream ends after ACCEPTED opens a new one and asks again (`RejoiningStub`), once, with the very same
+request. The leader remembers the last group it assembled, under which group key, and each member's request
+(`LedGroups`): a member asking again with that key and that request is answered with the group. Anything else, a
+member's next request included (a new step, or a round averaged again under the same key), goes through hivemind's
+usual handling.
 
-Relies on hivemind 1.1.12's Matchmaking internals (`leader_assemble_group`, `group_key_manager.current_key`) and its
-stub classes, as peer/group_closing.py does.
+Relies on hivemind 1.1.12's Matchmaking internals (`leader_assemble_group`, `current_followers`,
+`group_key_manager.current_key`) and its stub classes, as peer/group_closing.py does.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ class LedGroups:
 
     def __init__(self, keep_s: float):
         self.keep_s = keep_s  # how long a member may still ask: the all-reduce's own time limit
-        self._last: tuple[str, GroupInfo, float] | None = None
+        # (group key, the group, each follower's request expiration, until when) of the last group we assembled
+        self._last: tuple[str, GroupInfo, dict[PeerID, float], float] | None = None
 
     def watch(self, matchmaking) -> None:
         """Remember every group `matchmaking` assembles as a leader (wraps that one method on this instance)."""
@@ -43,23 +48,25 @@ class LedGroups:
         assemble = matchmaking.leader_assemble_group
 
         async def assemble_and_remember() -> GroupInfo:
-            key = (
-                matchmaking.group_key_manager.current_key
-            )  # the key followers asked with; assembling changes it
+            key = matchmaking.group_key_manager.current_key  # followers asked with it; assembling changes it
+            # each follower's request (its expiration time) tells its asking again from a later, new request
+            requests = {peer: request.expiration for peer, request in matchmaking.current_followers.items()}
             group_info = await assemble()
-            self._last = (key, group_info, time.monotonic() + self.keep_s)
+            self._last = (key, group_info, requests, time.monotonic() + self.keep_s)
             return group_info
 
         matchmaking.leader_assemble_group = assemble_and_remember
         matchmaking._remembers_led_groups = True
 
-    def answer(self, member: PeerID, group_key: str) -> averaging_pb2.MessageFromLeader | None:
-        """The group's BEGIN_ALLREDUCE if `member` (authenticated by libp2p) is in the group we assembled under
-        `group_key` and it is recent; None otherwise (the request is an ordinary one)."""
+    def answer(
+        self, member: PeerID, request: averaging_pb2.JoinRequest
+    ) -> averaging_pb2.MessageFromLeader | None:
+        """The group's BEGIN_ALLREDUCE if `member` (authenticated by libp2p) asks again with the request that got it
+        into the group we last assembled, recently; None for any other request (an ordinary one)."""
         if self._last is None:
             return None
-        key, group_info, until = self._last
-        if key != group_key or member not in group_info.peer_ids or time.monotonic() > until:
+        key, group_info, requests, until = self._last
+        if key != request.group_key or requests.get(member) != request.expiration or time.monotonic() > until:
             return None
         logger.info(f"{member} asked again for the group we assembled; sending it the group")
         return begin_allreduce(group_info)

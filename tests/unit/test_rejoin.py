@@ -82,10 +82,18 @@ def test_a_second_cut_ends_the_exchange_without_a_third_request():
     assert _collect(_Stream(ACCEPTED), _Stream(ACCEPTED), _Stream(BEGIN)) == ([ACCEPTED], 1)
 
 
+def _request(expiration: float, key: str = "run.0b01") -> averaging_pb2.JoinRequest:
+    return averaging_pb2.JoinRequest(group_key=key, expiration=expiration)
+
+
 def _led(members, *, key="run.0b01", keep_s=60.0) -> LedGroups:
+    """A leader (members[-1]) that assembled `members`; follower i asked with expiration 100 + i."""
     led = LedGroups(keep_s=keep_s)
     group = GroupInfo(b"group", tuple(members), tuple(b"gathered-%d" % i for i in range(len(members))))
-    matchmaking = types.SimpleNamespace(group_key_manager=types.SimpleNamespace(current_key=key))
+    matchmaking = types.SimpleNamespace(
+        group_key_manager=types.SimpleNamespace(current_key=key),
+        current_followers={peer: _request(100.0 + i, key) for i, peer in enumerate(members[:-1])},
+    )
 
     async def assemble():
         matchmaking.group_key_manager.current_key = (
@@ -100,18 +108,22 @@ def _led(members, *, key="run.0b01", keep_s=60.0) -> LedGroups:
     return led
 
 
-def test_a_member_asking_with_the_groups_key_gets_the_group():
+def test_a_member_asking_again_with_the_same_request_gets_the_group():
     a, b, c = _peer(1), _peer(2), _peer(3)
-    answer = _led([a, b, c]).answer(b, "run.0b01")
+    answer = _led([a, b, c]).answer(b, _request(101.0))
     assert answer.code == BEGIN and answer.group_id == b"group"
     assert [PeerID(p) for p in answer.ordered_peer_ids] == [a, b, c]
     assert list(answer.gathered) == [b"gathered-0", b"gathered-1", b"gathered-2"]
 
 
-def test_strangers_other_keys_and_old_groups_get_no_answer():
+def test_every_other_request_goes_through_the_usual_matchmaking():
     a, b = _peer(1), _peer(2)
     led = _led([a, b])
-    assert led.answer(_peer(9), "run.0b01") is None  # not a member
-    assert led.answer(b, "run.0b10") is None  # another round's (or the next) key
-    assert _led([a, b], keep_s=-1.0).answer(b, "run.0b01") is None  # too long ago
-    assert LedGroups(keep_s=60.0).answer(b, "run.0b01") is None  # never led a group
+    assert led.answer(_peer(9), _request(100.0)) is None  # not a member
+    assert led.answer(b, _request(100.0)) is None  # the leader itself never asks
+    # a member's next request under the same key (its next step, or the round averaged again) is a new request
+    assert led.answer(a, _request(105.0)) is None
+    assert led.answer(a, _request(100.0, key="run.0b10")) is None  # another key
+    assert _led([a, b], keep_s=-1.0).answer(a, _request(100.0)) is None  # too long ago
+    assert LedGroups(keep_s=60.0).answer(a, _request(100.0)) is None  # never led a group
+    assert led.answer(a, _request(100.0)).code == BEGIN
