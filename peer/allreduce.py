@@ -107,14 +107,14 @@ TRANSPORT_STATS = (
 BANS_QUERY_TIMEOUT_S = 5.0  # how long the training process waits for the averager process's ban list
 # The part layout named in the run fingerprint (peer/config.py ALLREDUCE_PART_LAYOUT): changing any of these three
 # changes how parts are cut, so it needs a new layout name there.
-MIN_PART_BYTES, MAX_PART_BYTES, PARTS_PER_REDUCER = 2**14, 2**21, 8
+MIN_PART_BYTES, MAX_PART_BYTES, PARTS_PER_REDUCER = 2**14, 2**21, 4
 # (the reply every sender of a part gets, its decoded value)
 ReducedPart = tuple[WirePart, torch.Tensor]
 
 
 def allreduce_part_bytes(num_values: int, group_size: int) -> int:
     """The part size (hivemind's part_size_bytes, after compression) of a group's all-reduce: the largest power of two
-    that still gives each reducer PARTS_PER_REDUCER parts of fp32 values, between 16 KiB and 2 MiB. Large parts
+    that still gives each reducer PARTS_PER_REDUCER (4) parts of fp32 values, between 16 KiB and 2 MiB. Large parts
     cost fewer Python wake-ups per byte (the CPU is this path's limit on fast links). Enough parts per reducer keep
     sending our parts and receiving the averages overlapped (the link's limit on slow ones), and keep the shards
     even: hivemind hands out whole parts, so with a few large parts per shard some reducers got one more than

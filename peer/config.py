@@ -24,7 +24,7 @@ COMPRESSION_CODECS = {"int8": "int8-absmax-1024"}
 """The wire format of a compression whose format changed since peers first shipped it (peer/codec.py INT8_CODEC_ID;
 int8 used to be hivemind's bitsandbytes blockwise quantization). It is in the run fingerprint, so peers on the old
 format and peers on this one never average together (I5), and the mismatch message names it."""
-ALLREDUCE_PART_LAYOUT = "parts-8-per-reducer-16KiB-2MiB"
+ALLREDUCE_PART_LAYOUT = "parts-4-per-reducer-16KiB-2MiB"
 """How the all-reduce cuts its tensors into parts (peer/allreduce.py allreduce_part_bytes): every member of a group
 must cut alike, or the parts a reducer receives have shapes it does not expect. It is in the run fingerprint, so peers
 of a version that cuts otherwise (hivemind's fixed 512 KiB before) never average with this one."""

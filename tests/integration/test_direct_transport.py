@@ -149,7 +149,7 @@ def test_every_member_cuts_the_parts_its_group_size_calls_for(reports) -> None:
         name: {report[2]["part_bytes"] for report in reports[name].values()} for name, _ in SCENARIOS
     }
     assert part_bytes == {
-        "all direct": {2**16},  # 400K values, 3 peers: a 66 KB target
-        "mixed": {2**16},
+        "all direct": {2**17},  # 400K values, 3 peers: a 133 KB target
+        "mixed": {2**17},
         "p2p, large parts": {MAX_PART_BYTES},
     }

@@ -85,9 +85,9 @@ async def submit(reducer, arrivals):
 @pytest.mark.parametrize(
     ("num_values", "group_size", "part_bytes"),
     [
-        (1_470_000, 2, 2**18),  # the tiny model: 256 KiB at k = 2 ...
-        (1_470_000, 16, 2**15),  # ... and 32 KiB at k = 16 (a 46 KB target)
-        (10_000_000, 4, 2**20),  # 40 MB / 32 parts = 1.25 MB: the power of two below
+        (1_470_000, 2, 2**19),  # the tiny model: 512 KiB at k = 2 ...
+        (1_470_000, 16, 2**16),  # ... and 64 KiB at k = 16 (a 92 KB target)
+        (1_000_000, 4, 2**17),  # 4 MB / 16 parts = 250 KB: the power of two below
         (50_000_000, 2, MAX_PART_BYTES),
         (150_000_000, 16, MAX_PART_BYTES),
         (0, 1, MIN_PART_BYTES),
