@@ -103,9 +103,8 @@ async def ask_again_if_cut_off(stream: Messages, ask_again: Callable[[], Awaitab
     retry = await ask_again()
     try:
         async for message in retry:
-            if (
-                message.code != averaging_pb2.ACCEPTED
-            ):  # a leader still looking accepts us anew: already known
+            # a leader still looking accepts us anew: matchmaking already knows that, so pass on only what follows
+            if message.code != averaging_pb2.ACCEPTED:
                 yield message
                 return
     finally:
