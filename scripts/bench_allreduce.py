@@ -176,13 +176,6 @@ def average_once(averager, values: torch.Tensor, *, peer_index: int, order_key: 
     return wall_s, averager.last_transport_stats(), digest, len(group)
 
 
-def default_part_size(num_values: int, num_peers: int) -> int:
-    """The part size the averager picks for this group (peer/allreduce.py allreduce_part_bytes)."""
-    from peer.allreduce import allreduce_part_bytes
-
-    return allreduce_part_bytes(num_values, num_peers)
-
-
 def worker(
     peer_index: int,
     num_peers: int,
@@ -196,6 +189,7 @@ def worker(
     import hivemind
     import torch.distributed as dist
 
+    from peer.allreduce import allreduce_part_bytes
     from peer.outer import average_contributions, contribution_key, tensors_sha256
 
     torch.set_num_threads(1)
@@ -229,7 +223,7 @@ def worker(
                     peer_index=peer_index,
                     num_peers=num_peers,
                     bytes_to_each=num_values // num_peers * BYTES_PER_ELEMENT[compression],
-                    part_bytes=args.part_size or default_part_size(num_values, num_peers),
+                    part_bytes=args.part_size or allreduce_part_bytes(num_values, num_peers),  # the group's
                     barrier=barrier,
                     repeats=args.repeats,
                 )
