@@ -410,9 +410,12 @@ def _leader_replies(*codes):
     return types.SimpleNamespace(_join_group_replies=replies)
 
 
-def test_a_leader_keeps_the_join_stream_open_after_its_last_reply_until_the_follower_hangs_up():
+def test_a_leader_keeps_the_join_stream_open_after_its_last_reply_until_the_follower_hangs_up(monkeypatch):
     """p2p closes a handler's end when it returns, which can reset the stream with the last reply (the group) still
     in flight: the leader waits for the follower to hang up (hivemind then cancels the handler) instead."""
+    monkeypatch.setattr(
+        peer.allreduce, "JOIN_HANG_UP_S", 3600.0
+    )  # only the hang-up ends it, however slow we run
 
     async def run():
         replies = ExactAverager.rpc_join_group(_leader_replies(averaging_pb2.BEGIN_ALLREDUCE), None, None)
