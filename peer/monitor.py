@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from peer import preflight
 from peer.records import (
+    RECORD_BEAM_SIZE,
     HashRecord,
     ProgressRecord,
     SettingsRecord,
@@ -91,7 +92,7 @@ class RunReader:
     def _entries(self, key: str) -> dict:
         """subkey -> ValueWithExpiration of a dictionary key (empty if nothing is stored or the lookup failed)."""
         with self.lock:  # hivemind's DHT pipe is not thread-safe
-            future = self.dht.get(key, latest=True, return_future=True)
+            future = self.dht.get(key, latest=True, beam_size=RECORD_BEAM_SIZE, return_future=True)
         try:
             found = future.result(timeout=DHT_TIMEOUT_S)
         except Exception as e:

@@ -29,6 +29,11 @@ MAX_ROUND = 10**9
 MAX_TOKENS = 10**15  # tokens one peer may claim for one round
 MAX_TOKENS_PER_S = 1e9  # far above any single machine
 MAX_TIME = 1e11  # DHT times are Unix seconds (about 1.8e9 now); anything past year 5000 is a lie
+# Nodes a record lookup or store keeps in its beam. hivemind's default is its bucket size (20), and every node a
+# lookup (or the search before a store) visits answers with the whole key, all k records: up to 20 x k records per
+# operation. A record lives on the num_replicas (5) nodes nearest its key, and a beam of that many still finds and
+# reaches them (scripts/bench_dht.py counts the bytes and the records found).
+RECORD_BEAM_SIZE = 5
 MAX_HASH_ROUNDS = 32  # a hash record carries its publisher's last few rounds (16 today)
 
 PeerIdBytes = conbytes(strict=True, max_length=128)

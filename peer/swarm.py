@@ -29,6 +29,7 @@ from peer.config import RunConfig, SwarmConfig, differing_settings
 from peer.network import AveragingAttempt, DonationCheck
 from peer.reachability import check_reachability, check_relayed
 from peer.records import (
+    RECORD_BEAM_SIZE,
     SUMMARY_TTL_S,
     HashRecord,
     ProgressRecord,
@@ -222,13 +223,18 @@ class Swarm:
         stored = self.access.seal(key, subkey, value)
         with self._dht_lock:
             self.dht.store(
-                key, subkey=subkey, value=stored, expiration_time=expiration_time, return_future=True
+                key,
+                subkey=subkey,
+                value=stored,
+                expiration_time=expiration_time,
+                beam_size=RECORD_BEAM_SIZE,
+                return_future=True,
             )
 
     def _get(self, key: str):
         """The key's value (None: nothing stored); raises LookupFailed if the DHT did not answer in time."""
         with self._dht_lock:
-            future = self.dht.get(key, latest=True, return_future=True)
+            future = self.dht.get(key, latest=True, beam_size=RECORD_BEAM_SIZE, return_future=True)
         try:
             return future.result(timeout=DHT_TIMEOUT_S)
         except Exception as e:
