@@ -38,11 +38,24 @@ class Agreement:
         # (round, monotonic deadline) of a round we averaged whose group has not yet shown us all its hashes
         self.unsettled: tuple[int, float] | None = None
 
-    def adopt_swarm_state_on_join(self) -> None:
-        """I4: a newcomer (or a peer resuming behind the swarm) starts from the swarm's current state."""
+    def adopt_swarm_state_on_join(self, *, overlap: bool = False, should_stop=lambda: False) -> None:
+        """I4: a newcomer (or a peer resuming behind the swarm) starts from the swarm's current state. If the swarm
+        is already averaging that state's round (not with --overlap, where peers train the next round meanwhile),
+        it starts from the round's result: the round's group was counted without it."""
         view = coordination.joining_view(self.network)
         if view is None or view.majority_hash is None or view.round_index < self.state.round:
             return
+        if not overlap and rounds.round_closing(
+            self.network.live_peers(), me=self.network.my_key(), round_index=view.round_index
+        ):
+            self.log.info(f"round {view.round_index + 1}: its peers are averaging it; waiting for its result")
+            later = coordination.wait_for_round_after(
+                self.network,
+                view.round_index,
+                timeout_s=self.swarm.matchmaking_s + self.swarm.allreduce_timeout_s,
+                should_stop=should_stop,
+            )
+            view = later if later is not None and later.majority_hash is not None else view
         if self.load_swarm_state(view.donors, min_round=view.round_index, voters=None):
             self.log.info(f"joined the swarm at round {self.state.round}, inner step {self.state.inner_step}")
         else:

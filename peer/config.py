@@ -28,6 +28,9 @@ ALLREDUCE_PART_LAYOUT = "parts-4-per-reducer-16KiB-2MiB"
 """How the all-reduce cuts its tensors into parts (peer/allreduce.py allreduce_part_bytes): every member of a group
 must cut alike, or the parts a reducer receives have shapes it does not expect. It is in the run fingerprint, so peers
 of a version that cuts otherwise (hivemind's fixed 512 KiB before) never average with this one."""
+RECORD_SIGNATURES = "ed25519"
+"""How peers sign their DHT records (peer/signing.py; hivemind's RSA keys before): peers that sign otherwise cannot read
+each other's round records, so this is in the run fingerprint too, and the mismatch message names it."""
 DIRECT_TRANSPORTS = ("on", "off")
 INNER_OPTIMIZERS = ("adamw", "adamw8bit")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -586,7 +589,8 @@ def fingerprint_settings(
 ) -> dict:
     """The settings that must match for peers to average together (I5): every shared setting, the model, the
     tokenizer and the initial weights by content, and the compression's wire format where it changed
-    (COMPRESSION_CODECS), and how the all-reduce cuts parts (ALLREDUCE_PART_LAYOUT). `init_params_sha256`: the hash
+    (COMPRESSION_CODECS), how the all-reduce cuts parts (ALLREDUCE_PART_LAYOUT) and how records are signed
+    (RECORD_SIGNATURES). `init_params_sha256`: the hash
     of the pretrained initial parameters (--init-from), which replace the seed's."""
     init = {} if init_params_sha256 is None else {"init_params_sha256": init_params_sha256}
     codec = COMPRESSION_CODECS.get(config.outer.compression)
@@ -595,6 +599,7 @@ def fingerprint_settings(
         **init,
         **codecs,
         "allreduce_parts": ALLREDUCE_PART_LAYOUT,
+        "record_signatures": RECORD_SIGNATURES,
         "model": model_arch,
         "tokenizer": tokenizer_id,
         **shared_values(config),

@@ -105,6 +105,20 @@ def joining_view(network: SwarmNetwork) -> SwarmView | None:
     return None if round_index is None else view_of_round(network, round_index, timeout_s=0.0)
 
 
+def wait_for_round_after(
+    network: SwarmNetwork, round_index: int, *, timeout_s: float, should_stop: Callable[[], bool]
+) -> SwarmView | None:
+    """Block until the swarm has published the state of a round after `round_index` (or the timeout passed, or
+    should_stop()); the newcomer's view of that round, or None."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not should_stop():
+        view = joining_view(network)
+        if view is not None and view.round_index > round_index:
+            return view
+        time.sleep(2 * POLL_S)
+    return None
+
+
 def average_round(
     network: SwarmNetwork,
     pseudo_grads: list[torch.Tensor],

@@ -69,8 +69,8 @@ class MonitorConfig:
 
 
 class RunReader:
-    """Reads a run's records from the DHT. hivemind checks their signatures (the monitor's DHT has an
-    RSASignatureValidator); a private run's records are opened with its key (peer/swarm_key.py), and every value is
+    """Reads a run's records from the DHT. hivemind checks their signatures (the monitor's DHT has a
+    peer.signing.RecordSigner); a private run's records are opened with its key (peer/swarm_key.py), and every value is
     parsed with its schema here: a bad one is skipped."""
 
     def __init__(self, dht, *, run_id: str, lock: threading.Lock, access: OpenAccess | None = None):
@@ -150,7 +150,7 @@ class Monitor:
         lock: threading.Lock | None = None,
         on_round: Callable[[dict], None] | None = None,
     ):
-        from hivemind.dht.crypto import RSASignatureValidator
+        from peer.signing import RecordSigner  # lazy: it imports hivemind
 
         self.config = config
         self.reader = RunReader(
@@ -161,7 +161,7 @@ class Monitor:
         )
         with self.reader.lock:
             # strips and checks the signatures of the peers' records; records of other keys pass unchanged
-            dht.add_validators([RSASignatureValidator()])
+            dht.add_validators([RecordSigner()])
         self.on_round = on_round
         """Called with each round's swarm aggregate once the round is settled (a later one has been seen)."""
         self.history = RunHistory()

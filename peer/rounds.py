@@ -250,6 +250,16 @@ def round_company(
     return RoundCompany(in_round + coming, ready=not pending or joinable)
 
 
+def round_closing(live: Mapping[bytes, ProgressRecord], *, me: bytes, round_index: int) -> bool:
+    """Whether most live peers have finished a round's inner steps (or moved past it): its group is forming or
+    formed, counted without a newcomer that only now adopts the round's state. Such a newcomer would train the
+    round's last steps, find no group and resync; it waits for the round's result instead. A majority, so that one
+    record cannot hold newcomers back; peers still joining (round -1) do not count."""
+    others = [r for pid, r in live.items() if pid != me and r.round >= 0]
+    finished = sum(r.round > round_index or (r.round == round_index and r.done) for r in others)
+    return 2 * finished > len(others) > 0
+
+
 def after_inner_group_time(
     company: Sequence[ProgressRecord],
     *,

@@ -44,8 +44,9 @@ class RunState:
 def _client_dht(initial_peers: list[str], run_id: str, access):
     """A client-mode DHT node (it serves nothing) that checks the run's records as the peers do."""
     import hivemind
-    from hivemind.dht.schema import RSASignatureValidator, SchemaValidator
+    from hivemind.dht.schema import SchemaValidator
 
+    from peer.signing import RecordSigner
     from peer.swarm import RunSchema, SealedRunSchema
 
     try:
@@ -61,9 +62,7 @@ def _client_dht(initial_peers: list[str], run_id: str, access):
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RunNotFound(f"could not join the DHT through --initial-peers ({first_line})") from None
     schema = SealedRunSchema if access.private else RunSchema
-    dht.add_validators(
-        [SchemaValidator(schema, prefix=access.prefix(run_id, "records")), RSASignatureValidator()]
-    )
+    dht.add_validators([SchemaValidator(schema, prefix=access.prefix(run_id, "records")), RecordSigner()])
     return dht
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 
 import hivemind
 import torch
-from hivemind.dht.schema import BytesWithPublicKey, RSASignatureValidator, SchemaValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils.timed_storage import get_dht_time
 from pydantic.v1 import BaseModel, conbytes  # hivemind's schemas are pydantic v1
@@ -42,6 +42,7 @@ from peer.records import (
 )
 from peer.relay import relay_options
 from peer.rounds import conflicting_settings, remembered_peers, stale_after_s
+from peer.signing import RecordSigner
 from peer.swarm_averaging import RoundAveraging, ScheduledStep, ensure_stopped
 from peer.swarm_key import MAX_SEALED_BYTES, SealError, run_access
 
@@ -160,7 +161,7 @@ class Swarm:
             self.peer_id = str(self._peer_id)
             self.short_id = self.peer_id[-6:]
             logger.info(f"[{self.short_id}] {reachability.line}")
-            signature = RSASignatureValidator()
+            signature = RecordSigner()  # Ed25519: a third of the bytes of hivemind's RSA records
             self._public_key = signature.local_public_key
             # Open swarm: the plain names. Private swarm: names only holders of the key can compute (DHT nodes
             # store records by a hash of the name, so the nodes that store them cannot tell what they hold either).

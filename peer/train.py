@@ -232,7 +232,9 @@ class Peer:
                 should_stop=lambda: bool(self.stop),
             )
             self.log.info(f"{live} peers live; starting")
-        self.agreement.adopt_swarm_state_on_join()
+        self.agreement.adopt_swarm_state_on_join(
+            overlap=config.outer.overlap, should_stop=lambda: bool(self.stop)
+        )
 
     def prepare_training(self) -> None:
         config = self.config

@@ -63,11 +63,11 @@ def attacking_network(attack: str):
             super().__init__(config, state_provider=state_provider, **kwargs)
             if attack == "votes":
                 import hivemind
-                from hivemind.dht.schema import RSASignatureValidator
-                from hivemind.utils.crypto import RSAPrivateKey
+
+                from peer.signing import RecordSigner
 
                 for _ in range(NUM_SYBILS):  # each made-up identity signs with a key of its own
-                    validator = RSASignatureValidator(RSAPrivateKey())
+                    validator = RecordSigner()
                     dht = hivemind.DHT(
                         initial_peers=self.visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True
                     )

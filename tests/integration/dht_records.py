@@ -7,8 +7,6 @@ import json
 
 import hivemind
 import torch.multiprocessing
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from peer.records import (
@@ -21,6 +19,7 @@ from peer.records import (
     settings_key,
     summary_key,
 )
+from peer.signing import RecordSigner
 from peer.summary import build_summary
 
 # as the peers do (peer/__main__.py): hivemind's default "file_system" starts a torch_shm_manager process that the
@@ -35,7 +34,7 @@ class RecordPublisher:
 
     def __init__(self, initial_peers: list[str], *, run_id: str, fingerprint: str):
         self.run_id, self.fingerprint = run_id, fingerprint
-        validator = RSASignatureValidator(RSAPrivateKey())
+        validator = RecordSigner()
         self.public_key = validator.local_public_key
         self.dht = hivemind.DHT(
             initial_peers=initial_peers,

@@ -13,15 +13,14 @@ import pytest
 import torch
 import torch.multiprocessing
 from hivemind.compression import NoCompression
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
-from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 from pydantic.v1 import ValidationError
 
 from peer.allreduce import ExactAverager
 from peer.cli import config_from_args
 from peer.records import ProgressRecord, hashes_key, progress_key, settings_key
+from peer.signing import RecordSigner
 from peer.simulate import simulate
 from peer.swarm_key import KeyedAccess, OpenAccess, SealError, read_swarm_key
 from tests.integration.harness import FAST_PEER_ARGS, Proc, wait_for
@@ -49,7 +48,7 @@ def observer_dht(initial_peers: list[str]) -> hivemind.DHT:
     return hivemind.DHT(
         initial_peers=initial_peers,
         host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-        record_validators=[RSASignatureValidator(RSAPrivateKey())],
+        record_validators=[RecordSigner()],
         start=True,
         await_ready=True,
     )

@@ -8,6 +8,7 @@ import pytest
 from peer.cli import FLAGS, build_config, config_from_args, flag_tables_markdown
 from peer.config import (
     ALLREDUCE_PART_LAYOUT,
+    RECORD_SIGNATURES,
     DataConfig,
     InnerConfig,
     ModelConfig,
@@ -280,6 +281,15 @@ def test_fingerprint_names_the_allreduce_part_layout():
     assert differing_settings(settings, older) == [
         f"allreduce_parts (ours {ALLREDUCE_PART_LAYOUT!r}, theirs None)"
     ]
+
+
+def test_fingerprint_names_how_records_are_signed():
+    """Peers that sign their records with hivemind's RSA keys (earlier versions) and peers that sign with Ed25519
+    cannot read each other's round records: the signature scheme is in the fingerprint, so they never meet."""
+    settings = fingerprint_settings(config_from_args([])[0], model_arch={"a": 1}, tokenizer_id="t")
+    assert settings["record_signatures"] == RECORD_SIGNATURES == "ed25519"
+    older = {key: value for key, value in settings.items() if key != "record_signatures"}
+    assert differing_settings(settings, older) == ["record_signatures (ours 'ed25519', theirs None)"]
 
 
 @pytest.mark.parametrize(

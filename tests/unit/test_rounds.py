@@ -22,6 +22,7 @@ from peer.rounds import (
     majority_view,
     max_group_lead_s,
     remembered_peers,
+    round_closing,
     round_company,
     round_hashes,
     round_progress,
@@ -289,6 +290,21 @@ def test_newcomer_joins_at_the_round_most_live_peers_reached_not_the_newest_clai
     }
     assert joining_round(records, live=[b"a", b"b", b"liar", b"me"], me=b"me") == 4
     assert joining_round(records, live=[b"me"], me=b"me") is None
+
+
+def test_a_newcomer_waits_for_a_round_most_peers_have_finished_training():
+    def closing(*others: ProgressRecord) -> bool:
+        return round_closing(live(record(b"me", -1), *others), me=b"me", round_index=4)
+
+    assert closing(record(b"a", 4, done=True), record(b"b", 4, done=True), record(b"c", 4))
+    assert closing(record(b"a", 5), record(b"b", 4, done=True))  # one already past it, one done
+    assert not closing(
+        record(b"a", 4, done=True), record(b"b", 4), record(b"c", 4)
+    )  # one record is not a majority
+    assert not closing(record(b"a", 4, done=True), record(b"b", 4))  # half is not a majority
+    assert not closing(record(b"a", 4), record(b"b", 4))  # still training: the newcomer can make the group
+    assert not closing(record(b"a", -1), record(b"b", -1))  # others still joining do not count
+    assert not closing()
 
 
 def test_only_the_rounds_group_members_vote_when_the_group_is_known():

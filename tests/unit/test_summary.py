@@ -6,7 +6,6 @@ import json
 from typing import Optional
 
 import pytest
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
@@ -15,6 +14,7 @@ from pydantic.v1 import BaseModel, ValidationError
 
 from peer.metrics import MetricsSinks
 from peer.records import SUMMARY_HISTORY_ROUNDS, SummaryRecord, summary_key
+from peer.signing import RecordSigner
 from peer.summary import SummaryPublisher, build_summary
 
 PEER_ID = "QmTzY3nR9ZrWv8KqLhEHc5FzS3EfN7eGx1B2uVqWcDpA1b"
@@ -130,7 +130,7 @@ class SummarySchema(BaseModel):
 
 
 def dht_record(fingerprint: str, value: dict) -> DHTRecord:
-    subkey = RSASignatureValidator().local_public_key
+    subkey = RecordSigner().local_public_key
     return DHTRecord(
         key=DHTID.generate(source=summary_key(fingerprint)).to_bytes(),
         subkey=DHTProtocol.serializer.dumps(subkey),

@@ -6,6 +6,7 @@ produces and checks what the loop did about it."""
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import pytest
@@ -347,6 +348,43 @@ def test_a_late_joiner_starts_from_the_swarm_state_and_round(tmp_path):
     outer.step_(swarm.results[5].averaged)
     assert peer.records[0]["global_params_sha256"] == outer.params_hash()
     assert swarm.scheduled[0].round_index == 5
+
+
+def test_a_newcomer_arriving_while_the_round_is_averaged_starts_from_its_result(tmp_path):
+    """The round's peers finished its inner steps and counted its group without the newcomer: it does not train the
+    round's last steps for a group it cannot join (a failed round and a resync); it waits for the round's result
+    and downloads that, once."""
+    config = make_config(tmp_path, max_rounds=1)
+    before, before_tensors = donated_state(config, round_index=5, shift=0.02)
+    after, after_tensors = donated_state(config, round_index=6, shift=0.03)
+    averaging = ProgressRecord(
+        peer_id=b"v", round=5, inner_step=3, tokens=0, done=True, averaging=5,
+        scheduled_time=time.time(), tokens_per_s=0.0, eta=0.0, client_mode=False,
+    )  # fmt: skip
+    swarm = FakeSwarm(
+        other_progress={b"v": averaging},
+        other_hashes={b"v": vote(b"v", 5, before)},
+        donor_state=(before, before_tensors),
+    )
+
+    def round_averaged():
+        swarm.other_progress[b"v"] = averaging.copy(
+            update=dict(round=6, inner_step=0, done=False, averaging=-1)
+        )
+        swarm.other_hashes[b"v"] = vote(b"v", 6, after)
+        swarm.donor_state = (after, after_tensors)
+
+    timer = threading.Timer(1.0, round_averaged)
+    timer.start()
+    try:
+        peer = run_peer(config, swarm)
+    finally:
+        timer.cancel()
+    assert swarm.downloads == 1 and swarm.scheduled[0].round_index == 6 and peer.records[0]["round"] == 7
+    outer = OuterOptimizer(after_tensors[: len(after_tensors) // 2], config.outer)
+    outer.load_state_tensors_(after_tensors)
+    outer.step_(swarm.results[6].averaged)
+    assert peer.records[0]["global_params_sha256"] == outer.params_hash()
 
 
 def test_a_stop_signal_mid_round_leaves_after_the_current_step_with_a_checkpoint(tmp_path):
