@@ -1,16 +1,21 @@
 """What one record operation costs in DHT traffic as the swarm grows: k hivemind DHT nodes on 127.0.0.1 (one
-process, one p2p daemon each), every node holding its own record under one key, as every peer's progress record
-is held in the swarm. Reported per k: the bytes of the DHT requests and responses (their protobuf sizes, summed over
-every node that took part) caused by one store of a record and by one read of the whole key, with hivemind's
-default beam (bucket_size = 20 nodes) and with the beam peer/swarm.py uses (RECORD_BEAM_SIZE), and how many of
-the k records a read found.
+process, one p2p daemon each), every node holding its own record under a key, as every peer's progress record is
+held in the swarm. Reported per k: the bytes of the DHT requests and responses (their protobuf sizes, summed over
+every node that took part) caused by one store of a record and by one read of the whole key, and which share of the
+records the read found, for three setups measured in the same run:
+
+- before: hivemind's default beam (bucket_size = 20 nodes) and records signed with hivemind's RSA keys;
+- beam: the beam peer/swarm.py uses (RECORD_BEAM_SIZE), RSA records;
+- ours: that beam and Ed25519 records (peer/signing.py), as the peers run now.
 
     python scripts/bench_dht.py                      # k = 4, 8, 16, 32
     python scripts/bench_dht.py --peers 8,64 --reads 5
 
-Records are random bytes of the sizes of a signed progress record (its value with the signature, its subkey with the
-owner's public key), so that the figures are this project's. Why this matters: every node a lookup visits answers
-with the whole key, all k records, so a lookup costs (nodes visited) x k x record size.
+Records are random bytes of the sizes of a signed progress record under each scheme (the value with its signature,
+the subkey with its owner's key, measured from the signers), so the figures are this project's. Why this matters:
+every node a lookup visits answers with the whole key, all k records, so a lookup costs
+(nodes visited) x k x record size, and each peer stores its record every progress period and reads the key about
+as often.
 """
 
 from __future__ import annotations
@@ -26,15 +31,41 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hivemind.dht.crypto import RSASignatureValidator  # noqa: E402
 from hivemind.dht.node import DHTNode  # noqa: E402
 from hivemind.dht.protocol import DHTProtocol  # noqa: E402
+from hivemind.dht.validation import DHTRecord  # noqa: E402
 from hivemind.utils import get_dht_time  # noqa: E402
+from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
+from hivemind.utils.serializer import MSGPackSerializer  # noqa: E402
 
-from peer.records import RECORD_BEAM_SIZE  # noqa: E402
+from peer.records import RECORD_BEAM_SIZE, ProgressRecord  # noqa: E402
+from peer.signing import RecordSigner  # noqa: E402
 
-VALUE_BYTES = 525  # a signed ProgressRecord (msgpack fields + "[signature:...]")
-SUBKEY_BYTES = 391  # "[owner:<RSA public key>]"
-KEY = "bench_dht_progress"
+
+def record_sizes(signer) -> tuple[int, int]:
+    """(value bytes with the signature, subkey bytes with the owner's key) of a signed progress record."""
+    progress = ProgressRecord(
+        peer_id=os.urandom(38), round=1234, inner_step=321, tokens=10**7, done=False, averaging=-1,
+        scheduled_time=1.8e9, tokens_per_s=2500.5, eta=1.8e9, client_mode=False,
+    )  # fmt: skip
+    subkey = MSGPackSerializer.dumps(signer.local_public_key)
+    record = DHTRecord(
+        key=os.urandom(20),
+        subkey=subkey,
+        value=MSGPackSerializer.dumps(progress.dict()),
+        expiration_time=1.8e9,
+    )
+    return len(signer.sign_value(record)), len(subkey)
+
+
+RSA_SIZES = record_sizes(RSASignatureValidator(RSAPrivateKey()))
+OURS_SIZES = record_sizes(RecordSigner())
+SETUPS = {  # name: (beam size, (value bytes, subkey bytes))
+    "before": (None, RSA_SIZES),
+    "beam": (RECORD_BEAM_SIZE, RSA_SIZES),
+    "ours": (RECORD_BEAM_SIZE, OURS_SIZES),
+}
 
 
 class Counter:
@@ -42,7 +73,6 @@ class Counter:
 
     def __init__(self):
         self.bytes = 0
-        self.calls = []
 
     def install(self) -> None:
         counter = self
@@ -54,7 +84,6 @@ class Counter:
                 response = await _original(self, request, context)
                 size = request.ByteSize() + (response.ByteSize() if response is not None else 0)
                 counter.bytes += size
-                counter.calls.append((_original.__name__, size))
                 return response
 
             setattr(DHTProtocol, name, counted)
@@ -77,36 +106,36 @@ async def measure_k(k: int, counter: Counter, *, reads: int) -> dict:
         )
     )
     try:
-        expiration = get_dht_time() + 600
-        for node in nodes:  # every peer's record under the key
-            await node.store(KEY, os.urandom(VALUE_BYTES), expiration, subkey=os.urandom(SUBKEY_BYTES))
-        for node in nodes:  # every node reads once, as peers do, so caches fill as they would
-            await node.get(KEY, latest=True)
-        await settle(1.0)
-        row, stored = {"k": k}, k
-        for label, beam in (("default", None), ("beam", RECORD_BEAM_SIZE)):
-            extra = {} if beam is None else {"beam_size": beam}
-            store_bytes, get_bytes, found = [], [], []
+        row = {"k": k}
+        for name, (beam, (value_bytes, subkey_bytes)) in SETUPS.items():
+            key, extra = f"bench_dht_{name}", ({} if beam is None else {"beam_size": beam})
+            expiration = get_dht_time() + 600
+            for node in nodes:  # every peer's record under the key
+                await node.store(
+                    key, os.urandom(value_bytes), expiration, subkey=os.urandom(subkey_bytes), **extra
+                )
+            for node in nodes:  # every node reads once, as peers do, so that caches fill as they would
+                await node.get(key, latest=True, **extra)
+            await settle(1.0)
+            stored, store_bytes, get_bytes, found = k, [], [], []
             for i in range(reads):
-                node = nodes[i % k]
-                subkey = os.urandom(SUBKEY_BYTES)
-                counter.bytes, counter.calls = 0, []
-                await node.store(KEY, os.urandom(VALUE_BYTES), get_dht_time() + 600, subkey=subkey, **extra)
+                counter.bytes = 0
+                await nodes[i % k].store(
+                    key,
+                    os.urandom(value_bytes),
+                    get_dht_time() + 600,
+                    subkey=os.urandom(subkey_bytes),
+                    **extra,
+                )
                 stored += 1
                 await settle(0.3)
                 store_bytes.append(counter.bytes)
-                if os.environ.get("DEBUG"):
-                    print("store", label, k, counter.calls, file=sys.stderr)
-                reader = nodes[(i + k // 2) % k]
                 counter.bytes = 0
-                counter.calls = []
-                result = await reader.get(KEY, latest=True, **extra)
+                result = await nodes[(i + k // 2) % k].get(key, latest=True, **extra)
                 await settle(0.3)
-                if os.environ.get("DEBUG"):
-                    print(label, k, counter.calls, file=sys.stderr)
                 get_bytes.append(counter.bytes)
                 found.append((len(result.value) if result is not None else 0) / stored)
-            row[label] = {
+            row[name] = {
                 "store_kb": statistics.median(store_bytes) / 1e3,
                 "get_kb": statistics.median(get_bytes) / 1e3,
                 "found": min(found),
@@ -117,24 +146,27 @@ async def measure_k(k: int, counter: Counter, *, reads: int) -> dict:
 
 
 def print_row(row: dict) -> None:
-    d, b = row["default"], row["beam"]
-    print(
-        f"{row['k']:>4} | {d['store_kb']:>9.1f} {d['get_kb']:>9.1f} {d['found']:>6.0%} | "
-        f"{b['store_kb']:>9.1f} {b['get_kb']:>9.1f} {b['found']:>6.0%} | "
-        f"{d['get_kb'] / max(b['get_kb'], 1e-9):>5.1f}x",
-        flush=True,
+    cells = " | ".join(
+        f"{row[name]['store_kb']:>8.1f} {row[name]['get_kb']:>8.1f} {row[name]['found']:>5.0%}"
+        for name in SETUPS
     )
+    before, ours = row["before"], row["ours"]
+    cut = (before["store_kb"] + before["get_kb"]) / max(ours["store_kb"] + ours["get_kb"], 1e-9)
+    print(f"{row['k']:>4} | {cells} | {cut:>5.1f}x", flush=True)
 
 
 async def main_async(args) -> None:
     counter = Counter()
     counter.install()
-    print(f"record: {VALUE_BYTES} B value + {SUBKEY_BYTES} B subkey; beam = {RECORD_BEAM_SIZE}")
-    print("   k | default beam: store KB  read KB  found | our beam: store KB  read KB  found | read cut")
+    print(
+        f"progress record, value + subkey bytes: RSA {RSA_SIZES[0]} + {RSA_SIZES[1]}, "
+        f"Ed25519 {OURS_SIZES[0]} + {OURS_SIZES[1]}; beam {RECORD_BEAM_SIZE} (hivemind's default 20)"
+    )
+    print("     | before (beam 20, RSA)   | beam 5, RSA             | ours (beam 5, Ed25519)  |")
+    print("   k | store KB  read KB found | store KB  read KB found | store KB  read KB found | cut")
     for k in args.peers:
         started = time.monotonic()
-        row = await measure_k(k, counter, reads=args.reads)
-        print_row(row)
+        print_row(await measure_k(k, counter, reads=args.reads))
         print(f"      ({time.monotonic() - started:.0f} s)", file=sys.stderr)
 
 
