@@ -34,7 +34,7 @@ from peer.swarm_status import Observation, RunHistory, choose_fingerprint, settl
 logger = logging.getLogger(__name__)
 
 DHT_TIMEOUT_S = 10.0  # bound on one DHT lookup
-RECORD_TTL_S = 15.0  # progress and settings records expire this long after publication (swarm.RECORD_TTL_S)
+RECORD_TTL_S = 15.0  # progress records expire this long after publication (swarm.RECORD_TTL_S)
 MAX_SETTINGS_JSON = 65536  # a stranger's settings record larger than this is ignored
 
 

@@ -49,9 +49,14 @@ from peer.swarm_key import MAX_SEALED_BYTES, SealError, run_access
 logger = logging.getLogger(__name__)
 
 RECORD_TTL_S = 15.0  # how long the DHT keeps a progress record
+# The settings record never changes and is several KB: it lives longer and is renewed a third as often as it would
+# with the progress record's lifetime (every lookup of the key answers with all k of them). A peer that leaves
+# deletes it; one that crashes leaves it for at most this long.
+SETTINGS_TTL_S = 45.0
 HASH_TTL_S = 600.0
 HASH_HISTORY_ROUNDS = 16  # rounds of hash history each peer publishes
 DHT_TIMEOUT_S = 10.0  # bound on any single DHT lookup
+LEAVE_TIMEOUT_S = 5.0  # how long a leaving peer waits for the DHT to take the deletion of its records
 CLOCK_SKEW_S = 30.0  # DHT clocks of honest peers agree far better than this
 IGNORE_S = 120.0  # a peer that published a malformed or implausible record is ignored this long
 MAX_IGNORED = 10_000
@@ -219,11 +224,12 @@ class Swarm:
             raise
 
     # ---- DHT access: hivemind's DHT pipe is not thread-safe, so every call goes through one lock ----------
-    def _store(self, key: str, *, subkey: bytes, value, expiration_time: float) -> None:
+    def _store(self, key: str, *, subkey: bytes, value, expiration_time: float):
+        """Store without waiting; returns the store's future."""
         # a private swarm's records are sealed for this very key and subkey
         stored = self.access.seal(key, subkey, value)
         with self._dht_lock:
-            self.dht.store(
+            return self.dht.store(
                 key,
                 subkey=subkey,
                 value=stored,
@@ -318,9 +324,9 @@ class Swarm:
             self._settings_key,
             subkey=self._public_key,
             value=self._settings_record().dict(),
-            expiration_time=get_dht_time() + RECORD_TTL_S,
+            expiration_time=get_dht_time() + SETTINGS_TTL_S,
         )
-        records = self._read_records(self._settings_key, SettingsRecord)
+        records = self._read_records(self._settings_key, SettingsRecord, ttl_s=SETTINGS_TTL_S)
         conflict = conflicting_settings(records, me=self._public_key, fingerprint=self.fingerprint)
         if conflict is not None:
             try:
@@ -384,12 +390,12 @@ class Swarm:
                     expiration_time=expiration,
                 )
                 # the settings never change: renewed three times per lifetime, not with every progress update
-                if time.monotonic() - settings_published >= RECORD_TTL_S / 3:
+                if time.monotonic() - settings_published >= SETTINGS_TTL_S / 3:
                     self._store(
                         self._settings_key,
                         subkey=self._public_key,
                         value=self._settings_record().dict(),
-                        expiration_time=expiration,
+                        expiration_time=get_dht_time() + SETTINGS_TTL_S,
                     )
                     settings_published = time.monotonic()
             except Exception as e:  # the DHT may be shutting down
@@ -486,14 +492,17 @@ class Swarm:
     def shutdown(self) -> None:
         self._stop.set()
         self._publish_now.set()
-        with contextlib.suppress(Exception):
-            self._store(
-                self._progress_key,
-                subkey=self._public_key,
-                value=None,
-                expiration_time=get_dht_time() + RECORD_TTL_S,
-            )
         self._publisher.join(timeout=DHT_TIMEOUT_S)
+        # leaving: delete our records (a later expiration replaces them), and wait until the DHT took the deletions,
+        # or the DHT would shut down with them unsent and the records would outlive us
+        with contextlib.suppress(Exception):
+            deletions = [
+                self._store(key, subkey=self._public_key, value=None, expiration_time=get_dht_time() + ttl_s)
+                for key, ttl_s in ((self._progress_key, RECORD_TTL_S), (self._settings_key, SETTINGS_TTL_S))
+            ]
+            deadline = time.monotonic() + LEAVE_TIMEOUT_S
+            for deletion in deletions:
+                deletion.result(timeout=max(0.0, deadline - time.monotonic()))
         self.averaging.shutdown()
         with self._dht_lock:
             self.dht.shutdown()

@@ -110,6 +110,12 @@ def test_peer_with_other_settings_for_the_same_run_exits_naming_them(local_swarm
     assert last_line.startswith("error: run 'shared' is already training with other settings: model (ours ")
     assert "'intermediate_size': 256" in last_line and "'intermediate_size': 384" in last_line
     assert "Traceback" not in other.log()
+    # a peer that leaves deletes its settings: the run id is free for other settings at once, not after the
+    # record's lifetime (a crashed peer's record still holds it for swarm.SETTINGS_TTL_S)
+    first.signal(signal.SIGTERM)
+    assert first.wait(timeout_s=60) == 0
+    again = local_swarm.start_peer("again", "--run-id", "shared", "--model", str(tmp_path / "my-model"))
+    local_swarm.wait_rounds([again], 1, timeout_s=120)
 
 
 @pytest.mark.timeout(240)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 from hivemind.utils.timed_storage import get_dht_time
 
-from peer.records import ProgressRecord
-from peer.swarm import IGNORE_S, RECORD_TTL_S, Swarm
+from peer.records import ProgressRecord, SettingsRecord
+from peer.swarm import IGNORE_S, RECORD_TTL_S, SETTINGS_TTL_S, Swarm
 from peer.swarm_key import KeyedAccess, OpenAccess
 
 
@@ -51,6 +51,17 @@ def test_a_never_expiring_or_malformed_record_gets_its_author_ignored():
     assert all(until > time.monotonic() + IGNORE_S / 2 for until in swarm._ignored.values())
     entries[b"forever"] = entry(progress(b"f"))  # even its well-formed records are skipped for a while
     assert set(swarm._read_records("p", ProgressRecord)) == {b"honest"}
+
+
+def test_settings_records_live_longer_than_progress_records_and_still_count():
+    settings = SettingsRecord(peer_id=b"s", fingerprint="f" * 16, settings_json="{}").dict()
+    entries = {
+        b"peer": entry(settings, expires_in_s=SETTINGS_TTL_S),
+        b"liar": entry(settings, expires_in_s=10**6),
+    }
+    swarm = swarm_reading(entries)
+    assert set(swarm._read_records("s", SettingsRecord, ttl_s=SETTINGS_TTL_S)) == {b"peer"}
+    assert set(swarm._ignored) == {b"liar"}
 
 
 def test_in_a_private_swarm_only_records_sealed_with_the_key_for_their_place_are_read():
