@@ -16,10 +16,15 @@ elif ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import torch" >/dev
   python -m pip install --quiet "torch==2.13.0" || python -m pip install --quiet torch
 fi
 python -m pip install --quiet -e ".[dev]"
-# The dashboard's browser test renders the page in Debian's chromium: install it where we can (root on Debian);
-# elsewhere that test skips itself with a reason.
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-    || echo "could not install chromium; the dashboard's browser test will skip" >&2
+# The dashboard's browser test renders the page in Debian's chromium, and the NAT tests build home routers with
+# iptables in network namespaces: install them where we can (root on Debian); elsewhere those tests skip themselves
+# with a reason.
+missing=""
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v iptables >/dev/null 2>&1 || missing="$missing iptables"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ]; then
+  # shellcheck disable=SC2086  # one word per package
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null; } \
+    || echo "could not install$missing; the tests that need them will skip" >&2
 fi
 python -c "import torch, hivemind; print(f'torch {torch.__version__}, hivemind {hivemind.__version__}')"
