@@ -590,8 +590,8 @@ def fingerprint_settings(
     """The settings that must match for peers to average together (I5): every shared setting, the model, the
     tokenizer and the initial weights by content, and the compression's wire format where it changed
     (COMPRESSION_CODECS), how the all-reduce cuts parts (ALLREDUCE_PART_LAYOUT) and how records are signed
-    (RECORD_SIGNATURES). `init_params_sha256`: the hash
-    of the pretrained initial parameters (--init-from), which replace the seed's."""
+    (RECORD_SIGNATURES). `init_params_sha256`: the hash of the pretrained initial parameters (--init-from), which
+    replace the seed's."""
     init = {} if init_params_sha256 is None else {"init_params_sha256": init_params_sha256}
     codec = COMPRESSION_CODECS.get(config.outer.compression)
     codecs = {} if codec is None else {"compression_codec": codec}
