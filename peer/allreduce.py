@@ -99,6 +99,7 @@ TRANSPORT_STATS = (
     "bytes_received",
     "transfer_s",
     "transfer_started_at",
+    "transfer_cpu_s",  # CPU time the averager process (all its threads) spent during transfer_s
     "reducers_direct",  # other reducers we sent our parts to over the direct path
     "reducers_p2p",  # ... and through the p2p daemon
     "senders_direct",  # other senders that reached us over the direct path
@@ -108,6 +109,11 @@ BANS_QUERY_TIMEOUT_S = 5.0  # how long the training process waits for the averag
 # The part layout named in the run fingerprint (peer/config.py ALLREDUCE_PART_LAYOUT): changing any of these three
 # changes how parts are cut, so it needs a new layout name there.
 MIN_PART_BYTES, MAX_PART_BYTES, PARTS_PER_REDUCER = 2**14, 2**21, 4
+# Parts a reducer reads ahead from each sender while the current part waits for the other senders' copies. Without
+# it every sender's stream moves in step with the slowest sender of each part (a reducer reads part i + 1 only once
+# part i is averaged), and the links idle between parts. At most this many parts (of at most MAX_PART_BYTES) are
+# held per sender (I8).
+READ_AHEAD_PARTS = 4
 # (the reply every sender of a part gets, its decoded value)
 ReducedPart = tuple[WirePart, torch.Tensor]
 
@@ -684,20 +690,22 @@ class ExactAllReduceRunner(AllReduceRunner):
         # mirrors AllReduceRunner._accumulate_parts_streaming; differs: each reply is the averaged part encoded
         # once by the reducer (the same bytes for every sender) instead of "average minus this sender's part"
         # encoded per sender; parts are decoded on the event loop as they arrive; bytes are counted
+        # and the sender's next parts are read while this one waits for the other senders' (read_ahead)
         part_index = 0
         try:
-            async for message in stream:
-                self.bytes_received += message.num_bytes()
-                tensor_part = wire.decode_tensor(message.header.tensor_part, message.payload)
-                try:
-                    reply, _ = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, tensor_part, weight=message.header.weight
-                    )
-                    part_index += 1
-                except BannedException:
-                    break
-                self.bytes_sent += reply.num_bytes()
-                yield reply
+            async with contextlib.aclosing(read_ahead(stream, READ_AHEAD_PARTS)) as messages:
+                async for message in messages:
+                    self.bytes_received += message.num_bytes()
+                    tensor_part = wire.decode_tensor(message.header.tensor_part, message.payload)
+                    try:
+                        reply, _ = await self.tensor_part_reducer.accumulate_part(
+                            sender_index, part_index, tensor_part, weight=message.header.weight
+                        )
+                        part_index += 1
+                    except BannedException:
+                        break
+                    self.bytes_sent += reply.num_bytes()
+                    yield reply
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
@@ -788,6 +796,39 @@ async def aiter_with_first_timeout(
         item_timeout = timeout
 
 
+async def read_ahead(iterable: AsyncIterator, depth: int) -> AsyncIterator:
+    """The items of `iterable`, read by a task of their own up to `depth` items ahead of the consumer; an error of
+    `iterable` is raised once the items before it were consumed, and closing this generator stops the reading."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=depth)
+    end = object()
+
+    async def fill() -> None:
+        try:
+            async for item in iterable:
+                await queue.put((item, None))
+            await queue.put((end, None))
+        except Exception as e:
+            await queue.put((end, e))
+        finally:  # also when cancelled: a generator stopped at a yield is closed now, not when collected
+            if hasattr(iterable, "aclose"):
+                with contextlib.suppress(Exception):
+                    await iterable.aclose()
+
+    filler = asyncio.create_task(fill())
+    try:
+        while True:
+            item, error = await queue.get()
+            if item is end:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        filler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await filler
+
+
 def metadata_order_key(metadata: dict, peer_id: PeerID) -> bytes:
     """A member's place in the canonical summation order: its data-stream key, or (if it sent none that parses) one
     derived from its peer id, so a malformed entry cannot fail the round for everyone."""
@@ -838,8 +879,7 @@ class ExactAverager(DecentralizedAverager):
         self._early_close: EarlyClose | None = None  # the current step's (averager process)
         # the group we last assembled as a leader, for a member whose stream lost our answer (peer/rejoin.py)
         self._led_groups = LedGroups(keep_s=kwargs.get("allreduce_timeout") or HANG_UP_TIMEOUT_S)
-        # [bytes_sent, bytes_received, transfer_s, wall-clock start of the transfer, other reducers reached
-        # directly, through p2p, other senders that reached us directly, part size] of the last all-reduce
+        # the last all-reduce's TRANSPORT_STATS
         self._transport_stats = mp.Array(ctypes.c_double, len(TRANSPORT_STATS))
         self._init_direct(
             direct, dht=args[1] if len(args) > 1 else kwargs["dht"], client_mode=kwargs.get("client_mode")
@@ -976,7 +1016,7 @@ class ExactAverager(DecentralizedAverager):
     def last_transport_stats(self) -> dict:
         stats = dict(zip(TRANSPORT_STATS, self._transport_stats[:], strict=True))
         return {
-            key: value if key in ("transfer_s", "transfer_started_at") else int(value)
+            key: value if key in ("transfer_s", "transfer_started_at", "transfer_cpu_s") else int(value)
             for key, value in stats.items()
         }
 
@@ -1063,7 +1103,7 @@ class ExactAverager(DecentralizedAverager):
         # our own bound (honest peers all compute the same one) and group time
         ours = members.get(self.peer_id) or {}
         value_bound, group_time = ours.get("value_bound", 0.0), ours.get("group_time", 0.0)
-        started, started_at = time.perf_counter(), time.time()
+        started, started_at, cpu_started = time.perf_counter(), time.time(), time.process_time()
         advertised = {peer_id: (metadata or {}).get("direct") for peer_id, metadata in members.items()}
         kwargs["part_size_bytes"] = self._fixed_part_bytes or allreduce_part_bytes(
             sum(tensor.numel() for tensor in tensors), len(group_info.peer_ids)
@@ -1113,6 +1153,7 @@ class ExactAverager(DecentralizedAverager):
             runner.bytes_received,
             time.perf_counter() - started,
             started_at,
+            time.process_time() - cpu_started,
             runner.reducers_by_path["direct"],
             runner.reducers_by_path["p2p"],
             runner.senders_direct,

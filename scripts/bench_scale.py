@@ -6,7 +6,12 @@ in its own network namespace behind a 100 Mbit/s tbf link (up and down), for k =
 
 Per k, k - 1 peers start together; once they finished --join-after-rounds rounds a newcomer starts; once the
 newcomer has logged --rounds rounds, every peer gets SIGTERM (and leaves within seconds). Reported:
-- all-reduce time (transfer_s, slowest peer per round, median) against the bandwidth bound 2(k-1)/k x P x 4 / R;
+- all-reduce time against the bandwidth bound 2(k-1)/k x P x 4 / R, two ways (medians over full rounds): from the
+  last member's pseudo-gradient being ready to the last member's transfer end (what the all-reduce adds to a
+  round), and the slowest peer's transfer_s (it starts when its group forms, so it includes waiting for the last
+  member's compute; this is what earlier tables reported);
+- CPU time of each peer's averager process during the all-reduce, and the group's total divided by this
+  machine's cores: the "CPU floor", below which the all-reduce cannot finish here whatever the links;
 - bytes each peer sent per round against the bound 2(k-1)/k x P x 4 (none compression);
 - how often every peer of a round was in its group (rounds where all k peers trained);
 - DHT traffic per peer: link bytes while every peer was in its inner phase (no all-reduce, no state transfer:
@@ -37,6 +42,7 @@ import bench_wan as wan  # noqa: E402
 SAMPLE_PERIOD_S = 1.0
 UNTIL_STOPPED = 10**6  # --max-rounds of every peer: the benchmark stops them itself
 LEAVE_TIMEOUT_S = 30.0
+CORES = os.cpu_count() or 1
 
 
 def link_counters(net: wan.Network) -> dict[int, tuple[int, int]]:
@@ -199,7 +205,24 @@ def summarize(args, raw: dict, num_values: int) -> dict:
         for rnd in full_rounds
         if any(p.get("transfer_s") for p in by_round[rnd].values())
     ]
+    # The slowest peer's transfer_s counts from its own start, and peers that finished their inner steps early
+    # start as soon as the group forms: it includes waiting for the last peer's compute. What the all-reduce adds
+    # to a round is the time from the last member's pseudo-gradient being ready to the last member's transfer end.
+    after_ready_by_round = [
+        max(s["transfer_ended"] for s in stages) - max(s["pseudo_grad_ready"] for s in stages)
+        for rnd in full_rounds
+        if len(stages := [p.get("stage_at") or {} for p in by_round[rnd].values() if p["group_size"] == k])
+        == k
+        and all("transfer_ended" in s and "pseudo_grad_ready" in s for s in stages)
+    ]
     sent = [r["bytes_sent"] for r in ok if r["group_size"] == k]
+    # the averagers' CPU time during one all-reduce: per peer, and summed over the group and spread over this
+    # machine's cores, the wall time the all-reduce cannot beat here however fast the links are
+    cpu_by_round = [
+        [p["transfer_cpu_s"] for p in by_round[rnd].values() if p.get("transfer_cpu_s")]
+        for rnd in full_rounds
+    ]
+    cpu_by_round = [c for c in cpu_by_round if len(c) == k]
     # DHT traffic: link bytes while every peer of a full round was in its inner phase
     dht_bytes, dht_seconds = 0.0, 0.0
     for rnd in full_rounds:
@@ -225,8 +248,17 @@ def summarize(args, raw: dict, num_values: int) -> dict:
         "rounds_all_in_one_group": len(all_in_group),
         "failed_peer_rounds": sum(r["failed"] for recs in records.values() for r in recs),
         "allreduce_s_median": statistics.median(transfer_by_round) if transfer_by_round else None,
+        "allreduce_after_ready_s_median": statistics.median(after_ready_by_round)
+        if after_ready_by_round
+        else None,
         "allreduce_s_max": max(transfer_by_round) if transfer_by_round else None,
         "bound_s": bound_bytes / rate_bytes_s,
+        "cpu_s_per_peer_median": statistics.median(statistics.median(c) for c in cpu_by_round)
+        if cpu_by_round
+        else None,
+        "cpu_floor_s_median": statistics.median(sum(c) / CORES for c in cpu_by_round)
+        if cpu_by_round
+        else None,
         "bytes_sent_median": statistics.median(sent) if sent else None,
         "bytes_bound": bound_bytes,
         "dht_bytes_per_s_per_peer": dht_rate,
@@ -246,7 +278,9 @@ def summarize(args, raw: dict, num_values: int) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'k':>3} | {'allreduce s':>11} {'bound s':>7} {'ratio':>5} | {'sent MB':>7} {'bound MB':>8} {'ratio':>5} | "
+        f"{'k':>3} | {'from ready s':>12} {'bound s':>7} {'ratio':>5} | {'transfer_s':>10} | "
+        f"{'CPU s/peer':>10} {'CPU floor s':>11} | "
+        f"{'sent MB':>7} {'bound MB':>8} {'ratio':>5} | "
         f"{'one group':>9} | {'DHT KB/s':>8} {'KB/round':>8} | {'PSS MB':>6} | {'join s':>6} | failed | agreed"
     )
     for r in rows:
@@ -254,10 +288,13 @@ def print_table(rows: list[dict]) -> None:
         def fmt(value, spec):
             return format(value, spec) if value is not None else "-"
 
-        ratio_t = r["allreduce_s_median"] / r["bound_s"] if r["allreduce_s_median"] else None
+        after_ready = r["allreduce_after_ready_s_median"]
+        ratio_t = after_ready / r["bound_s"] if after_ready else None
         ratio_b = r["bytes_sent_median"] / r["bytes_bound"] if r["bytes_sent_median"] else None
         print(
-            f"{r['peers']:>3} | {fmt(r['allreduce_s_median'], '11.2f')} {r['bound_s']:>7.2f} {fmt(ratio_t, '5.2f')} | "
+            f"{r['peers']:>3} | {fmt(after_ready, '12.2f')} {r['bound_s']:>7.2f} {fmt(ratio_t, '5.2f')} | "
+            f"{fmt(r['allreduce_s_median'], '10.2f')} | "
+            f"{fmt(r['cpu_s_per_peer_median'], '10.2f')} {fmt(r['cpu_floor_s_median'], '11.2f')} | "
             f"{fmt(r['bytes_sent_median'] and r['bytes_sent_median'] / 1e6, '7.2f')} {r['bytes_bound'] / 1e6:>8.2f} "
             f"{fmt(ratio_b, '5.3f')} | {r['rounds_all_in_one_group']:>4}/{r['rounds_all_peers']:<4} | "
             f"{fmt(r['dht_bytes_per_s_per_peer'] and r['dht_bytes_per_s_per_peer'] / 1e3, '8.2f')} "

@@ -123,6 +123,9 @@ def test_parts_go_direct_where_both_ends_can(reports) -> None:
     for peer, (_, _, stats) in reports["all direct"].items():
         assert (stats["reducers_direct"], stats["reducers_p2p"]) == (2, 0), (peer, stats)
         assert stats["senders_direct"] == 2, (peer, stats)
+        # the averager's own CPU time during the transfer (bench_scale.py's CPU floor): spent, and within the wall
+        # time its threads had (the averager runs one event loop and a few helper threads)
+        assert 0 < stats["transfer_cpu_s"] < 8 * stats["transfer_s"], (peer, stats)
 
 
 @pytest.mark.timeout(200)
