@@ -109,11 +109,6 @@ BANS_QUERY_TIMEOUT_S = 5.0  # how long the training process waits for the averag
 # The part layout named in the run fingerprint (peer/config.py ALLREDUCE_PART_LAYOUT): changing any of these three
 # changes how parts are cut, so it needs a new layout name there.
 MIN_PART_BYTES, MAX_PART_BYTES, PARTS_PER_REDUCER = 2**14, 2**21, 4
-# Parts a reducer reads ahead from each sender while the current part waits for the other senders' copies. Without
-# it every sender's stream moves in step with the slowest sender of each part (a reducer reads part i + 1 only once
-# part i is averaged), and the links idle between parts. At most this many parts (of at most MAX_PART_BYTES) are
-# held per sender (I8).
-READ_AHEAD_PARTS = 4
 # (the reply every sender of a part gets, its decoded value)
 ReducedPart = tuple[WirePart, torch.Tensor]
 
@@ -690,22 +685,20 @@ class ExactAllReduceRunner(AllReduceRunner):
         # mirrors AllReduceRunner._accumulate_parts_streaming; differs: each reply is the averaged part encoded
         # once by the reducer (the same bytes for every sender) instead of "average minus this sender's part"
         # encoded per sender; parts are decoded on the event loop as they arrive; bytes are counted
-        # and the sender's next parts are read while this one waits for the other senders' (read_ahead)
         part_index = 0
         try:
-            async with contextlib.aclosing(read_ahead(stream, READ_AHEAD_PARTS)) as messages:
-                async for message in messages:
-                    self.bytes_received += message.num_bytes()
-                    tensor_part = wire.decode_tensor(message.header.tensor_part, message.payload)
-                    try:
-                        reply, _ = await self.tensor_part_reducer.accumulate_part(
-                            sender_index, part_index, tensor_part, weight=message.header.weight
-                        )
-                        part_index += 1
-                    except BannedException:
-                        break
-                    self.bytes_sent += reply.num_bytes()
-                    yield reply
+            async for message in stream:
+                self.bytes_received += message.num_bytes()
+                tensor_part = wire.decode_tensor(message.header.tensor_part, message.payload)
+                try:
+                    reply, _ = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=message.header.weight
+                    )
+                    part_index += 1
+                except BannedException:
+                    break
+                self.bytes_sent += reply.num_bytes()
+                yield reply
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
@@ -794,39 +787,6 @@ async def aiter_with_first_timeout(
             return
         yield item
         item_timeout = timeout
-
-
-async def read_ahead(iterable: AsyncIterator, depth: int) -> AsyncIterator:
-    """The items of `iterable`, read by a task of their own up to `depth` items ahead of the consumer; an error of
-    `iterable` is raised once the items before it were consumed, and closing this generator stops the reading."""
-    queue: asyncio.Queue = asyncio.Queue(maxsize=depth)
-    end = object()
-
-    async def fill() -> None:
-        try:
-            async for item in iterable:
-                await queue.put((item, None))
-            await queue.put((end, None))
-        except Exception as e:
-            await queue.put((end, e))
-        finally:  # also when cancelled: a generator stopped at a yield is closed now, not when collected
-            if hasattr(iterable, "aclose"):
-                with contextlib.suppress(Exception):
-                    await iterable.aclose()
-
-    filler = asyncio.create_task(fill())
-    try:
-        while True:
-            item, error = await queue.get()
-            if item is end:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        filler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await filler
 
 
 def metadata_order_key(metadata: dict, peer_id: PeerID) -> bytes:

@@ -30,7 +30,6 @@ from peer.allreduce import (
     aiter_with_first_timeout,
     allreduce_part_bytes,
     encode_once,
-    read_ahead,
 )
 from peer.data import Tokenizer
 from peer.model import build_model, load_model_config
@@ -354,62 +353,6 @@ def test_the_first_item_may_take_longer_than_the_next_ones():
     assert asyncio.run(collect([0.2, 0.0, 0.0])) == [0.2, 0.0, 0.0]
     with pytest.raises(asyncio.TimeoutError):
         asyncio.run(collect([0.0, 0.5]))
-
-
-def test_read_ahead_reads_at_most_its_depth_ahead_while_the_consumer_waits():
-    async def run():
-        read: list[int] = []
-
-        async def items():
-            for i in range(10):
-                read.append(i)
-                yield i
-
-        got = []
-        async with contextlib.aclosing(read_ahead(items(), 3)) as ahead:
-            async for item in ahead:
-                got.append(item)
-                await asyncio.sleep(0.01)  # the consumer waits (for the other senders' parts)
-                if item == 0:
-                    # 3 queued and one more read, waiting for room: no further
-                    assert read == [0, 1, 2, 3, 4], read
-        return got
-
-    assert asyncio.run(run()) == list(range(10))
-
-
-def test_read_ahead_raises_the_error_after_the_items_before_it_and_stops_reading_when_closed():
-    async def failing():
-        yield 1
-        yield 2
-        raise AllreduceException("the sender's stream broke")
-
-    async def consume(iterable):
-        got = []
-        with pytest.raises(AllreduceException, match="broke"):
-            async for item in read_ahead(iterable, 4):
-                got.append(item)
-        return got
-
-    assert asyncio.run(consume(failing())) == [1, 2]
-
-    async def closed_early():
-        closed = asyncio.Event()
-
-        async def endless():
-            try:
-                while True:
-                    yield 0
-            finally:
-                closed.set()
-
-        async with contextlib.aclosing(read_ahead(endless(), 2)) as ahead:
-            async for _ in ahead:
-                break
-        await asyncio.wait_for(closed.wait(), 5)  # the reading task was stopped and its source closed
-        return len([t for t in asyncio.all_tasks() if t is not asyncio.current_task()])
-
-    assert asyncio.run(closed_early()) == 0
 
 
 SHARE_AND_WAIT = """
