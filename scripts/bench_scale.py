@@ -188,6 +188,17 @@ def bytes_between(samples, index: int, t0: float, t1: float) -> float:
     return at(t1) - at(t0)
 
 
+def allreduce_after_ready_s(peers, k: int) -> float | None:
+    """What the all-reduce added to one round: from the last member's pseudo-gradient being ready to the last
+    member's transfer end (None unless all k peers averaged in one group). The slowest peer's transfer_s counts
+    from its own start instead, and a peer that finished its inner steps early starts as soon as its group forms,
+    so that includes waiting for the last peer's compute."""
+    stages = [p.get("stage_at") or {} for p in peers if p["group_size"] == k]
+    if len(stages) != k or not all("transfer_ended" in s and "pseudo_grad_ready" in s for s in stages):
+        return None
+    return max(s["transfer_ended"] for s in stages) - max(s["pseudo_grad_ready"] for s in stages)
+
+
 def summarize(args, raw: dict, num_values: int) -> dict:
     k, records = raw["k"], raw["records"]
     newcomer = k - 1
@@ -205,15 +216,8 @@ def summarize(args, raw: dict, num_values: int) -> dict:
         for rnd in full_rounds
         if any(p.get("transfer_s") for p in by_round[rnd].values())
     ]
-    # The slowest peer's transfer_s counts from its own start, and peers that finished their inner steps early
-    # start as soon as the group forms: it includes waiting for the last peer's compute. What the all-reduce adds
-    # to a round is the time from the last member's pseudo-gradient being ready to the last member's transfer end.
     after_ready_by_round = [
-        max(s["transfer_ended"] for s in stages) - max(s["pseudo_grad_ready"] for s in stages)
-        for rnd in full_rounds
-        if len(stages := [p.get("stage_at") or {} for p in by_round[rnd].values() if p["group_size"] == k])
-        == k
-        and all("transfer_ended" in s and "pseudo_grad_ready" in s for s in stages)
+        s for rnd in full_rounds if (s := allreduce_after_ready_s(by_round[rnd].values(), k)) is not None
     ]
     sent = [r["bytes_sent"] for r in ok if r["group_size"] == k]
     # the averagers' CPU time during one all-reduce: per peer, and summed over the group and spread over this
