@@ -105,6 +105,7 @@ TRANSPORT_STATS = (
     "senders_direct",  # other senders that reached us over the direct path
     "part_bytes",  # the group's part size (allreduce_part_bytes)
 )
+TRANSPORT_SECONDS = ("transfer_s", "transfer_started_at", "transfer_cpu_s")  # the stats that are not counts
 BANS_QUERY_TIMEOUT_S = 5.0  # how long the training process waits for the averager process's ban list
 # The part layout named in the run fingerprint (peer/config.py ALLREDUCE_PART_LAYOUT): changing any of these three
 # changes how parts are cut, so it needs a new layout name there.
@@ -975,10 +976,7 @@ class ExactAverager(DecentralizedAverager):
 
     def last_transport_stats(self) -> dict:
         stats = dict(zip(TRANSPORT_STATS, self._transport_stats[:], strict=True))
-        return {
-            key: value if key in ("transfer_s", "transfer_started_at", "transfer_cpu_s") else int(value)
-            for key, value in stats.items()
-        }
+        return {key: value if key in TRANSPORT_SECONDS else int(value) for key, value in stats.items()}
 
     def banned_peers(self) -> list[bytes]:
         """The peer ids this peer bans now (the newest MAX_BANS_GATHERED), asked of the averager process: they go into
