@@ -64,6 +64,7 @@ from peer import direct_transport, wire
 from peer.direct_transport import DirectError, DirectSettings
 from peer.group_closing import EarlyClose, full_group_size
 from peer.outer import average_contributions
+from peer.pacing import StreamPacer
 from peer.rejoin import LedGroups, RejoiningStub
 from peer.robust import (
     BAN_S,
@@ -104,6 +105,7 @@ TRANSPORT_STATS = (
     "reducers_p2p",  # ... and through the p2p daemon
     "senders_direct",  # other senders that reached us over the direct path
     "part_bytes",  # the group's part size (allreduce_part_bytes)
+    "pace_waits",  # how often one of our streams waited for another to keep in step (peer/pacing.py)
 )
 TRANSPORT_SECONDS = ("transfer_s", "transfer_started_at", "transfer_cpu_s")  # the stats that are not counts
 BANS_QUERY_TIMEOUT_S = 5.0  # how long the training process waits for the averager process's ban list
@@ -361,6 +363,8 @@ class ExactAllReduceRunner(AllReduceRunner):
         """How many other reducers we sent our parts to over each path."""
         self.senders_direct = 0
         """How many other senders reached us over the direct path."""
+        self.pacer = StreamPacer()
+        """Keeps our streams to the other reducers in step (peer/pacing.py)."""
 
     def start_grace_s(self) -> float:
         """How much longer than the usual timeouts a member may take to start: until the group time."""
@@ -487,6 +491,7 @@ class ExactAllReduceRunner(AllReduceRunner):
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
         finally:
+            self.pacer.close(peer_index)  # at once: our parts' generator may be closed only when collected
             if stream is not None:  # close our end of the stream (hivemind's p2p reader closes its writer)
                 await stream.aclose()
 
@@ -563,20 +568,29 @@ class ExactAllReduceRunner(AllReduceRunner):
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[WirePart]:
         # mirrors AllReduceRunner._generate_input_for_peer and TensorPartContainer.iterate_input_parts_for; differs:
         # each part is encoded on the event loop as it is asked for (no worker thread), into a WirePart, and the
-        # bytes sent are counted. Without compression the payload is a copy of the part (the transport sends it
-        # from that memory, and our tensors are overwritten with the result)
+        # bytes sent are counted; parts are handed over in step with our other streams (peer/pacing.py: a part is
+        # handed over when the transport asks for the next one). Without compression the payload is a copy of the
+        # part (the transport sends it from that memory, and our tensors are overwritten with the result)
         container = self.tensor_part_container
         assert not container._inputs_consumed_by_peer[peer_index], "input parts of that peer were consumed"
         container._inputs_consumed_by_peer[peer_index] = True
         lossless = isinstance(self.compression, NoCompression)
-        for part_index, (part, _) in enumerate(container._input_parts_by_peer[peer_index]):
-            tensor_part, payload = wire.encode_tensor(self.compression, part.clone() if lossless else part)
-            header = averaging_pb2.AveragingData(tensor_part=tensor_part, weight=self.weight)
-            if part_index == 0:
-                header.code, header.group_id = averaging_pb2.PART_FOR_AVERAGING, self.group_id
-            message = WirePart(header, payload)
-            self.bytes_sent += message.num_bytes()
-            yield message
+        self.pacer.open(peer_index)
+        try:
+            for part_index, (part, _) in enumerate(container._input_parts_by_peer[peer_index]):
+                await self.pacer.wait_turn(peer_index, part_index)
+                tensor_part, payload = wire.encode_tensor(
+                    self.compression, part.clone() if lossless else part
+                )
+                header = averaging_pb2.AveragingData(tensor_part=tensor_part, weight=self.weight)
+                if part_index == 0:
+                    header.code, header.group_id = averaging_pb2.PART_FOR_AVERAGING, self.group_id
+                message = WirePart(header, payload)
+                self.bytes_sent += message.num_bytes()
+                yield message
+                self.pacer.sent(peer_index)
+        finally:
+            self.pacer.close(peer_index)
 
     async def rpc_aggregate_part(
         self, stream: typing.AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
@@ -1116,6 +1130,7 @@ class ExactAverager(DecentralizedAverager):
             runner.reducers_by_path["p2p"],
             runner.senders_direct,
             kwargs["part_size_bytes"],
+            runner.pacer.num_waits,
         ]
 
     def _outsider(self, members: dict[PeerID, dict | None]) -> str | None:

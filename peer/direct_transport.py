@@ -38,6 +38,7 @@ PART, END = 3, 2  # frame kinds: one WirePart (header, then payload); the end of
 MAX_HEADER_BYTES = 1 << 16  # a part's AveragingData header without its tensor bytes is well under 1 KiB
 ACCEPTED = b"\x01"
 SPILL_BYTES = 1 << 16  # read while no read is awaited (see Connection)
+NOTSENT_LOWAT_BYTES = 1 << 17  # the kernel's unsent data per connection (see _tune_socket)
 Handler = Callable[[AsyncIterator[WirePart]], AsyncIterator[WirePart]]
 
 
@@ -382,7 +383,7 @@ async def connect(
                 _client_handshake(reader, writer, shared, identity.public, group_id, sender, reducer),
                 settings.handshake_timeout_s,
             )
-            _set_nodelay(writer)
+            _tune_socket(writer)
             return DirectStream(reader, writer, outgoing, settings.max_frame_bytes)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, DirectError) as e:
             problems.append(f"{host}:{endpoint.port}: {e!r}")
@@ -404,11 +405,15 @@ async def _client_handshake(reader, writer, shared, public, group_id, sender, re
         raise DirectError("the listener did not prove it holds the reducer's key")
 
 
-def _set_nodelay(writer: Connection) -> None:
+def _tune_socket(writer: Connection) -> None:
+    """No Nagle delay; and keep the kernel's unsent buffer small, so that a drained write is close to being on the
+    wire and the runner can keep its streams in step (peer/pacing.py); without it the kernel takes a whole part."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError, AttributeError):  # Linux and macOS have it
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
 
 
 class DirectServer:
@@ -463,7 +468,7 @@ class DirectServer:
             if handler is not None:
                 handler = await handler
             if handler is not None:
-                _set_nodelay(writer)
+                _tune_socket(writer)
                 self.num_served += 1
                 await self._relay(handler, reader, writer)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, DirectError) as e:
