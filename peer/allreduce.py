@@ -512,6 +512,8 @@ class ExactAllReduceRunner(AllReduceRunner):
                     sender=self.peer_id.to_bytes(),
                     reducer=peer_id.to_bytes(),
                     settings=settings,
+                    paced=len(self.ordered_peer_ids)
+                    > 2,  # more than one other reducer: streams to keep in step
                 )
                 self.reducers_by_path["direct"] += 1
                 return stream
