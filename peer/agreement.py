@@ -81,15 +81,16 @@ class Agreement:
 
     def check_round(self, result: AveragingResult | None) -> bool:
         """Publish our hashes of the round just completed. After a failed all-reduce, wait for the others' hashes
-        and adopt the majority's state if they applied the round; True if we resynced.
+        and adopt the majority's state if they applied the round (without publishing ours first when theirs are
+        in already); True if we resynced.
 
         After a successful one nothing is waited for: the group publishes its hashes within milliseconds of ours,
         and `forked_view` compares them while the next inner phase runs (every check, and before we contribute
         again). Waiting here instead cost every peer a DHT round trip per group member every round, for a fork
         that only a bug or a corrupted replica causes."""
         self.record_group(result)
-        self.publish()
         if result is not None:
+            self.publish()
             self.unsettled = (self.state.round, time.monotonic() + self.swarm.matchmaking_s)
             return False
         round_index, state_hash = self.state.round, self.state.state_hash()
@@ -100,16 +101,26 @@ class Agreement:
             expected = min(expected, len(voters) - 1)
         # we kept the previous global state: if the others applied the round, theirs is right and ours is not,
         # however the votes would tie (so we do not vote on it ourselves)
-        view = coordination.view_of_round(
-            self.network,
-            round_index,
-            expected=expected,
-            timeout_s=min(self.swarm.allreduce_timeout_s, 4 * self.swarm.matchmaking_s + 5),
-            voters=voters,
-            without_me=True,
-        )
-        if not rounds.should_resync(view, state_hash):
-            return False
+
+        def majority(timeout_s: float) -> rounds.SwarmView:
+            return coordination.view_of_round(
+                self.network,
+                round_index,
+                expected=expected,
+                timeout_s=timeout_s,
+                voters=voters,
+                without_me=True,
+            )
+
+        # if they all published this round already (e.g. the swarm moved past it without us, as happens to a
+        # newcomer) and not our state, we take theirs without ever voting for ours: a peer that applied the round
+        # alone would see our stale vote tie with its own, and the hash order hand the round to the stale one
+        view = majority(timeout_s=0.0)
+        if not (view.complete and rounds.should_resync(view, state_hash)):
+            self.publish()
+            view = majority(timeout_s=min(self.swarm.allreduce_timeout_s, 4 * self.swarm.matchmaking_s + 5))
+            if not rounds.should_resync(view, state_hash):
+                return False
         return self.resync(
             view, reason=f"our state {state_hash[:10]} differs from the majority's", without_me=True
         )

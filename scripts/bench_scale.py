@@ -79,7 +79,7 @@ def peer_command(
         "--inner-steps", str(args.inner_steps), "--max-rounds", str(rounds),
         "--num-threads", "1", "--eval-every", "0", "--wait-for-peers", str(wait_for),
         "--run-id", f"scale{os.getpid()}_{k}", "--matchmaking-s", str(args.matchmaking_s),
-        "--log-level", "WARNING", "--host-maddrs", f"/ip4/{address}/tcp/0",
+        "--log-level", args.peer_log_level, "--host-maddrs", f"/ip4/{address}/tcp/0",
         "--metrics-file", str(run_dir / f"peer{index}.jsonl"),
     ]  # fmt: skip
 
@@ -324,6 +324,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--matchmaking-s", type=float, default=5.0, help="peers' --matchmaking-s (default 5)")
     p.add_argument("--step-budget-s", type=float, default=2.0, help="time bound per inner step, for timeouts")
+    p.add_argument(
+        "--peer-log-level",
+        default="WARNING",
+        help="the peers' --log-level; their logs stay in the run directory",
+    )
     p.add_argument("--json", action="store_true", help="print the rows (and raw per-round records) as JSON")
     args = p.parse_args(argv)
     try:

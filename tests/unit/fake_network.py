@@ -57,6 +57,8 @@ class FakeSwarm:
     scheduled: list[FakeScheduled] = field(default_factory=list)
     published_hashes: dict[int, str] = field(default_factory=dict)
     published_state_hashes: dict[int, str] = field(default_factory=dict)
+    state_votes: list[tuple[int, str]] = field(default_factory=list)
+    """Every (round, state hash) published, in order (published_state_hashes keeps only the last per round)."""
     published_summaries: list = field(default_factory=list)
     downloads: int = 0
     shut_down: bool = False
@@ -134,6 +136,7 @@ class FakeNetwork:
     def publish_hash(self, round_index: int, params_sha256: str, state_sha256: str) -> None:
         self.swarm.published_hashes[round_index] = params_sha256
         self.swarm.published_state_hashes[round_index] = state_sha256
+        self.swarm.state_votes.append((round_index, state_sha256))
 
     def publish_summary(self, summary) -> None:
         self.swarm.published_summaries.append(summary)

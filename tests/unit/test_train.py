@@ -282,7 +282,9 @@ def test_a_donated_state_that_does_not_match_its_hash_is_refused(tmp_path, monke
 
 def test_after_a_failed_allreduce_a_peer_takes_the_state_of_the_one_that_applied_the_round(tmp_path):
     """One against one: the peer whose all-reduce failed kept the old state, so it does not vote against the peer
-    that applied the round (a tie broken by hash value would leave the two forked every other time)."""
+    that applied the round (a tie broken by hash value would leave the two forked every other time). The other
+    peer's hash was already published (it applied the round alone, as when a newcomer's first round fails because
+    the swarm moved past it): we never publish our stale state for that round, which that peer would count."""
     config = make_config(tmp_path, max_rounds=1)
     metadata, tensors = donated_state(config, round_index=1, shift=0.01)
     swarm = FakeSwarm(
@@ -296,6 +298,7 @@ def test_after_a_failed_allreduce_a_peer_takes_the_state_of_the_one_that_applied
     record = peer.records[0]
     assert record["failed"] and record["resynced"] and swarm.downloads == 1
     assert record["global_params_sha256"] == metadata["params_sha256"]
+    assert [h for r, h in swarm.state_votes if r == 1] == [metadata["state_sha256"]]
 
 
 def test_a_non_finite_local_update_is_never_contributed(tmp_path):
