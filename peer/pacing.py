@@ -10,7 +10,9 @@ the wire", so keeping the hand-overs in step keeps the flows in step.
 
 A wait is bounded (max_wait_s): pacing only orders the sends, it must never be why a round is late. A stream that
 made another wait that long is stalled (its reducer is still finishing its inner steps, or stopped reading: the
-reducer timeout's business) and holds nobody back until it hands over its next part.
+reducer timeout's business) and holds nobody back until it hands over its next part. With one slow reducer
+(a slow downlink), a sender's other streams go at the pace of the stream to it: the round cannot end before that
+stream does anyway.
 """
 
 from __future__ import annotations
