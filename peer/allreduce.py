@@ -503,6 +503,7 @@ class ExactAllReduceRunner(AllReduceRunner):
         endpoint = self.direct_endpoints.get(peer_id)
         if self.direct is not None and endpoint is not None:
             identity, settings = self.direct
+            paced = len(self.ordered_peer_ids) > 2  # more than one other reducer: streams to keep in step
             try:
                 stream = await direct_transport.connect(
                     endpoint,
@@ -512,8 +513,7 @@ class ExactAllReduceRunner(AllReduceRunner):
                     sender=self.peer_id.to_bytes(),
                     reducer=peer_id.to_bytes(),
                     settings=settings,
-                    paced=len(self.ordered_peer_ids)
-                    > 2,  # more than one other reducer: streams to keep in step
+                    paced=paced,
                 )
                 self.reducers_by_path["direct"] += 1
                 return stream
