@@ -56,9 +56,8 @@ class FakeSwarm:
     results: dict[int, AveragingResult | None] = field(default_factory=dict)
     scheduled: list[FakeScheduled] = field(default_factory=list)
     published_hashes: dict[int, str] = field(default_factory=dict)
-    published_state_hashes: dict[int, str] = field(default_factory=dict)
     state_votes: list[tuple[int, str]] = field(default_factory=list)
-    """Every (round, state hash) published, in order (published_state_hashes keeps only the last per round)."""
+    """Every (round, state hash) published, in order (a round's vote is its last)."""
     published_summaries: list = field(default_factory=list)
     downloads: int = 0
     shut_down: bool = False
@@ -135,7 +134,6 @@ class FakeNetwork:
 
     def publish_hash(self, round_index: int, params_sha256: str, state_sha256: str) -> None:
         self.swarm.published_hashes[round_index] = params_sha256
-        self.swarm.published_state_hashes[round_index] = state_sha256
         self.swarm.state_votes.append((round_index, state_sha256))
 
     def publish_summary(self, summary) -> None:
@@ -143,7 +141,7 @@ class FakeNetwork:
 
     def hash_records(self) -> dict[bytes, HashRecord]:
         ours = {str(r): h for r, h in self.swarm.published_hashes.items()}
-        our_states = {str(r): h for r, h in self.swarm.published_state_hashes.items()}
+        our_states = {str(r): h for r, h in self.swarm.state_votes}  # the last per round
 
         def holding_ours(key: bytes) -> HashRecord:
             return HashRecord(peer_id=key, hashes=ours, state_hashes=our_states)
