@@ -1,4 +1,5 @@
-"""The direct data path's handshake and framing (peer/direct_transport.py), over socket pairs: no network."""
+"""The direct data path's handshake and framing (peer/direct_transport.py), over socket pairs: no network (one test
+uses a loopback TCP connection, for the socket options)."""
 
 from __future__ import annotations
 
@@ -280,3 +281,37 @@ def test_a_handler_whose_reply_cannot_be_written_is_closed_at_once():
         return list(cleaned_up)  # before anything else runs: no await between the relay's end and this line
 
     assert asyncio.run(main()) == [True]
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="no TCP_NOTSENT_LOWAT on this system")
+@pytest.mark.parametrize("paced", [True, False])
+def test_a_paced_stream_keeps_a_small_unsent_buffer_and_a_lone_one_does_not(paced):
+    """The sender's socket of a paced stream (groups of 3+, peer/pacing.py) holds at most NOTSENT_LOWAT_BYTES unsent;
+    a lone stream keeps the kernel's default. Over a loopback TCP connection: socket pairs have no TCP options."""
+
+    async def main():
+        sender = dt.Identity()
+        reducer = Reducer(known_keys={(GROUP, SENDER): sender.public})
+        await reducer.server.start()
+        try:
+            stream = await dt.connect(
+                dt.parse_endpoint(reducer.server.advertised()),
+                messages(2),
+                identity=sender,
+                group_id=GROUP,
+                sender=SENDER,
+                reducer=REDUCER,
+                settings=SETTINGS,
+                paced=paced,
+            )
+            sock = stream._writer.get_extra_info("socket")
+            lowat = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+            replies = [reply async for reply in stream]
+            await stream.aclose()
+            return lowat, len(replies)
+        finally:
+            reducer.server.close()
+
+    lowat, num_replies = asyncio.run(asyncio.wait_for(main(), 30.0))
+    assert num_replies == 2
+    assert (lowat == dt.NOTSENT_LOWAT_BYTES) == paced
