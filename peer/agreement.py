@@ -3,6 +3,7 @@ the round's live peers downloads a majority peer's state instead of training on 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from peer.outer import AveragingResult
 from peer.state import ReplicatedState
 
 RECENT_GROUPS = 16  # rounds whose group members we remember as voters
+# state downloads a newcomer makes at most to start in a round whose group it can still join
+JOIN_DOWNLOADS = 3
 
 
 class Agreement:
@@ -41,25 +44,33 @@ class Agreement:
     def adopt_swarm_state_on_join(self, *, overlap: bool = False, should_stop=lambda: False) -> None:
         """I4: a newcomer (or a peer resuming behind the swarm) starts from the swarm's current state. If the swarm
         is already averaging that state's round (not with --overlap, where peers train the next round meanwhile),
-        it starts from the round's result: the round's group was counted without it."""
+        it starts from the round's result: the round's group was counted without it. The same holds when the round
+        ended while we downloaded its state (its last steps took less than our download): we would train its last
+        steps for a group that formed without us, fail the round and download again anyway."""
         view = coordination.joining_view(self.network)
         if view is None or view.majority_hash is None or view.round_index < self.state.round:
             return
-        if not overlap and rounds.round_closing(
-            self.network.live_peers(), me=self.network.my_key(), round_index=view.round_index
-        ):
-            self.log.info(f"round {view.round_index + 1}: its peers are averaging it; waiting for its result")
-            later = coordination.wait_for_round_after(
-                self.network,
-                view.round_index,
-                timeout_s=self.swarm.matchmaking_s + self.swarm.allreduce_timeout_s,
-                should_stop=should_stop,
-            )
-            view = later if later is not None and later.majority_hash is not None else view
-        if self.load_swarm_state(view.donors, min_round=view.round_index, voters=None):
-            self.log.info(f"joined the swarm at round {self.state.round}, inner step {self.state.inner_step}")
-        else:
-            self.log.warning("could not download the swarm's state; starting from our own")
+        for attempt in range(JOIN_DOWNLOADS):
+            if not overlap and self.round_closing(view.round_index):
+                self.log.info(f"round {view.round_index + 1}: its peers are averaging it; waiting for its result")
+                later = coordination.wait_for_round_after(
+                    self.network,
+                    view.round_index,
+                    timeout_s=self.swarm.matchmaking_s + self.swarm.allreduce_timeout_s,
+                    should_stop=should_stop,
+                )
+                view = later if later is not None and later.majority_hash is not None else view
+            if not self.load_swarm_state(view.donors, min_round=view.round_index, voters=None):
+                self.log.warning("could not download the swarm's state; starting from our own")
+                return
+            if overlap or attempt + 1 == JOIN_DOWNLOADS or not self.round_closing(self.state.round):
+                break
+            self.log.info(f"round {self.state.round + 1} ended while we downloaded its state; taking its result")
+            view = dataclasses.replace(view, round_index=self.state.round)
+        self.log.info(f"joined the swarm at round {self.state.round}, inner step {self.state.inner_step}")
+
+    def round_closing(self, round_index: int) -> bool:
+        return rounds.round_closing(self.network.live_peers(), me=self.network.my_key(), round_index=round_index)
 
     def voters_of(self, round_index: int) -> frozenset[bytes] | None:
         """Who may vote on a round: its group's members if we were in it, else the members of our recent groups

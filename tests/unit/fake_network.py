@@ -51,6 +51,8 @@ class FakeSwarm:
     allreduce: Callable[[int, list[torch.Tensor], int], AveragingAttempt] = alone
     """(round index, our pseudo-gradient, our tokens) -> what the all-reduce gives us."""
     donor_state: tuple[dict, list[torch.Tensor]] | None = None
+    on_download: Callable[[], None] | None = None
+    """Runs after each state download: the swarm moving on while the peer was downloading."""
     # what the peer did
     contributions: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     results: dict[int, AveragingResult | None] = field(default_factory=dict)
@@ -181,6 +183,8 @@ class FakeNetwork:
     def download_state(self, donors: list[bytes], *, check):
         self.swarm.downloads += 1
         donated = self.swarm.donor_state
+        if self.swarm.on_download is not None:
+            self.swarm.on_download()
         return None if donated is None or check(*donated) is not None else donated
 
     def shutdown(self) -> None:

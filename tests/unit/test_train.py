@@ -390,6 +390,43 @@ def test_a_newcomer_arriving_while_the_round_is_averaged_starts_from_its_result(
     assert peer.records[0]["global_params_sha256"] == outer.params_hash()
 
 
+def test_a_newcomer_whose_round_ended_during_its_download_starts_from_the_round_result(tmp_path):
+    """The round's only other peer was mid-round when the newcomer looked, and finished the round (alone) while the
+    newcomer downloaded its state: the newcomer takes the round's result instead of training the round's last steps
+    for a group that is gone (a failed round, then the same download as a resync)."""
+    config = make_config(tmp_path, max_rounds=1)
+    before, before_tensors = donated_state(config, round_index=5, shift=0.02)
+    after, after_tensors = donated_state(config, round_index=6, shift=0.03)
+    training = ProgressRecord(
+        peer_id=b"v", round=5, inner_step=16, tokens=0, done=False, averaging=-1,
+        scheduled_time=0.0, tokens_per_s=0.0, eta=time.time() + 0.5, client_mode=False,
+    )  # fmt: skip
+    swarm = FakeSwarm(
+        other_progress={b"v": training},
+        other_hashes={b"v": vote(b"v", 5, before)},
+        donor_state=(before, before_tensors),
+    )
+
+    def round_ended_meanwhile():
+        swarm.on_download = None
+        swarm.other_progress[b"v"] = training.copy(update=dict(round=6, inner_step=1))
+        old, new = vote(b"v", 5, before), vote(b"v", 6, after)  # a hash record keeps the recent rounds
+        swarm.other_hashes[b"v"] = new.copy(
+            update=dict(hashes={**old.hashes, **new.hashes}, state_hashes={**old.state_hashes, **new.state_hashes})
+        )
+        swarm.donor_state = (after, after_tensors)
+
+    swarm.on_download = round_ended_meanwhile
+    peer = run_peer(config, swarm)
+    assert swarm.downloads == 2 and peer.failed_rounds == 0
+    assert swarm.scheduled[0].round_index == 6 and peer.records[0]["round"] == 7
+    assert 5 not in swarm.published_hashes  # it never trained on the stale round
+    outer = OuterOptimizer(after_tensors[: len(after_tensors) // 2], config.outer)
+    outer.load_state_tensors_(after_tensors)
+    outer.step_(swarm.results[6].averaged)
+    assert peer.records[0]["global_params_sha256"] == outer.params_hash()
+
+
 def test_a_stop_signal_mid_round_leaves_after_the_current_step_with_a_checkpoint(tmp_path):
     config = make_config(tmp_path, checkpoint_dir=str(tmp_path / "ckpt"), max_rounds=0)
 
