@@ -52,7 +52,9 @@ class Agreement:
             return
         for attempt in range(JOIN_DOWNLOADS):
             if not overlap and self.round_closing(view.round_index):
-                self.log.info(f"round {view.round_index + 1}: its peers are averaging it; waiting for its result")
+                self.log.info(
+                    f"round {view.round_index + 1}: its peers are averaging it; waiting for its result"
+                )
                 later = coordination.wait_for_round_after(
                     self.network,
                     view.round_index,
@@ -65,12 +67,16 @@ class Agreement:
                 return
             if overlap or attempt + 1 == JOIN_DOWNLOADS or not self.round_closing(self.state.round):
                 break
-            self.log.info(f"round {self.state.round + 1} ended while we downloaded its state; taking its result")
+            self.log.info(
+                f"round {self.state.round + 1} ended while we downloaded its state; taking its result"
+            )
             view = dataclasses.replace(view, round_index=self.state.round)
         self.log.info(f"joined the swarm at round {self.state.round}, inner step {self.state.inner_step}")
 
     def round_closing(self, round_index: int) -> bool:
-        return rounds.round_closing(self.network.live_peers(), me=self.network.my_key(), round_index=round_index)
+        return rounds.round_closing(
+            self.network.live_peers(), me=self.network.my_key(), round_index=round_index
+        )
 
     def voters_of(self, round_index: int) -> frozenset[bytes] | None:
         """Who may vote on a round: its group's members if we were in it, else the members of our recent groups

@@ -412,7 +412,9 @@ def test_a_newcomer_whose_round_ended_during_its_download_starts_from_the_round_
         swarm.other_progress[b"v"] = training.copy(update=dict(round=6, inner_step=1))
         old, new = vote(b"v", 5, before), vote(b"v", 6, after)  # a hash record keeps the recent rounds
         swarm.other_hashes[b"v"] = new.copy(
-            update=dict(hashes={**old.hashes, **new.hashes}, state_hashes={**old.state_hashes, **new.state_hashes})
+            update=dict(
+                hashes={**old.hashes, **new.hashes}, state_hashes={**old.state_hashes, **new.state_hashes}
+            )
         )
         swarm.donor_state = (after, after_tensors)
 
