@@ -384,7 +384,8 @@ def run_peers(num_peers: int, args: argparse.Namespace, initial_peers: list[str]
                     hashes = " ".join(run[2][:8] for run in runs)
                     print(
                         f"  k={num_peers} P={human(num_values)} {compression}: peer {index} sha256 {hashes}, "
-                        f"reducers direct/p2p {[(r[1]['reducers_direct'], r[1]['reducers_p2p']) for r in runs]}",
+                        f"reducers direct/p2p {[(r[1]['reducers_direct'], r[1]['reducers_p2p']) for r in runs]}, "
+                        f"transfer s {[round(r[1]['transfer_s'], 3) for r in runs]}",
                         file=sys.stderr,
                     )
         for proc in procs:
