@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import gc
 import hashlib
 import hmac
 import math
@@ -892,6 +893,14 @@ class ExactAverager(DecentralizedAverager):
         if self._direct_server is None:  # we send directly, but nobody can connect to us
             return {"key": self._direct_identity.public, "port": 0, "hosts": []}
         return self._direct_server.advertised()
+
+    def run(self) -> None:
+        # (the averager process, just forked) Everything the training process had allocated (torch, transformers,
+        # hivemind: a few hundred thousand objects) goes to the collector's permanent generation. A full collection
+        # walked them all, 100-250 ms on the 2-core machine, and one that fell inside an all-reduce held up every
+        # member of the group by as much (docs/PERFORMANCE.md, sixth pass).
+        gc.freeze()
+        super().run()
 
     def start(self) -> None:
         # extends multiprocessing.Process.start: the averager process now holds the listening socket; ours goes

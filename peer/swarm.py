@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -107,6 +108,11 @@ class RecordSchemaValidator(SchemaValidator):
 
 
 def _start_dht(swarm: SwarmConfig, **p2p_options) -> hivemind.DHT:
+    # Before the DHT (and later the averager) forks: what the peer allocated so far (torch, transformers, the model's
+    # modules; a few hundred thousand objects) moves to the collector's permanent generation, here and in the
+    # children. Full collections walked all of it, 100-250 ms each on a 2-core machine, stalling DHT lookups and
+    # the round's critical path (docs/PERFORMANCE.md, sixth pass); it is never garbage anyway.
+    gc.freeze()
     try:
         return hivemind.DHT(
             initial_peers=list(swarm.initial_peers),
