@@ -36,6 +36,8 @@ def test_the_heap_is_frozen_before_the_dht_forks(monkeypatch, unfrozen):
 
 def test_the_averager_process_freezes_what_it_inherited_before_it_serves(monkeypatch, unfrozen):
     frozen_at_start = []
-    monkeypatch.setattr(DecentralizedAverager, "run", lambda self: frozen_at_start.append(gc.get_freeze_count()))
+    monkeypatch.setattr(
+        DecentralizedAverager, "run", lambda self: frozen_at_start.append(gc.get_freeze_count())
+    )
     ExactAverager.run(object.__new__(ExactAverager))  # what the forked averager process runs
     assert frozen_at_start and frozen_at_start[0] > 1000
