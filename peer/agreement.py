@@ -61,8 +61,13 @@ class Agreement:
                     timeout_s=self.swarm.matchmaking_s + self.swarm.allreduce_timeout_s,
                     should_stop=should_stop,
                 )
-                view = later if later is not None and later.majority_hash is not None else view
+                if later is not None and later.majority_hash is not None:
+                    view = later
+                elif attempt > 0:
+                    break  # the result did not come in time: train from the round's state we hold
             if not self.load_swarm_state(view.donors, min_round=view.round_index, voters=None):
+                if attempt > 0:
+                    break  # we still hold the state of the round before
                 self.log.warning("could not download the swarm's state; starting from our own")
                 return
             if overlap or attempt + 1 == JOIN_DOWNLOADS or not self.round_closing(self.state.round):

@@ -429,6 +429,37 @@ def test_a_newcomer_whose_round_ended_during_its_download_starts_from_the_round_
     assert peer.records[0]["global_params_sha256"] == outer.params_hash()
 
 
+def test_a_newcomer_whose_round_result_does_not_come_trains_from_the_state_it_holds(tmp_path):
+    """The round ended during the download, but its result is not published before the wait runs out: the newcomer
+    does not download the same round's state again; it trains from what it holds."""
+    swarm_config = SwarmConfig(
+        matchmaking_s=0.2,
+        progress_period_s=0.1,
+        chunk_timeout_s=1.0,
+        straggler_wait_s=0.5,
+        allreduce_timeout_s=0.5,
+    )
+    config = make_config(tmp_path, max_rounds=1, swarm=swarm_config)
+    before, before_tensors = donated_state(config, round_index=5, shift=0.02)
+    training = ProgressRecord(
+        peer_id=b"v", round=5, inner_step=16, tokens=0, done=False, averaging=-1,
+        scheduled_time=0.0, tokens_per_s=0.0, eta=time.time() + 0.5, client_mode=False,
+    )  # fmt: skip
+    swarm = FakeSwarm(
+        other_progress={b"v": training},
+        other_hashes={b"v": vote(b"v", 5, before)},
+        donor_state=(before, before_tensors),
+    )
+
+    def round_ended_meanwhile():
+        swarm.on_download = None
+        swarm.other_progress[b"v"] = training.copy(update=dict(done=True, averaging=5))
+
+    swarm.on_download = round_ended_meanwhile
+    peer = run_peer(config, swarm)
+    assert swarm.downloads == 1 and peer.records[0]["round"] == 6
+
+
 def test_a_stop_signal_mid_round_leaves_after_the_current_step_with_a_checkpoint(tmp_path):
     config = make_config(tmp_path, checkpoint_dir=str(tmp_path / "ckpt"), max_rounds=0)
 
