@@ -5,6 +5,7 @@ produces and checks what the loop did about it."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -390,13 +391,10 @@ def test_a_newcomer_arriving_while_the_round_is_averaged_starts_from_its_result(
     assert peer.records[0]["global_params_sha256"] == outer.params_hash()
 
 
-def test_a_newcomer_whose_round_ended_during_its_download_starts_from_the_round_result(tmp_path):
-    """The round's only other peer was mid-round when the newcomer looked, and finished the round (alone) while the
-    newcomer downloaded its state: the newcomer takes the round's result instead of training the round's last steps
-    for a group that is gone (a failed round, then the same download as a resync)."""
-    config = make_config(tmp_path, max_rounds=1)
+def newcomer_mid_round(config: RunConfig) -> tuple[FakeSwarm, ProgressRecord, dict, list[torch.Tensor]]:
+    """A swarm of one other peer, v, at inner step 16 of round 5, serving round 5's state: (the swarm, v's progress
+    record, the state's metadata and tensors)."""
     before, before_tensors = donated_state(config, round_index=5, shift=0.02)
-    after, after_tensors = donated_state(config, round_index=6, shift=0.03)
     training = ProgressRecord(
         peer_id=b"v", round=5, inner_step=16, tokens=0, done=False, averaging=-1,
         scheduled_time=0.0, tokens_per_s=0.0, eta=time.time() + 0.5, client_mode=False,
@@ -406,6 +404,16 @@ def test_a_newcomer_whose_round_ended_during_its_download_starts_from_the_round_
         other_hashes={b"v": vote(b"v", 5, before)},
         donor_state=(before, before_tensors),
     )
+    return swarm, training, before, before_tensors
+
+
+def test_a_newcomer_whose_round_ended_during_its_download_starts_from_the_round_result(tmp_path):
+    """The round's only other peer was mid-round when the newcomer looked, and finished the round (alone) while the
+    newcomer downloaded its state: the newcomer takes the round's result instead of training the round's last steps
+    for a group that is gone (a failed round, then the same download as a resync)."""
+    config = make_config(tmp_path, max_rounds=1)
+    swarm, training, before, _ = newcomer_mid_round(config)
+    after, after_tensors = donated_state(config, round_index=6, shift=0.03)
 
     def round_ended_meanwhile():
         swarm.on_download = None
@@ -432,24 +440,9 @@ def test_a_newcomer_whose_round_ended_during_its_download_starts_from_the_round_
 def test_a_newcomer_whose_round_result_does_not_come_trains_from_the_state_it_holds(tmp_path):
     """The round ended during the download, but its result is not published before the wait runs out: the newcomer
     does not download the same round's state again; it trains from what it holds."""
-    swarm_config = SwarmConfig(
-        matchmaking_s=0.2,
-        progress_period_s=0.1,
-        chunk_timeout_s=1.0,
-        straggler_wait_s=0.5,
-        allreduce_timeout_s=0.5,
-    )
-    config = make_config(tmp_path, max_rounds=1, swarm=swarm_config)
-    before, before_tensors = donated_state(config, round_index=5, shift=0.02)
-    training = ProgressRecord(
-        peer_id=b"v", round=5, inner_step=16, tokens=0, done=False, averaging=-1,
-        scheduled_time=0.0, tokens_per_s=0.0, eta=time.time() + 0.5, client_mode=False,
-    )  # fmt: skip
-    swarm = FakeSwarm(
-        other_progress={b"v": training},
-        other_hashes={b"v": vote(b"v", 5, before)},
-        donor_state=(before, before_tensors),
-    )
+    config = make_config(tmp_path, max_rounds=1)
+    config = dataclasses.replace(config, swarm=dataclasses.replace(config.swarm, allreduce_timeout_s=0.5))
+    swarm, training, _, _ = newcomer_mid_round(config)
 
     def round_ended_meanwhile():
         swarm.on_download = None
